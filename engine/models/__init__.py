@@ -1,0 +1,1 @@
+"""Networks: Mimi codec, PersonaPlex LM, generator, quantization. Never imports engine.audio."""
