@@ -1,0 +1,512 @@
+"""Mimi codec (24 kHz audio <-> 12.5 Hz codes) in MLX, loading the reference checkpoint format.
+
+API (see docs/interfaces.md):
+- `MimiConfig.personaplex()` / `.tiny()` / `.from_dict()` / `.to_dict()`
+- `Mimi.from_file(path, num_codebooks=8)`, `Mimi(config, num_codebooks)`
+- whole signal: `encode(pcm (B,1,T)) -> codes (B,K,T//1920)`, `decode(codes) -> pcm`
+- streaming: `state = mimi.make_state(B)`, `encode_step(frame, state)`, `decode_step(codes, state)`,
+  `state.reset()`; or `s = mimi.streaming(B)` with `s.encode_step(frame)` etc.
+- `sanitize(weights)`: reference state dict -> our layout; `tiny_state_dict(config, seed)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotFound
+from .mimi_modules import ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, seanet_layout
+
+
+@dataclass
+class MimiConfig:
+    """Mimi hyper-parameters (defaults: the released codec, `loaders._mimi_config`)."""
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    channels: int = 1
+    # SEANet
+    dimension: int = 512
+    n_filters: int = 64
+    n_residual_layers: int = 1
+    ratios: tuple = (8, 6, 5, 4)
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+    dilation_base: int = 2
+    compress: int = 2
+    # encoder/decoder transformers
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 8
+    dim_feedforward: int = 2048
+    context: int = 250
+    max_period: float = 10000.0
+    norm_eps: float = 1e-5
+    # split RVQ
+    quantizer_dimension: int = 256
+    n_q: int = 32
+    bins: int = 2048
+    n_q_semantic: int = 1
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.ratios = tuple(int(r) for r in self.ratios)
+        hop = math.prod(self.ratios)
+        enc_rate = self.sample_rate / hop
+        stride = enc_rate / self.frame_rate
+        if stride != int(stride) or int(stride) < 1:
+            raise ConfigError(f"MimiConfig: encoder rate {enc_rate} Hz (sample_rate/prod(ratios)) "
+                              f"must be an integer multiple of frame_rate {self.frame_rate}")
+        if self.d_model != self.dimension:
+            raise ConfigError(f"MimiConfig: d_model ({self.d_model}) must equal dimension "
+                              f"({self.dimension}); projected transformers are not supported")
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ConfigError(f"MimiConfig: d_model {self.d_model} must split into "
+                              f"{self.num_heads} heads of even size")
+        if not 0 < self.n_q_semantic < self.n_q:
+            raise ConfigError(f"MimiConfig: need 0 < n_q_semantic ({self.n_q_semantic}) < "
+                              f"n_q ({self.n_q})")
+
+    @property
+    def downsample_stride(self) -> int:
+        return int(self.sample_rate / math.prod(self.ratios) / self.frame_rate)
+
+    @property
+    def frame_size(self) -> int:
+        return int(round(self.sample_rate / self.frame_rate))
+
+    @classmethod
+    def personaplex(cls) -> "MimiConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "MimiConfig":
+        """Same structure and 1920-sample frames, small widths (the embedded test model)."""
+        return cls(dimension=32, n_filters=4, d_model=32, num_heads=2, num_layers=2,
+                   dim_feedforward=64, quantizer_dimension=16, n_q=16)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["ratios"] = list(self.ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MimiConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"MimiConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        try:
+            return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+        except TypeError as e:
+            raise ConfigError(f"MimiConfig.from_dict: bad values in {d!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint format
+
+def reference_shapes(cfg: MimiConfig) -> dict[str, tuple]:
+    """Every key (and shape) of the reference MimiModel state dict for this config."""
+    s: dict[str, tuple] = {}
+
+    def conv(p, cin, cout, k, bias=True):
+        s[p + ".conv.conv.weight"] = (cout, cin, k)
+        if bias:
+            s[p + ".conv.conv.bias"] = (cout,)
+
+    for part, dec in (("encoder", False), ("decoder", True)):
+        for i, spec in enumerate(seanet_layout(cfg, dec)):
+            p = f"{part}.model.{i}"
+            if spec[0] == "conv":
+                conv(p, spec[1], spec[2], spec[3])
+            elif spec[0] == "convtr":
+                s[p + ".convtr.convtr.weight"] = (spec[1], spec[2], 2 * spec[3])
+                s[p + ".convtr.convtr.bias"] = (spec[2],)
+            elif spec[0] == "res":
+                h = spec[1] // cfg.compress
+                conv(p + ".block.1", spec[1], h, cfg.residual_kernel_size)
+                conv(p + ".block.3", h, spec[1], 1)
+    d, f = cfg.d_model, cfg.dim_feedforward
+    for part in ("encoder_transformer", "decoder_transformer"):
+        for i in range(cfg.num_layers):
+            p = f"{part}.transformer.layers.{i}."
+            s[p + "self_attn.in_proj_weight"] = (3 * d, d)
+            s[p + "self_attn.out_proj.weight"] = (d, d)
+            for n in ("norm1", "norm2"):
+                s[p + n + ".weight"] = (d,)
+                s[p + n + ".bias"] = (d,)
+            s[p + "linear1.weight"] = (f, d)
+            s[p + "linear2.weight"] = (d, f)
+            s[p + "layer_scale_1.scale"] = (d,)
+            s[p + "layer_scale_2.scale"] = (d,)
+    k = 2 * cfg.downsample_stride
+    s["downsample.conv.conv.conv.weight"] = (cfg.dimension, cfg.dimension, k)
+    s["upsample.convtr.convtr.convtr.weight"] = (cfg.dimension, 1, k)
+    qd = cfg.quantizer_dimension
+    for name, n in (("rvq_first", cfg.n_q_semantic), ("rvq_rest", cfg.n_q - cfg.n_q_semantic)):
+        p = f"quantizer.{name}."
+        s[p + "input_proj.weight"] = (qd, cfg.dimension, 1)
+        s[p + "output_proj.weight"] = (cfg.dimension, qd, 1)
+        for lvl in range(n):
+            c = f"{p}vq.layers.{lvl}._codebook."
+            s[c + "embedding_sum"] = (cfg.bins, qd)
+            s[c + "cluster_usage"] = (cfg.bins,)
+            s[c + "_initialized"] = (1,)
+    return s
+
+
+def check_weights(weights: dict, cfg: MimiConfig, source: str = "checkpoint") -> None:
+    """Raise CorruptCheckpoint naming the first missing or mis-shaped reference key."""
+    for key, shape in reference_shapes(cfg).items():
+        if key not in weights:
+            raise CorruptCheckpoint(f"Mimi {source} is missing key {key!r} (expected shape "
+                                    f"{list(shape)}); is this the tokenizer-*.safetensors file "
+                                    f"of a Mimi model with this config?")
+        got = tuple(weights[key].shape)
+        if got != shape and not (key.endswith("_initialized") and got == ()):
+            raise CorruptCheckpoint(f"Mimi {source}: key {key!r} has shape {list(got)}, expected "
+                                    f"{list(shape)} (wrong config or corrupt file)")
+
+
+def _np(a) -> np.ndarray:
+    if isinstance(a, mx.array):
+        return np.array(a.astype(mx.float32))
+    return np.asarray(a, dtype=np.float32)
+
+
+def sanitize(weights: dict, cfg: MimiConfig) -> dict[str, np.ndarray]:
+    """Reference state dict -> our module layout (float32 numpy). Pure: inputs are not changed.
+
+    Convs (out, in, k) -> (out, k, in); transposed convs (in, out, k) -> (in, k, out); the
+    depthwise upsampler (C, 1, k) -> (k, C); 1x1 projections lose their k axis; each codebook
+    becomes embedding_sum / max(cluster_usage, 1e-5), stacked per RVQ as (n_q, bins, dim).
+    """
+    out: dict[str, np.ndarray] = {}
+    books: dict[str, dict[int, np.ndarray]] = {"rvq_first": {}, "rvq_rest": {}}
+    for key, val in weights.items():
+        m = re.match(r"quantizer\.(rvq_first|rvq_rest)\.vq\.layers\.(\d+)\._codebook\.(\w+)$", key)
+        if m:
+            if m.group(3) == "embedding_sum":
+                usage = _np(weights[key.replace("embedding_sum", "cluster_usage")])
+                books[m.group(1)][int(m.group(2))] = (
+                    _np(val) / np.maximum(usage, 1e-5)[:, None]).astype(np.float32)
+            continue
+        a = _np(val)
+        if key == "downsample.conv.conv.conv.weight":
+            out["downsample.weight"] = a.transpose(0, 2, 1)
+        elif key == "upsample.convtr.convtr.convtr.weight":
+            out["upsample.weight"] = a[:, 0, :].T
+        elif key.endswith(".conv.conv.weight"):
+            out[key.replace(".conv.conv.", ".")] = a.transpose(0, 2, 1)
+        elif key.endswith(".conv.conv.bias"):
+            out[key.replace(".conv.conv.", ".")] = a
+        elif key.endswith(".convtr.convtr.weight"):
+            out[key.replace(".convtr.convtr.", ".")] = a.transpose(0, 2, 1)
+        elif key.endswith(".convtr.convtr.bias"):
+            out[key.replace(".convtr.convtr.", ".")] = a
+        elif key.startswith(("encoder_transformer.transformer.", "decoder_transformer.transformer.")):
+            k = key.replace(".transformer.layers.", ".layers.").replace("in_proj_weight",
+                                                                        "in_proj.weight")
+            out[k] = a
+        elif key.startswith("quantizer.") and key.endswith("_proj.weight"):
+            out[key] = a[:, :, 0]
+        else:
+            out[key] = a
+    for name, levels in books.items():
+        if levels:
+            out[f"quantizer.{name}.embedding"] = np.stack([levels[i] for i in sorted(levels)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+class MimiState:
+    """Per-stream state: conv tails, transposed-conv overlaps, transformer KV windows."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.encoder: dict = {}
+        self.decoder: dict = {}
+
+    def reset(self) -> None:
+        self.encoder, self.decoder = {}, {}
+
+    def arrays(self) -> list:
+        """All arrays held (to `mx.eval` them with the outputs)."""
+        out = []
+        for d in (self.encoder, self.decoder):
+            for v in d.values():
+                if isinstance(v, tuple):
+                    out.extend(v)
+                elif isinstance(v, mx.array):
+                    out.append(v)
+        return out
+
+
+class MimiStream:
+    """`mimi.streaming(B)`: a Mimi bound to its own state."""
+
+    def __init__(self, mimi: "Mimi", batch_size: int):
+        self.mimi, self.state = mimi, mimi.make_state(batch_size)
+
+    def encode_step(self, frame):
+        return self.mimi.encode_step(frame, self.state)
+
+    def decode_step(self, codes):
+        return self.mimi.decode_step(codes, self.state)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+class Mimi(nn.Module):
+    def __init__(self, config: MimiConfig | None = None, num_codebooks: int = 8,
+                 dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        cfg = config or MimiConfig.personaplex()
+        if not isinstance(num_codebooks, int) or not 1 <= num_codebooks <= cfg.n_q:
+            raise ConfigError(f"num_codebooks must be an int in 1..{cfg.n_q}, got {num_codebooks!r}")
+        if dtype not in (mx.float32, mx.bfloat16, mx.float16):
+            raise ConfigError(f"Mimi dtype must be float32, bfloat16 or float16, got {dtype}")
+        self._cfg, self._k, self._dtype = cfg, num_codebooks, dtype
+        st = cfg.downsample_stride
+        self.encoder = SEANet("encoder.model", cfg, decoder=False)
+        self.decoder = SEANet("decoder.model", cfg, decoder=True)
+        self.encoder_transformer = Transformer("encoder_transformer", cfg)
+        self.decoder_transformer = Transformer("decoder_transformer", cfg)
+        self.downsample = Conv1d("downsample", cfg.dimension, cfg.dimension, 2 * st, stride=st,
+                                 bias=False, pad_mode="replicate")
+        self.upsample = ConvTr1d("upsample", cfg.dimension, cfg.dimension, st, bias=False,
+                                 depthwise=True)
+        self.quantizer = SplitRVQ(cfg.n_q, cfg.bins, cfg.quantizer_dimension, cfg.dimension,
+                                  cfg.n_q_semantic)
+
+    # -- properties
+    config = property(lambda self: self._cfg)
+    sample_rate = property(lambda self: self._cfg.sample_rate)
+    frame_rate = property(lambda self: self._cfg.frame_rate)
+    frame_size = property(lambda self: self._cfg.frame_size)
+    num_codebooks = property(lambda self: self._k)
+    cardinality = property(lambda self: self._cfg.bins)
+    dtype = property(lambda self: self._dtype)
+
+    # -- loading
+    def load_reference_weights(self, weights: dict, source: str = "state dict") -> "Mimi":
+        """Load a reference-format state dict (numpy/mx arrays), checking every key and shape."""
+        check_weights(weights, self._cfg, source)
+        ours = sanitize({k: v for k, v in weights.items() if k in reference_shapes(self._cfg)},
+                        self._cfg)
+        self.load_weights([(k, mx.array(v)) for k, v in ours.items()], strict=True)
+        if self._dtype != mx.float32:
+            # The quantizer stays in float32 (distances of near-tied codes).
+            for name in ("encoder", "decoder", "encoder_transformer", "decoder_transformer",
+                         "downsample", "upsample"):
+                self[name].set_dtype(self._dtype)
+        for r in (self.quantizer.rvq_first, self.quantizer.rvq_rest):
+            r._norms = None
+        mx.eval(self.parameters())
+        return self
+
+    @classmethod
+    def from_file(cls, path, num_codebooks: int = 8, config: MimiConfig | None = None,
+                  dtype: mx.Dtype = mx.float32) -> "Mimi":
+        """Load `tokenizer-e351c8d8-checkpoint125.safetensors` (reference key names)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ModelNotFound(f"Mimi checkpoint not found: {str(p)!r}")
+        try:
+            weights = mx.load(str(p))
+        except Exception as e:  # truncated file, bad header, not safetensors
+            raise CorruptCheckpoint(f"cannot read Mimi checkpoint {str(p)!r}: {e}") from None
+        if not isinstance(weights, dict):
+            raise CorruptCheckpoint(f"Mimi checkpoint {str(p)!r} is not a safetensors file")
+        model = cls(config, num_codebooks, dtype)
+        return model.load_reference_weights(weights, source=f"checkpoint {p.name!r}")
+
+    # -- state
+    def make_state(self, batch_size: int = 1) -> MimiState:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        return MimiState(batch_size)
+
+    def streaming(self, batch_size: int = 1) -> MimiStream:
+        return MimiStream(self, batch_size)
+
+    # -- core (channels-last; cache dicts from a MimiState)
+    def _latent(self, x: mx.array, cache: dict) -> mx.array:
+        """pcm (B, T, 1) -> unquantized latent (B, T/frame, dim) in float32."""
+        y = self.encoder(x.astype(self._dtype), cache)
+        y = self.encoder_transformer(y, cache)
+        return self.downsample(y, cache).astype(mx.float32)
+
+    def _synth(self, codes: mx.array, cache: dict) -> mx.array:
+        """codes (B, K, T) -> pcm (B, T*frame, 1) float32."""
+        z = self.quantizer.decode(codes).astype(self._dtype)
+        z = self.upsample(z, cache)
+        z = self.decoder_transformer(z, cache)
+        return self.decoder(z, cache).astype(mx.float32)
+
+    # -- input checks
+    def _pcm(self, pcm, what: str, frame: bool, batch: int | None = None) -> mx.array:
+        if not isinstance(pcm, (np.ndarray, mx.array)):
+            raise AudioFormatError(f"{what}: expected a numpy or mx array, got {type(pcm).__name__}")
+        if pcm.ndim != 3 or pcm.shape[1] != self._cfg.channels:
+            raise AudioFormatError(f"{what}: expected shape (B, {self._cfg.channels}, T), got "
+                                   f"{tuple(pcm.shape)}; add axes with x[None, None]")
+        is_float = (np.issubdtype(pcm.dtype, np.floating) if isinstance(pcm, np.ndarray)
+                    else mx.issubdtype(pcm.dtype, mx.floating))
+        if not is_float:
+            raise AudioFormatError(f"{what}: expected float samples in [-1, 1], got dtype "
+                                   f"{pcm.dtype}; convert int16 with x / 32768")
+        n = self.frame_size
+        if frame and pcm.shape[2] != n:
+            raise AudioFormatError(f"{what}: a frame must be exactly {n} samples, got "
+                                   f"{pcm.shape[2]}; buffer audio into {n}-sample frames")
+        if not frame and pcm.shape[2] == 0:
+            raise AudioFormatError(f"{what}: empty signal (T = 0)")
+        if batch is not None and pcm.shape[0] != batch:
+            raise AudioFormatError(f"{what}: batch {pcm.shape[0]} does not match the state's "
+                                   f"batch_size {batch}")
+        x = mx.array(pcm.astype(np.float32) if isinstance(pcm, np.ndarray) else pcm,
+                     dtype=mx.float32)
+        if not mx.all(mx.isfinite(x)).item():
+            raise AudioFormatError(f"{what}: input contains NaN or inf samples")
+        return x
+
+    def _codes(self, codes, what: str, batch: int | None = None, steps: int | None = None):
+        if not isinstance(codes, (np.ndarray, mx.array)):
+            raise AudioFormatError(f"{what}: expected a numpy or mx array of codes, got "
+                                   f"{type(codes).__name__}")
+        if codes.ndim != 3 or codes.shape[1] != self._k:
+            raise AudioFormatError(f"{what}: expected codes of shape (B, {self._k}, T), got "
+                                   f"{tuple(codes.shape)}")
+        is_int = (np.issubdtype(codes.dtype, np.integer) if isinstance(codes, np.ndarray)
+                  else mx.issubdtype(codes.dtype, mx.integer))
+        if not is_int:
+            raise AudioFormatError(f"{what}: codes must be integers, got dtype {codes.dtype}")
+        if steps is not None and codes.shape[2] != steps:
+            raise AudioFormatError(f"{what}: expected {steps} time step(s), got {codes.shape[2]}")
+        if batch is not None and codes.shape[0] != batch:
+            raise AudioFormatError(f"{what}: batch {codes.shape[0]} does not match the state's "
+                                   f"batch_size {batch}")
+        c = mx.array(codes).astype(mx.int32)
+        lo, hi = mx.min(c).item(), mx.max(c).item()
+        if lo < 0 or hi >= self._cfg.bins:
+            raise AudioFormatError(f"{what}: codes must be in 0..{self._cfg.bins - 1}, got "
+                                   f"min {lo} max {hi}")
+        return c
+
+    def _check_state(self, state, what):
+        if not isinstance(state, MimiState):
+            raise ConfigError(f"{what}: state must come from mimi.make_state(), got "
+                              f"{type(state).__name__}")
+
+    # -- whole signal
+    def encode_latent(self, pcm) -> mx.array:
+        """pcm (B, 1, T) -> unquantized latent (B, dim, ceil(T/1920)) float32 (for parity tests)."""
+        x = self._pcm(pcm, "Mimi.encode", frame=False)
+        n = self.frame_size
+        pad = -x.shape[2] % n
+        if pad:
+            x = mx.pad(x, [(0, 0), (0, 0), (0, pad)])
+        return self._latent(x.transpose(0, 2, 1), {}).transpose(0, 2, 1)
+
+    def encode(self, pcm) -> mx.array:
+        """pcm float (B, 1, T) -> codes int32 (B, K, ceil(T/1920)); the end is zero-padded."""
+        lat = self.encode_latent(pcm)
+        return self.quantizer.encode(lat.transpose(0, 2, 1), self._k)
+
+    def decode(self, codes) -> mx.array:
+        """codes int (B, K, T) -> pcm float32 (B, 1, T*1920)."""
+        c = self._codes(codes, "Mimi.decode")
+        return self._synth(c, {}).transpose(0, 2, 1)
+
+    # -- streaming
+    def encode_step_latent(self, frame, state: MimiState) -> mx.array:
+        self._check_state(state, "Mimi.encode_step")
+        x = self._pcm(frame, "Mimi.encode_step", frame=True, batch=state.batch_size)
+        return self._latent(x.transpose(0, 2, 1), state.encoder).transpose(0, 2, 1)
+
+    def encode_step(self, frame, state: MimiState) -> mx.array:
+        """One (B, 1, 1920) frame -> codes (B, K, 1) int32; updates `state`."""
+        lat = self.encode_step_latent(frame, state)
+        codes = self.quantizer.encode(lat.transpose(0, 2, 1), self._k)
+        mx.eval(codes, *state.arrays())
+        return codes
+
+    def decode_step(self, codes, state: MimiState) -> mx.array:
+        """Codes (B, K, 1) -> pcm (B, 1, 1920) float32; updates `state`."""
+        self._check_state(state, "Mimi.decode_step")
+        c = self._codes(codes, "Mimi.decode_step", batch=state.batch_size, steps=1)
+        pcm = self._synth(c, state.decoder).transpose(0, 2, 1)
+        mx.eval(pcm, *state.arrays())
+        return pcm
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic random weights (tiny model, tests)
+
+def _test_signal(rng: np.random.Generator, seconds: float, sr: int) -> np.ndarray:
+    """Speech-like synthetic audio: gliding harmonic tones with syllable envelopes and noise."""
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t) + 40 * rng.standard_normal()
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = sum(np.sin(h * phase) / h for h in range(1, 8))
+    env = np.clip(np.sin(2 * np.pi * 3.1 * t + rng.uniform(0, 6)), 0, None) ** 2
+    sig = 0.25 * env * voiced + 0.02 * rng.standard_normal(t.size)
+    return sig.astype(np.float32)
+
+
+def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights in the reference key names, without torch, with codebooks that spread
+    real latents over many codes (not all-zero / not out of scale). Deterministic for a seed."""
+    cfg = config or MimiConfig.tiny()
+    rng = np.random.default_rng(seed)
+    sd: dict[str, np.ndarray] = {}
+    for key, shape in reference_shapes(cfg).items():
+        if key.endswith(("norm1.weight", "norm2.weight")):
+            a = np.ones(shape)
+        elif key.endswith(("norm1.bias", "norm2.bias", ".bias")):
+            a = 0.01 * rng.standard_normal(shape)
+        elif key.endswith("layer_scale_1.scale") or key.endswith("layer_scale_2.scale"):
+            a = np.full(shape, 0.1)
+        elif key.endswith("cluster_usage"):
+            a = np.ones(shape)
+        elif key.endswith("_initialized"):
+            a = np.ones(shape)
+        elif key.endswith("embedding_sum"):
+            a = np.zeros(shape)  # filled below
+        else:  # conv / linear weights: variance-preserving init over fan-in
+            fan_in = int(np.prod(shape[1:])) if "convtr" not in key else shape[0] // 2
+            if key.startswith("upsample"):
+                fan_in = 2
+            a = rng.standard_normal(shape) / math.sqrt(max(fan_in, 1))
+        sd[key] = a.astype(np.float32)
+    # Codebook scales from the latents of our own model on test audio. The scales are rounded
+    # (to a power of 2^(1/4)) so tiny float differences across platforms cannot change them.
+    model = Mimi(cfg, cfg.n_q).load_reference_weights(sd)
+    pcm = np.stack([_test_signal(np.random.default_rng(seed + i), 2.0, cfg.sample_rate)
+                    for i in range(2)])[:, None]
+    lat = np.array(model.encode_latent(pcm)).transpose(0, 2, 1).reshape(-1, cfg.dimension)
+    for name, n in (("rvq_first", cfg.n_q_semantic), ("rvq_rest", cfg.n_q - cfg.n_q_semantic)):
+        proj = sd[f"quantizer.{name}.input_proj.weight"][:, :, 0]
+        r = lat @ proj.T
+        for lvl in range(n):
+            scale = float(2 ** (round(4 * math.log2(float(r.std()) + 1e-12)) / 4))
+            book = (scale * rng.standard_normal((cfg.bins, cfg.quantizer_dimension))
+                    ).astype(np.float32)
+            sd[f"quantizer.{name}.vq.layers.{lvl}._codebook.embedding_sum"] = book
+            d = (book ** 2).sum(1)[None] - 2 * r @ book.T
+            r = r - book[d.argmin(1)]
+    return sd

@@ -1,0 +1,304 @@
+"""Mimi building blocks in MLX: causal convolutions, SEANet, the streaming transformer and the
+split residual vector quantizer.
+
+Layout is channels-last, (B, T, C), everywhere inside. Every streamable layer takes a `cache`
+dict (owned by a `MimiState`, never by the module) and reads/writes its own entry under its
+name; an empty dict means "start of stream". Whole-signal calls use a fresh dict and throw it
+away, which reproduces the reference's non-streaming padding exactly (its convolutions pad the
+same way on the first chunk as in streaming).
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def elu(x: mx.array) -> mx.array:
+    # ELU(alpha=1): expm1 keeps the small negative values exact, as torch does.
+    return mx.where(x > 0, x, mx.expm1(mx.minimum(x, 0)))
+
+
+class ELU(nn.Module):
+    """Parameter-free slot, so module indices match the checkpoint's `model.N` numbering."""
+
+    def __call__(self, x, cache=None):
+        return elu(x)
+
+
+class Conv1d(nn.Module):
+    """Causal conv with the reference's streaming padding.
+
+    The layer keeps the last `(k-1)*dilation + 1 - stride` input samples between calls (zeros,
+    or the first sample repeated for `pad_mode="replicate"`, before the first call); inputs must
+    be a multiple of `stride` long, so every call emits `T // stride` frames.
+    """
+
+    def __init__(self, name: str, cin: int, cout: int, kernel: int, stride: int = 1,
+                 dilation: int = 1, bias: bool = True, pad_mode: str = "constant"):
+        super().__init__()
+        self.weight = mx.zeros((cout, kernel, cin))  # MLX layout (out, k, in)
+        if bias:
+            self.bias = mx.zeros((cout,))
+        self._name, self._stride, self._dilation = name, stride, dilation
+        self._pad_mode = pad_mode
+        self._tail = (kernel - 1) * dilation + 1 - stride
+
+    def __call__(self, x: mx.array, cache: dict) -> mx.array:
+        tp = self._tail
+        if tp > 0:
+            prev = cache.get(self._name)
+            if prev is None:
+                if self._pad_mode == "replicate":
+                    prev = mx.repeat(x[:, :1], tp, axis=1)
+                else:
+                    prev = mx.zeros((x.shape[0], tp, x.shape[2]), dtype=x.dtype)
+            x = mx.concatenate([prev, x], axis=1)
+            cache[self._name] = x[:, -tp:]
+        w = self.weight
+        if w.shape[2] == 1 and self._dilation == 1 and self._stride == 1:
+            # 1 input channel: im2col + matmul is 4x faster than conv1d on the CPU.
+            k = w.shape[1]
+            n = x.shape[1] - k + 1
+            cols = mx.concatenate([x[:, j:j + n] for j in range(k)], axis=-1)
+            y = cols @ w[:, :, 0].T
+        else:
+            y = mx.conv1d(x, w, stride=self._stride, dilation=self._dilation)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+
+class ConvTr1d(nn.Module):
+    """Causal transposed conv with kernel = 2 * stride (all of Mimi's), streaming overlap-add.
+
+    Each input frame t produces k = 2s outputs: the first s land on output frame t, the last s
+    overlap frame t+1. The overlap of the last frame (without bias) is the streaming state, so
+    a whole-signal call equals the reference's right-trimmed output and chunked calls equal it
+    too. `depthwise=True` is the upsampler's groups=C conv (weight (k, C)); otherwise the
+    weight is (in, k, out).
+    """
+
+    def __init__(self, name: str, cin: int, cout: int, stride: int, bias: bool = True,
+                 depthwise: bool = False):
+        super().__init__()
+        k = 2 * stride
+        self.weight = mx.zeros((k, cin)) if depthwise else mx.zeros((cin, k, cout))
+        if bias:
+            self.bias = mx.zeros((cout,))
+        self._name, self._stride, self._depthwise, self._cout = name, stride, depthwise, cout
+
+    def __call__(self, x: mx.array, cache: dict) -> mx.array:
+        b, t, _ = x.shape
+        s, c = self._stride, self._cout
+        if self._depthwise:
+            y = x[:, :, None, :] * self.weight  # (B, T, k, C)
+        else:
+            y = (x @ self.weight.reshape(x.shape[2], -1)).reshape(b, t, 2 * s, c)
+        head, over = y[:, :, :s], y[:, :, s:]
+        prev = cache.get(self._name)
+        if prev is None:
+            prev = mx.zeros((b, 1, s, c), dtype=y.dtype)
+        cache[self._name] = over[:, -1:]
+        out = (head + mx.concatenate([prev, over[:, :-1]], axis=1)).reshape(b, t * s, c)
+        if "bias" in self:
+            out = out + self.bias
+        return out
+
+
+class ResBlock(nn.Module):
+    """SEANet residual unit: x + conv1x1(elu(conv_k(elu(x)))) (true skip)."""
+
+    def __init__(self, name: str, dim: int, kernel: int, dilation: int, compress: int):
+        super().__init__()
+        hidden = dim // compress
+        self.block = [ELU(), Conv1d(f"{name}.1", dim, hidden, kernel, dilation=dilation),
+                      ELU(), Conv1d(f"{name}.3", hidden, dim, 1)]
+
+    def __call__(self, x, cache):
+        y = x
+        for m in self.block:
+            y = m(y, cache)
+        return x + y
+
+
+def seanet_layout(cfg, decoder: bool) -> list[tuple]:
+    """The `model.N` entries of the SEANet encoder/decoder, as tuples:
+    ("conv", cin, cout, k, stride), ("convtr", cin, cout, stride), ("res", dim, dilation), ("elu",)."""
+    nf, res = cfg.n_filters, cfg.n_residual_layers
+    out: list[tuple] = []
+    if not decoder:
+        mult = 1
+        out.append(("conv", cfg.channels, nf, cfg.kernel_size, 1))
+        for r in reversed(cfg.ratios):
+            out += [("res", mult * nf, cfg.dilation_base ** j) for j in range(res)]
+            out += [("elu",), ("conv", mult * nf, mult * nf * 2, 2 * r, r)]
+            mult *= 2
+        out += [("elu",), ("conv", mult * nf, cfg.dimension, cfg.last_kernel_size, 1)]
+    else:
+        mult = 2 ** len(cfg.ratios)
+        out.append(("conv", cfg.dimension, mult * nf, cfg.kernel_size, 1))
+        for r in cfg.ratios:
+            out += [("elu",), ("convtr", mult * nf, mult * nf // 2, r)]
+            out += [("res", mult * nf // 2, cfg.dilation_base ** j) for j in range(res)]
+            mult //= 2
+        out += [("elu",), ("conv", nf, cfg.channels, cfg.last_kernel_size, 1)]
+    return out
+
+
+class SEANet(nn.Module):
+    def __init__(self, name: str, cfg, decoder: bool):
+        super().__init__()
+        layers = []
+        for i, spec in enumerate(seanet_layout(cfg, decoder)):
+            key = f"{name}.{i}"
+            if spec[0] == "conv":
+                layers.append(Conv1d(key, spec[1], spec[2], spec[3], stride=spec[4]))
+            elif spec[0] == "convtr":
+                layers.append(ConvTr1d(key, spec[1], spec[2], spec[3]))
+            elif spec[0] == "res":
+                layers.append(ResBlock(key, spec[1], cfg.residual_kernel_size, spec[2],
+                                       cfg.compress))
+            else:
+                layers.append(ELU())
+        self.model = layers
+
+    def __call__(self, x, cache):
+        for m in self.model:
+            x = m(x, cache)
+        return x
+
+
+class Attention(nn.Module):
+    def __init__(self, name: str, dim: int, heads: int, context: int, max_period: float):
+        super().__init__()
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self._name, self._heads, self._context, self._base = name, heads, context, max_period
+
+    def __call__(self, x: mx.array, cache: dict, offset: int) -> mx.array:
+        b, t, d = x.shape
+        h = self._heads
+        qkv = self.in_proj(x).reshape(b, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        # Interleaved RoPE on absolute positions (the reference's `interleave=True`).
+        q = mx.fast.rope(q, d // h, traditional=True, base=self._base, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, d // h, traditional=True, base=self._base, scale=1.0, offset=offset)
+        prev = cache.get(self._name)
+        n = 0
+        if prev is not None:
+            n = prev[0].shape[2]
+            k = mx.concatenate([prev[0], k], axis=2)
+            v = mx.concatenate([prev[1], v], axis=2)
+        # Key j sits at position offset-n+j, query i at offset+i: visible iff 0 <= i+n-j < context.
+        mask = None
+        if t > 1 or n + t > self._context:
+            delta = mx.arange(t)[:, None] + n - mx.arange(n + t)[None, :]
+            mask = (delta >= 0) & (delta < self._context)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d // h),
+                                                 mask=mask)
+        # The next query is at >= offset+t, so only the last context-1 keys can still be seen.
+        keep = self._context - 1
+        cache[self._name] = (k[:, :, -keep:], v[:, :, -keep:])
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = mx.zeros((dim,))
+
+    def __call__(self, x):
+        return x * self.scale
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, name: str, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = Attention(name, d, cfg.num_heads, cfg.context, cfg.max_period)
+        self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        self.layer_scale_1 = LayerScale(d)
+        self.layer_scale_2 = LayerScale(d)
+
+    def __call__(self, x, cache, offset):
+        x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cache, offset))
+        # Exact (erf) GELU, as torch's F.gelu; moshi_mlx's tanh approximation would drift.
+        return x + self.layer_scale_2(self.linear2(nn.gelu(self.linear1(self.norm2(x)))))
+
+
+class Transformer(nn.Module):
+    """Causal transformer with a bounded (context) window; positions continue across calls."""
+
+    def __init__(self, name: str, cfg):
+        super().__init__()
+        self.layers = [TransformerLayer(f"{name}.{i}", cfg) for i in range(cfg.num_layers)]
+        self._name = name
+
+    def __call__(self, x, cache):
+        offset = cache.get(self._name, 0)
+        for layer in self.layers:
+            x = layer(x, cache, offset)
+        cache[self._name] = offset + x.shape[1]
+        return x
+
+
+class RVQ(nn.Module):
+    """One residual VQ stack with its own 1x1 input/output projections.
+
+    `embedding` is (n_q, bins, dim), already divided by the clamped cluster usage at load time.
+    """
+
+    def __init__(self, n_q: int, bins: int, dim: int, latent_dim: int):
+        super().__init__()
+        self.input_proj = nn.Linear(latent_dim, dim, bias=False)
+        self.output_proj = nn.Linear(dim, latent_dim, bias=False)
+        self.embedding = mx.zeros((n_q, bins, dim))
+        self._norms = None
+
+    def encode(self, x: mx.array, n: int) -> mx.array:
+        """x (B, T, latent) float32 -> codes (B, n, T) int32."""
+        if self._norms is None:
+            self._norms = mx.sum(self.embedding * self.embedding, axis=-1)
+        r = self.input_proj(x)
+        codes = []
+        for lvl in range(n):
+            e = self.embedding[lvl]
+            # argmin ||r - e||^2 = argmin (|e|^2 - 2 r.e); |r|^2 is constant per row.
+            idx = mx.argmin(self._norms[lvl] - 2.0 * (r @ e.T), axis=-1).astype(mx.int32)
+            r = r - e[idx]
+            codes.append(idx)
+        return mx.stack(codes, axis=1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """codes (B, n, T) -> (B, T, latent)."""
+        q = self.embedding[0][codes[:, 0]]
+        for lvl in range(1, codes.shape[1]):
+            q = q + self.embedding[lvl][codes[:, lvl]]
+        return self.output_proj(q)
+
+
+class SplitRVQ(nn.Module):
+    """1 semantic codebook (`rvq_first`) + acoustic ones (`rvq_rest`), both fed the same latent."""
+
+    def __init__(self, n_q: int, bins: int, dim: int, latent_dim: int, n_semantic: int = 1):
+        super().__init__()
+        self.rvq_first = RVQ(n_semantic, bins, dim, latent_dim)
+        self.rvq_rest = RVQ(n_q - n_semantic, bins, dim, latent_dim)
+        self._ns = n_semantic
+
+    def encode(self, x, n):
+        codes = self.rvq_first.encode(x, self._ns)
+        if n > self._ns:
+            codes = mx.concatenate([codes, self.rvq_rest.encode(x, n - self._ns)], axis=1)
+        return codes
+
+    def decode(self, codes):
+        q = self.rvq_first.decode(codes[:, :self._ns])
+        if codes.shape[1] > self._ns:
+            q = q + self.rvq_rest.decode(codes[:, self._ns:])
+        return q
