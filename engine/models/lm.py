@@ -1,0 +1,761 @@
+"""PersonaPlex / Moshi language model in MLX: temporal transformer + depformer.
+
+One 12.5 Hz frame = `embed` (17 token streams summed) -> `temporal` (32 layers over time, ring KV
+cache bounded by `config.context`) -> `depformer_step` s = 0..dep_q-1 (6 small layers over the
+codebooks of this frame, one weight set per codebook). Sampling, delays and the token ring live in
+`engine/models/gen.py`; this module only maps tokens to logits.
+
+Layout choices (for a host-bound GPU backend): per-codebook weights are stored stacked and sliced
+with a static index (no per-step modules, no gathers); audio embeddings are one flat table so the 16
+audio lookups are a single `take`; nothing in a step reads values back to the host. All state
+(`LmCache`, `DepformerCache`) is owned by the caller, so one loaded model serves many sessions.
+
+Key names on disk are the reference's (`moshi.models.lm.LMModel` state dict, PersonaPlex layout);
+`sanitize` converts them to this module tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import ConfigError, CorruptCheckpoint, ModelNotFound
+
+_PERSONAPLEX_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+
+# Reference LMModel / loader kwargs that do not change the inference network (or are overridden).
+_IGNORED_KEYS = {
+    "depformer_context", "depformer_max_period", "depformer_causal", "quantize", "device", "dtype",
+    "gradient_checkpointing", "checkpointing", "conditioners", "fuser", "extra_heads_num_heads",
+    "extra_heads_dim", "model_type", "moshi_name", "mimi_name", "tokenizer_name", "lm_gen_config",
+    "lora", "lora_rank", "lora_scaling", "max_seq_len", "stack_size",
+}
+# Reference kwargs whose only supported value is the one given here.
+_FIXED_KEYS = {
+    "layer_scale": None, "depformer_layer_scale": None, "kv_repeat": 1, "depformer_kv_repeat": 1,
+    "norm_emb": False, "bias_proj": False, "depformer_norm": None, "demux_second_text_stream": False,
+    "depformer_low_rank_embeddings": None, "depformer_weights_per_step_schedule": None,
+    "cross_attention": False, "skip_self_attn": False,
+}
+
+
+@dataclass
+class LmConfig:
+    """All hyperparameters of the LM. Field names are the reference `LMModel` keyword names.
+
+    Defaults are nvidia/personaplex-7b-v1 (spec section 3), including the loader's dep_q=16.
+    """
+
+    dim: int = 4096
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    context: int = 3000
+    max_period: float = 10000.0
+    positional_embedding: str = "rope"
+    norm: str = "rms_norm_f32"
+    gating: str = "silu"
+    causal: bool = True
+    text_card: int = 32000
+    text_card_out: int | None = None
+    existing_text_padding_id: int = 3
+    existing_text_end_padding_id: int = 0
+    card: int = 2048
+    n_q: int = 16
+    dep_q: int = 16
+    delays: tuple[int, ...] = _PERSONAPLEX_DELAYS
+    depformer_dim: int = 1024
+    depformer_num_heads: int = 16
+    depformer_num_layers: int = 6
+    depformer_dim_feedforward: int | None = 4224
+    depformer_multi_linear: bool = True
+    depformer_weights_per_step: bool = True
+    depformer_pos_emb: str = "none"
+    depformer_gating: str | None = None  # None = same as `gating`
+
+    def __post_init__(self):
+        self.delays = tuple(int(d) for d in self.delays)
+        self.validate()
+
+    # ---- construction
+    @classmethod
+    def personaplex(cls) -> "LmConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "LmConfig":
+        """The PersonaPlex structure (17 streams, delays, dep_q 16, card 2048, context 3000) with
+        small widths, and a 1000-piece text vocabulary (the tiny SentencePiece model)."""
+        return cls(dim=128, num_heads=4, num_layers=2, text_card=1000, depformer_dim=64,
+                   depformer_num_heads=4, depformer_num_layers=2, depformer_dim_feedforward=264)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LmConfig":
+        """Our field names or the reference `LMModel`/loader kwarg names (unknown extras rejected)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"LM config must be a dict, got {type(d).__name__}")
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for k, v in d.items():
+            if k in names:
+                kwargs[k] = v
+            elif k in _FIXED_KEYS:
+                if v != _FIXED_KEYS[k] and not (v in (0, None, False) and _FIXED_KEYS[k] in (0, None, False)):
+                    raise ConfigError(f"LM config {k}={v!r} is not supported (only {_FIXED_KEYS[k]!r})")
+            elif k == "dim_feedforward":
+                raise ConfigError("LM config: give hidden_scale (the reference LMModel has no dim_feedforward)")
+            elif k in _IGNORED_KEYS:
+                if k in ("conditioners", "fuser") and v not in (None, {}, []):
+                    raise ConfigError(f"LM config {k}={v!r}: conditioned models are not supported")
+            else:
+                unknown.append(k)
+        if unknown:
+            raise ConfigError(f"LM config has unknown keys {sorted(unknown)}; "
+                              f"valid keys: {sorted(names)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["delays"] = list(self.delays)
+        return d
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(f"invalid LM config: {msg}")
+        for name in ("dim", "num_heads", "num_layers", "context", "text_card", "card", "n_q",
+                     "depformer_dim", "depformer_num_heads", "depformer_num_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f"{name}={v!r} must be a positive int")
+        if not isinstance(self.dep_q, int) or not 0 < self.dep_q <= self.n_q:
+            bad(f"dep_q={self.dep_q!r} must be in 1..n_q={self.n_q}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            bad(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even size")
+        if self.depformer_dim % self.depformer_num_heads:
+            bad(f"depformer_dim={self.depformer_dim} not divisible by {self.depformer_num_heads} heads")
+        if len(self.delays) != self.n_q + 1 or min(self.delays) < 0:
+            bad(f"delays={list(self.delays)} must be n_q+1={self.n_q + 1} non-negative ints")
+        if self.norm not in ("rms_norm_f32", "rms_norm"):
+            bad(f"norm={self.norm!r} (supported: rms_norm_f32, rms_norm)")
+        for name in ("gating", "depformer_gating"):
+            v = getattr(self, name)
+            if v is not None and v != "silu":
+                bad(f"{name}={v!r} (supported: silu)")
+        if self.positional_embedding != "rope":
+            bad(f"positional_embedding={self.positional_embedding!r} (supported: rope)")
+        if self.depformer_pos_emb != "none":
+            bad(f"depformer_pos_emb={self.depformer_pos_emb!r} (supported: none)")
+        if not self.causal:
+            bad("causal=False is not supported")
+
+    # ---- derived sizes
+    @property
+    def num_codebooks(self) -> int:
+        return self.n_q + 1
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def text_out(self) -> int:
+        return self.text_card if self.text_card_out is None else self.text_card_out
+
+    @property
+    def norm_eps(self) -> float:
+        return 1e-8 if self.norm == "rms_norm_f32" else 1e-5
+
+    @staticmethod
+    def _gating_hidden(dim: int, dff: int) -> int:
+        # Rule of the reference ActivationGating.
+        return (21 * dim) // 8 if dff == 4 * dim else (2 * dff) // 3
+
+    @property
+    def hidden(self) -> int:
+        return self._gating_hidden(self.dim, int(self.hidden_scale * self.dim))
+
+    @property
+    def depformer_hidden(self) -> int:
+        dff = self.depformer_dim_feedforward
+        if dff is None:
+            dff = int(self.hidden_scale * self.depformer_dim)
+        return self._gating_hidden(self.depformer_dim, dff)
+
+    @property
+    def depformer_slots(self) -> int:
+        """Number of per-step weight sets in the depformer layers."""
+        return self.dep_q if self.depformer_weights_per_step else 1
+
+    @property
+    def depformer_in_slots(self) -> int:
+        return self.dep_q if self.depformer_multi_linear else 1
+
+
+# ----------------------------------------------------------------------------- layers
+def _qmm(x, w, scales, biases, group_size, bits):
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (no bias). Optionally affine-quantized (`to_quantized`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = mx.zeros((out_dim, in_dim))
+        self.bits = None
+        self.group_size = None
+
+    def quantize(self, bits: int, group_size: int = 64) -> None:
+        self.weight, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
+        self.bits, self.group_size = bits, group_size
+
+    def __call__(self, x):
+        if self.bits is None:
+            return x @ self.weight.T
+        return _qmm(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+
+
+class MultiLinear(nn.Module):
+    """`slots` linears stacked as one (slots*out, in) matrix; slot s uses rows [s*out, (s+1)*out)."""
+
+    def __init__(self, slots: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.slots, self.out_dim = slots, out_dim
+        self.weight = mx.zeros((slots * out_dim, in_dim))
+        self.bits = None
+        self.group_size = None
+
+    def quantize(self, bits: int, group_size: int = 64) -> None:
+        self.weight, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
+        self.bits, self.group_size = bits, group_size
+
+    def __call__(self, x, s: int):
+        s = min(s, self.slots - 1)
+        lo, hi = s * self.out_dim, (s + 1) * self.out_dim
+        if self.bits is None:
+            return x @ self.weight[lo:hi].T
+        return _qmm(x, self.weight[lo:hi], self.scales[lo:hi], self.biases[lo:hi],
+                    self.group_size, self.bits)
+
+
+class Table(nn.Module):
+    """Embedding table(s) stacked as one (tables*rows, dim) matrix. Index -1 gives a zero vector."""
+
+    def __init__(self, tables: int, rows: int, dim: int):
+        super().__init__()
+        self.tables, self.rows = tables, rows
+        self.weight = mx.zeros((tables * rows, dim))
+        self.bits = None
+        self.group_size = None
+
+    def quantize(self, bits: int, group_size: int = 64) -> None:
+        self.weight, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
+        self.bits, self.group_size = bits, group_size
+
+    def lookup(self, idx, out_dtype):
+        """idx: int array of flat row indices (already clamped >= 0)."""
+        if self.bits is None:
+            return self.weight[idx]
+        return mx.dequantize(self.weight[idx], self.scales[idx], self.biases[idx],
+                             self.group_size, self.bits).astype(out_dtype)
+
+    def __call__(self, tokens, table: int = 0, out_dtype=mx.float32):
+        valid = tokens >= 0
+        idx = mx.maximum(tokens, 0) + table * self.rows
+        e = self.lookup(idx, out_dtype)
+        return mx.where(valid[..., None], e, mx.zeros((), e.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim, slots=None):
+        super().__init__()
+        if slots is None:
+            self.in_proj, self.out_proj = Linear(dim, 3 * dim), Linear(dim, dim)
+        else:
+            self.in_proj, self.out_proj = MultiLinear(slots, dim, 3 * dim), MultiLinear(slots, dim, dim)
+
+
+class _Gating(nn.Module):
+    def __init__(self, dim, hidden, slots=None):
+        super().__init__()
+        if slots is None:
+            self.linear_in, self.linear_out = Linear(dim, 2 * hidden), Linear(hidden, dim)
+        else:
+            self.linear_in = MultiLinear(slots, dim, 2 * hidden)
+            self.linear_out = MultiLinear(slots, hidden, dim)
+
+
+class _Layer(nn.Module):
+    def __init__(self, dim, hidden, eps, slots=None):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.self_attn = _Attention(dim, slots)
+        self.gating = _Gating(dim, hidden, slots)
+
+
+class _Stack(nn.Module):
+    def __init__(self, n, *args):
+        super().__init__()
+        self.layers = [_Layer(*args) for _ in range(n)]
+
+
+def _silu_gate(y):
+    a, b = mx.split(y, 2, axis=-1)
+    return nn.silu(a) * b
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class LmCache:
+    """Temporal KV ring for one batch of B conversations.
+
+    keys/values[l]: (B, H, context, head_dim); `pos[j]` the absolute position stored in slot j (-1
+    empty); `offset` the next absolute position (an mx scalar, so compiled steps don't retrace) and
+    `step` its host-side mirror. Memory is fixed at creation: positions keep growing (RoPE stays
+    absolute), slots are reused modulo `context`.
+    """
+
+    keys: list
+    values: list
+    pos: mx.array
+    offset: mx.array
+    step: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def copy(self) -> "LmCache":
+        # mx arrays are immutable values: sharing them is a snapshot.
+        return LmCache(list(self.keys), list(self.values), self.pos, self.offset, self.step)
+
+    def arrays(self) -> list:
+        return [*self.keys, *self.values, self.pos, self.offset]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+
+@dataclass
+class DepformerCache:
+    """Per-frame depformer KV (keys/values[l]: (B, H, steps so far, head_dim)); make one per frame."""
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    steps: int = 0
+
+
+# ----------------------------------------------------------------------------- model
+class LM(nn.Module):
+    def __init__(self, config: LmConfig | None = None, dtype=mx.float32):
+        super().__init__()
+        c = self.config = config or LmConfig.personaplex()
+        self.dtype = dtype
+        self.text_emb = Table(1, c.text_card + 1, c.dim)
+        self.emb = Table(c.n_q, c.card + 1, c.dim)
+        self.transformer = _Stack(c.num_layers, c.dim, c.hidden, c.norm_eps)
+        self.out_norm = RMSNorm(c.dim, c.norm_eps)
+        self.text_linear = Linear(c.dim, c.text_out)
+        self.depformer_in = MultiLinear(c.depformer_in_slots, c.dim, c.depformer_dim)
+        self.depformer_text_emb = Table(1, c.text_card + 1, c.depformer_dim)
+        self.depformer_emb = Table(max(c.dep_q - 1, 1), c.card + 1, c.depformer_dim)
+        self.depformer = _Stack(c.depformer_num_layers, c.depformer_dim, c.depformer_hidden,
+                                c.norm_eps, c.depformer_slots)
+        self.linears = MultiLinear(c.dep_q, c.depformer_dim, c.card)
+        self.quant_plan = None
+        self._compiled = None
+        self._audio_base = mx.arange(c.n_q, dtype=mx.int32)[:, None] * (c.card + 1)
+
+    # ---- loading
+    @classmethod
+    def from_file(cls, path, config: LmConfig | None = None, dtype=mx.bfloat16, quantize=None) -> "LM":
+        """Load a reference-layout `model.safetensors` (e.g. nvidia/personaplex-7b-v1).
+
+        quantize: None, 4, 8, or an `engine.models.quant.QuantPlan` (applied after loading).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFound(f"LM checkpoint {str(path)!r} does not exist")
+        try:
+            weights = mx.load(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise CorruptCheckpoint(f"cannot read LM checkpoint {str(path)!r}: {e}") from None
+        return cls.from_weights(weights, config, dtype, quantize)
+
+    @classmethod
+    def from_weights(cls, weights: dict, config: LmConfig | None = None, dtype=mx.bfloat16,
+                     quantize=None) -> "LM":
+        config = config or LmConfig.personaplex()
+        lm = cls(config, dtype)
+        lm.load_sanitized(sanitize(weights, config))
+        if quantize is not None:
+            from . import quant
+            quant.apply(lm, quant.QuantPlan.parse(quantize))
+        return lm
+
+    @classmethod
+    def random(cls, config: LmConfig | None = None, dtype=mx.bfloat16, seed: int = 0) -> "LM":
+        """Random weights generated directly in MLX at the config's shapes (benchmarks)."""
+        lm = cls(config, dtype)
+        key = mx.random.key(seed)
+        params = {}
+        for name, p in _flatten(lm.parameters()):
+            key, k = mx.random.split(key)
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "out_norm.weight":
+                params[name] = mx.ones(p.shape, dtype)
+            else:
+                std = 1.0 if "emb" in name else 1.0 / math.sqrt(p.shape[-1])
+                params[name] = (std * mx.random.normal(p.shape, key=k)).astype(dtype)
+            mx.eval(params[name])
+        lm.load_weights(list(params.items()), strict=True)
+        return lm
+
+    def load_sanitized(self, weights: dict) -> None:
+        expected = dict(_flatten(self.parameters()))
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise CorruptCheckpoint(f"LM checkpoint does not match the config: missing {missing[:8]}"
+                                    f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
+                                    f"{' ...' if len(extra) > 8 else ''}")
+        items = []
+        for k, v in weights.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise CorruptCheckpoint(f"LM weight {k!r} has shape {tuple(v.shape)}, expected "
+                                        f"{tuple(expected[k].shape)} for this config")
+            items.append((k, v.astype(self.dtype)))
+        self.load_weights(items, strict=True)
+        mx.eval(self.parameters())
+
+    # ---- state
+    def make_cache(self, batch_size: int = 1) -> LmCache:
+        c = self.config
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
+        shape = (batch_size, c.num_heads, c.context, c.head_dim)
+        keys = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
+        values = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
+        return LmCache(keys, values, mx.full((c.context,), -1, mx.int32), mx.array(0, mx.int32))
+
+    def make_depformer_cache(self, batch_size: int = 1) -> DepformerCache:
+        return DepformerCache()
+
+    # ---- temporal
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens int (B, n_q+1, T) -> summed input embeddings (B, T, dim). -1 -> zero vector."""
+        c = self.config
+        if tokens.ndim != 3 or tokens.shape[1] != c.num_codebooks:
+            raise ConfigError(f"embed expects tokens (B, {c.num_codebooks}, T), got {tuple(tokens.shape)}")
+        tokens = tokens.astype(mx.int32)
+        x = self.text_emb(tokens[:, 0], 0, self.dtype)                    # (B, T, D)
+        audio = tokens[:, 1:]                                               # (B, n_q, T)
+        valid = audio >= 0
+        idx = mx.maximum(audio, 0) + self._audio_base
+        e = self.emb.lookup(idx, self.dtype)                               # (B, n_q, T, D)
+        e = mx.where(valid[..., None], e, mx.zeros((), e.dtype))
+        return x + e.sum(axis=1)
+
+    def temporal(self, x: mx.array, cache: LmCache):
+        """x (B, T, dim) -> (h (B, T, dim) after out_norm, text_logits (B, T, text_out)).
+
+        Advances `cache` by T positions. T > 1 (prefill) is exact as long as the chunk does not
+        wrap past `context` positions (the reference writes keys before attending, like here).
+        """
+        c = self.config
+        if x.ndim != 3 or x.shape[-1] != c.dim or x.shape[0] != cache.batch_size:
+            raise ConfigError(f"temporal expects x (B={cache.batch_size}, T, {c.dim}), got {tuple(x.shape)}")
+        T = x.shape[1]
+        if T > c.context:
+            raise ConfigError(f"temporal chunk of {T} steps exceeds the context {c.context}")
+        fn = self._compiled["temporal"] if self._compiled else self._temporal
+        h, logits, *state = fn(x.astype(self.dtype), *cache.arrays())
+        L = c.num_layers
+        cache.keys, cache.values = list(state[:L]), list(state[L:2 * L])
+        cache.pos, cache.offset = state[2 * L], state[2 * L + 1]
+        cache.step += T
+        return h, logits
+
+    def _temporal(self, x, *state):
+        c = self.config
+        L = c.num_layers
+        keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
+        B, T, D = x.shape
+        H, hd, C = c.num_heads, c.head_dim, c.context
+        t_abs = offset + mx.arange(T, dtype=mx.int32)                     # (T,)
+        slots = t_abs % C
+        pos = _scatter(pos, slots, t_abs, axis=0)
+        delta = t_abs[:, None] - pos[None, :]                               # (T, C)
+        mask = (pos[None, :] >= 0) & (delta >= 0) & (delta < C)
+        scale = 1.0 / math.sqrt(hd)
+        new_k, new_v = [], []
+        for layer, k_cache, v_cache in zip(self.transformer.layers, keys, values):
+            y = layer.norm1(x)
+            qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            q = mx.fast.rope(q, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
+            k = mx.fast.rope(k, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
+            k_cache = _scatter(k_cache, slots, k, axis=2)
+            v_cache = _scatter(v_cache, slots, v, axis=2)
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+            a = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale, mask=mask)
+            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
+            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
+        h = self.out_norm(x)
+        return (h, self.text_linear(h), *new_k, *new_v, pos, offset + T)
+
+    # ---- depformer
+    def depformer_step(self, s: int, h: mx.array, prev: mx.array, dc: DepformerCache) -> mx.array:
+        """Depformer step s (codebook s): h (B, dim) temporal output, prev (B,) int32 the previous
+        token (the text token for s=0, codebook s-1 otherwise) -> logits (B, card)."""
+        c = self.config
+        if not 0 <= s < c.dep_q or s != dc.steps:
+            raise ConfigError(f"depformer_step s={s}: expected s == {dc.steps} (steps run in order "
+                              f"0..{c.dep_q - 1}, one fresh DepformerCache per frame)")
+        fn = self._compiled["dep"][s] if self._compiled else (lambda *a: self._depformer(s, *a))
+        logits, *kv = fn(h.astype(self.dtype), prev.astype(mx.int32), *dc.keys, *dc.values)
+        L = c.depformer_num_layers
+        dc.keys, dc.values = list(kv[:L]), list(kv[L:])
+        dc.steps += 1
+        return logits
+
+    def _depformer(self, s, h, prev, *kv):
+        c = self.config
+        L = c.depformer_num_layers
+        keys, values = kv[:L], kv[L:]
+        B = h.shape[0]
+        H, D = c.depformer_num_heads, c.depformer_dim
+        hd = D // H
+        x = self.depformer_in(h, s)
+        if s == 0:
+            x = x + self.depformer_text_emb(prev, 0, self.dtype)
+        else:
+            x = x + self.depformer_emb(prev, s - 1, self.dtype)
+        x = x[:, None, :]                                                   # (B, 1, Dd)
+        scale = 1.0 / math.sqrt(hd)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.depformer.layers):
+            y = layer.norm1(x)
+            qkv = layer.self_attn.in_proj(y, s).reshape(B, 1, 3, H, hd).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            if s > 0:
+                k = mx.concatenate([keys[i], k], axis=2)
+                v = mx.concatenate([values[i], v], axis=2)
+            new_k.append(k)
+            new_v.append(v)
+            a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, 1, D), s)
+            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), s)), s)
+        return (self.linears(x[:, 0], s), *new_k, *new_v)
+
+    # ---- compilation
+    def compile(self) -> "LM":
+        """Route temporal/depformer steps through mx.compile (one trace per T / per step s)."""
+        self._compiled = {
+            "temporal": mx.compile(self._temporal),
+            "dep": [mx.compile(lambda *a, s=s: self._depformer(s, *a)) for s in range(self.config.dep_q)],
+        }
+        return self
+
+    def uncompile(self) -> "LM":
+        self._compiled = None
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for _, v in _flatten(self.parameters()))
+
+
+def _flatten(tree):
+    from mlx.utils import tree_flatten
+    return tree_flatten(tree)
+
+
+def _scatter(a, idx, upd, axis):
+    """a with a[..., idx, ...] = upd along `axis` (idx int32 (T,), upd's `axis` dim T)."""
+    index = [slice(None)] * axis + [idx]
+    a[tuple(index)] = upd
+    return a
+
+
+# ----------------------------------------------------------------------------- checkpoints
+_STEP_KEY = re.compile(r"^(depformer_in|depformer_emb|linears)\.(\d+)\.weight$")
+_GATING_KEY = re.compile(r"^depformer\.layers\.(\d+)\.gating\.(\d+)\.(linear_in|linear_out)\.weight$")
+_DROP_PREFIXES = ("extra_heads.",)
+
+
+def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
+    """Reference key names (PersonaPlex `model.safetensors`, or a PyPI moshi `LMModel.state_dict()`)
+    -> this module tree. Pure: returns a new dict, arrays untouched except stacking / reshaping.
+
+    Applies the PersonaPlex loader fix-ups when the checkpoint has fewer depformer steps than
+    `config.dep_q` (8 -> 16): packed depformer attention weights are repeated, missing per-step
+    `gating.N`, `linears.N`, `depformer_in.N`, `depformer_emb.N` are copied from N-8.
+    """
+    c = config or LmConfig.personaplex()
+    w = {k: v for k, v in weights.items() if not k.startswith(_DROP_PREFIXES)}
+    out = {}
+
+    def take(key):
+        if key not in w:
+            raise CorruptCheckpoint(f"LM checkpoint is missing {key!r}")
+        return w.pop(key)
+
+    def attn_proj(prefix, name, packed_key):
+        # `in_proj_weight` (PersonaPlex) / `in_proj.weight` / per-step `in_projs.{i}.weight` (PyPI moshi).
+        for k in (f"{prefix}.{packed_key}", f"{prefix}.{name}.weight"):
+            if k in w:
+                return w.pop(k)
+        parts = sorted((int(m.group(1)), k) for k in list(w)
+                       if (m := re.fullmatch(re.escape(f"{prefix}.{name}s.") + r"(\d+)\.weight", k)))
+        if not parts:
+            raise CorruptCheckpoint(f"LM checkpoint is missing {prefix}.{packed_key!r}")
+        return mx.concatenate([w.pop(k) for _, k in parts], axis=0)
+
+    def norm(src, dst):
+        a = take(src)
+        out[dst] = a.reshape(-1)
+
+    out["text_emb.weight"] = take("text_emb.weight")
+    out["emb.weight"] = mx.concatenate([take(f"emb.{q}.weight") for q in range(c.n_q)], axis=0)
+    out["text_linear.weight"] = take("text_linear.weight")
+    norm("out_norm.alpha", "out_norm.weight")
+    for i in range(c.num_layers):
+        p = f"transformer.layers.{i}"
+        out[f"{p}.self_attn.in_proj.weight"] = attn_proj(f"{p}.self_attn", "in_proj", "in_proj_weight")
+        out[f"{p}.self_attn.out_proj.weight"] = attn_proj(f"{p}.self_attn", "out_proj", "out_proj_weight")
+        norm(f"{p}.norm1.alpha", f"{p}.norm1.weight")
+        norm(f"{p}.norm2.alpha", f"{p}.norm2.weight")
+        for n in ("linear_in", "linear_out"):
+            out[f"{p}.gating.{n}.weight"] = take(f"{p}.gating.{n}.weight")
+
+    # Per-step depformer tensors, with the dep_q 8 -> 16 copy fix-up.
+    steps = {}
+    for k in list(w):
+        m = _STEP_KEY.match(k)
+        if m:
+            steps[(m.group(1), int(m.group(2)))] = w.pop(k)
+
+    def stacked(name, n):
+        parts = []
+        for s in range(n):
+            src = s
+            while (name, src) not in steps and src >= 8:
+                src -= 8
+            if (name, src) not in steps:
+                raise CorruptCheckpoint(f"LM checkpoint is missing {name}.{s}.weight")
+            parts.append(steps[(name, src)])
+        return mx.concatenate(parts, axis=0)
+
+    out["depformer_in.weight"] = stacked("depformer_in", c.depformer_in_slots)
+    out["depformer_emb.weight"] = stacked("depformer_emb", max(c.dep_q - 1, 1))
+    out["linears.weight"] = stacked("linears", c.dep_q)
+    out["depformer_text_emb.weight"] = take("depformer_text_emb.weight")
+    S, Dd = c.depformer_slots, c.depformer_dim
+    gat = {}
+    for k in list(w):
+        m = _GATING_KEY.match(k)
+        if m:
+            gat[(int(m.group(1)), int(m.group(2)), m.group(3))] = w.pop(k)
+    for j in range(c.depformer_num_layers):
+        p = f"depformer.layers.{j}"
+        for name, packed, rows in (("in_proj", "in_proj_weight", 3 * Dd), ("out_proj", "out_proj_weight", Dd)):
+            a = attn_proj(f"{p}.self_attn", name, packed)
+            if a.shape[0] != S * rows and a.shape[0] > 0 and (S * rows) % a.shape[0] == 0 and a.shape[0] % rows == 0:
+                a = mx.concatenate([a] * (S * rows // a.shape[0]), axis=0)  # 8-step checkpoint -> 16 slots
+            out[f"{p}.self_attn.{name}.weight"] = a
+        norm(f"{p}.norm1.alpha", f"{p}.norm1.weight")
+        norm(f"{p}.norm2.alpha", f"{p}.norm2.weight")
+        for n in ("linear_in", "linear_out"):
+            if S == 1 and f"{p}.gating.{n}.weight" in w:
+                out[f"{p}.gating.{n}.weight"] = w.pop(f"{p}.gating.{n}.weight")
+                continue
+            parts = []
+            for s in range(S):
+                src = s
+                while (j, src, n) not in gat and src >= 8:
+                    src -= 8
+                if (j, src, n) not in gat:
+                    raise CorruptCheckpoint(f"LM checkpoint is missing {p}.gating.{s}.{n}.weight")
+                parts.append(gat[(j, src, n)])
+            out[f"{p}.gating.{n}.weight"] = mx.concatenate(parts, axis=0)
+    leftover = sorted(k for k in w if not (_STEP_KEY.match(k) or _GATING_KEY.match(k)))
+    if leftover:
+        raise CorruptCheckpoint(f"LM checkpoint has unexpected keys for this config: {leftover[:8]}"
+                                f"{' ...' if len(leftover) > 8 else ''}")
+    return out
+
+
+def random_state_dict(config: LmConfig | None = None, seed: int = 0) -> dict:
+    """Deterministic random fp32 weights in the reference (PersonaPlex) key names and shapes."""
+    c = config or LmConfig.tiny()
+    rng = np.random.default_rng(seed)
+    sd = {}
+
+    def lin(out_dim, in_dim):
+        return (rng.standard_normal((out_dim, in_dim), dtype=np.float32) / math.sqrt(in_dim)).astype(np.float32)
+
+    def alpha(d):
+        return (1.0 + 0.1 * rng.standard_normal((1, 1, d))).astype(np.float32)
+
+    def table(rows, d):
+        return rng.standard_normal((rows, d), dtype=np.float32)
+
+    D, Dd, S = c.dim, c.depformer_dim, c.depformer_slots
+    sd["text_emb.weight"] = table(c.text_card + 1, D)
+    for q in range(c.n_q):
+        sd[f"emb.{q}.weight"] = table(c.card + 1, D)
+    for i in range(c.num_layers):
+        p = f"transformer.layers.{i}"
+        sd[f"{p}.self_attn.in_proj_weight"] = lin(3 * D, D)
+        sd[f"{p}.self_attn.out_proj.weight"] = lin(D, D)
+        sd[f"{p}.norm1.alpha"] = alpha(D)
+        sd[f"{p}.norm2.alpha"] = alpha(D)
+        sd[f"{p}.gating.linear_in.weight"] = lin(2 * c.hidden, D)
+        sd[f"{p}.gating.linear_out.weight"] = lin(D, c.hidden)
+    sd["out_norm.alpha"] = alpha(D)
+    sd["text_linear.weight"] = 3.0 * lin(c.text_out, D)
+    for s in range(c.depformer_in_slots):
+        sd[f"depformer_in.{s}.weight"] = lin(Dd, D)
+    sd["depformer_text_emb.weight"] = table(c.text_card + 1, Dd)
+    for s in range(c.dep_q - 1):
+        sd[f"depformer_emb.{s}.weight"] = table(c.card + 1, Dd)
+    for j in range(c.depformer_num_layers):
+        p = f"depformer.layers.{j}"
+        sd[f"{p}.self_attn.in_proj_weight"] = np.concatenate([lin(3 * Dd, Dd) for _ in range(S)])
+        sd[f"{p}.self_attn.out_proj.weight"] = np.concatenate([lin(Dd, Dd) for _ in range(S)])
+        sd[f"{p}.norm1.alpha"] = alpha(Dd)
+        sd[f"{p}.norm2.alpha"] = alpha(Dd)
+        for s in range(S):
+            g = f"{p}.gating.{s}" if c.depformer_weights_per_step else f"{p}.gating"
+            sd[f"{g}.linear_in.weight"] = lin(2 * c.depformer_hidden, Dd)
+            sd[f"{g}.linear_out.weight"] = lin(Dd, c.depformer_hidden)
+    for s in range(c.dep_q):
+        sd[f"linears.{s}.weight"] = 3.0 * lin(c.card, Dd)
+    return sd
