@@ -91,9 +91,11 @@ class LmConfig:
     @classmethod
     def tiny(cls) -> "LmConfig":
         """The PersonaPlex structure (17 streams, delays, dep_q 16, card 2048, context 3000) with
-        small widths, and a 1000-piece text vocabulary (the tiny SentencePiece model)."""
-        return cls(dim=128, num_heads=4, num_layers=2, text_card=1000, depformer_dim=64,
-                   depformer_num_heads=4, depformer_num_layers=2, depformer_dim_feedforward=264)
+        small widths, and a 1000-piece text vocabulary (the tiny SentencePiece model). Widths are
+        chosen so every matrix quantizes with group size 64 (gating hidden 384 / 192)."""
+        return cls(dim=128, num_heads=4, num_layers=2, hidden_scale=4.5, text_card=1000,
+                   depformer_dim=64, depformer_num_heads=4, depformer_num_layers=2,
+                   depformer_dim_feedforward=288)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LmConfig":
