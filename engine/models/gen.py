@@ -1,0 +1,519 @@
+"""The generator: token ring, delays, prompt phases, sampling, one 12.5 Hz step.
+
+Semantics follow PersonaPlex's own `LMGen` (github NVIDIA/personaplex, moshi/moshi/models/lm.py;
+spec sections 4-5), not PyPI moshi's:
+
+- A ring of CT = max_delay + 3 token columns per stream (17 streams: text, 8 agent, 8 user).
+  A token of stream k supplied at call `offset` lands in column (offset + delay_k) % CT.
+- The first call (offset 0) runs no model and returns None; so does the second (offset <= max_delay).
+- Call `offset` feeds column (offset-1) % CT to the temporal transformer and predicts column offset % CT:
+  text first, then the depformer walks codebooks 0..dep_q-1, each conditioned on the previous stream's
+  token - the *provided* one where the caller forced it (teacher forcing), else the sampled one.
+- Output is the undelayed frame: stream k read at column (offset - max_delay + delay_k) % CT, so agent
+  codebooks 1..7 of a frame come from the call after the one that sampled codebook 0.
+
+Which cells are "provided" depends only on which arguments were passed, never on token values, so the
+flags live on the host (numpy) and a step needs no device->host sync at all.
+
+Depformer modes: "exact" runs all dep_q steps like the reference; "live" (default) skips the steps that
+predict the user's codebooks whenever those are provided (always, with a microphone): they cannot change
+any agent token. Every sampling site draws from its own key (split per frame, one sub-key per site),
+so live and exact give the same agent tokens even when sampling, not only when greedy.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import ConfigError
+
+# Mimi codes of a silent frame and of a 440 Hz sine frame (reference constants, spec section 3).
+SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
+SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
+TEXT_PAD = 3             # text id fed during every prompt phase except the text prompt
+UNGENERATED = -2         # ring cells not written yet
+SILENCE_FRAMES = 6       # int(0.5 s * 12.5 Hz), as the reference server/offline runner use
+_PREFILL_CHUNK = 64      # temporal prefill chunk (steps)
+
+__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen",
+           "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Temperature + top-k for text and audio (reference defaults); greedy = argmax everywhere.
+    A temperature of 0 is greedy for that modality; top_k 0 means the whole vocabulary."""
+
+    temp_text: float = 0.7
+    top_k_text: int = 25
+    temp_audio: float = 0.8
+    top_k_audio: int = 250
+    greedy: bool = False
+
+    def __post_init__(self):
+        for name in ("temp_text", "temp_audio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise ConfigError(f"SamplingParams.{name}={v!r} must be a finite number >= 0")
+        for name in ("top_k_text", "top_k_audio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ConfigError(f"SamplingParams.{name}={v!r} must be an int >= 0 (0 = no top-k)")
+
+
+@dataclass
+class VoicePrompt:
+    """A voice for prompt phase 1, in one of the reference's two forms.
+
+    embeddings (N, D) float32 + cache (17, 4) int64: what a released `<NAME>.pt` voice holds (the summed
+    input embeddings of N voice steps and the token ring after them); replayed straight into the
+    temporal transformer, then the ring is restored. codes (8, N): agent Mimi codes of a wav voice,
+    stepped as agent tokens (`VoicePrompt.from_codes`).
+    """
+
+    embeddings: np.ndarray | None = None
+    cache: np.ndarray | None = None
+    codes: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.codes is not None:
+            if self.embeddings is not None or self.cache is not None:
+                raise ConfigError("VoicePrompt takes either codes or embeddings+cache, not both")
+            codes = np.asarray(self.codes)
+            if codes.ndim != 2 or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
+                raise ConfigError(f"VoicePrompt codes must be integer (codebooks, frames), "
+                                  f"got {codes.dtype} {codes.shape}")
+            self.codes = codes.astype(np.int64)
+            return
+        if self.embeddings is None or self.cache is None:
+            raise ConfigError("VoicePrompt needs embeddings (N, D) and cache (17, 4), or codes")
+        emb = np.asarray(self.embeddings, dtype=np.float32)
+        cache = np.asarray(self.cache)
+        if emb.ndim == 4 and emb.shape[1:3] == (1, 1):  # the .pt layout [N, 1, 1, D]
+            emb = emb[:, 0, 0]
+        if cache.ndim == 3 and cache.shape[0] == 1:      # the .pt layout [1, 17, 4]
+            cache = cache[0]
+        if emb.ndim != 2 or emb.shape[0] < 1:
+            raise ConfigError(f"VoicePrompt embeddings must be (N, D) with N >= 1, got {emb.shape}")
+        if not np.all(np.isfinite(emb)):
+            raise ConfigError("VoicePrompt embeddings contain NaN or inf")
+        if cache.ndim != 2 or not np.issubdtype(cache.dtype, np.integer):
+            raise ConfigError(f"VoicePrompt cache must be an integer (streams, columns) ring, "
+                              f"got {cache.dtype} {cache.shape}")
+        self.embeddings, self.cache = emb, cache.astype(np.int64)
+
+    @classmethod
+    def from_codes(cls, codes) -> "VoicePrompt":
+        """Voice from agent Mimi codes (num_codebooks, frames) of a wav voice prompt."""
+        return cls(codes=np.asarray(codes))
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.codes.shape[1]) if self.codes is not None else int(self.embeddings.shape[0])
+
+
+@dataclass
+class StepOutput:
+    """One undelayed frame: text (B,), agent_codes (B, 8), user_codes (B, 8), all int32 mx arrays."""
+
+    text: mx.array
+    agent_codes: mx.array
+    user_codes: mx.array
+
+
+@dataclass
+class GenState:
+    """Everything that changes during one batch of conversations.
+
+    tokens: (B, streams, CT) int32 ring (device); provided: (streams, CT) bool on the host (the same for
+    every batch row: it depends only on which arguments were given); offset: calls made so far;
+    cache: the temporal KV ring; key: the RNG key (split once per model call).
+    """
+
+    tokens: mx.array
+    provided: np.ndarray
+    offset: int
+    cache: object
+    key: mx.array
+    batch_size: int
+
+    def copy(self) -> "GenState":
+        """Independent snapshot (mx arrays are immutable values, so sharing them is safe)."""
+        return GenState(self.tokens, self.provided.copy(), self.offset, self.cache.copy(), self.key,
+                        self.batch_size)
+
+
+def _sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.array) -> mx.array:
+    """logits (B, V) -> tokens (B,) int32.
+
+    Sampling is the reference's "exponential race" argmax(p / E), E ~ Exp(1), over the top-k of
+    p = softmax(logits / temp); written as the equivalent Gumbel-max argmax(logits / temp + G), which
+    needs no softmax. Greedy (or temp 0) is argmax of the raw logits.
+    """
+    if greedy or temp <= 0:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    x = logits.astype(mx.float32) / temp
+    v = x.shape[-1]
+    if 0 < top_k < v:
+        kth = mx.min(mx.topk(x, top_k, axis=-1), axis=-1, keepdims=True)
+        x = mx.where(x >= kth, x, -mx.inf)
+    g = mx.random.gumbel(x.shape, key=key)
+    return mx.argmax(x + g, axis=-1).astype(mx.int32)
+
+
+def _as_codes(x, name: str, batch: int, n: int, card: int) -> mx.array:
+    """Validate (B, n) integer codes. Values are range-checked only for host arrays (no device sync)."""
+    if isinstance(x, mx.array):
+        if x.ndim == 3 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.shape != (batch, n) or not mx.issubdtype(x.dtype, mx.integer):
+            raise ConfigError(f"{name} must be integer ({batch}, {n}), got {x.dtype} {tuple(x.shape)}")
+        return x.astype(mx.int32)
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 1 and batch == 1 and a.shape[0] == n:
+        a = a[None]
+    if a.shape != (batch, n) or not np.issubdtype(a.dtype, np.integer):
+        raise ConfigError(f"{name} must be integer ({batch}, {n}), got {a.dtype} {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= card):
+        raise ConfigError(f"{name} has values outside 0..{card - 1} (min {a.min()}, max {a.max()})")
+    return mx.array(a.astype(np.int32))
+
+
+class LmGen:
+    """Generator over an `engine.models.lm.LM`. Holds no per-conversation state: see `new_state`."""
+
+    def __init__(self, lm, sampling: SamplingParams | None = None, depformer_mode: str = "live"):
+        if depformer_mode not in ("live", "exact"):
+            raise ConfigError(f"depformer_mode={depformer_mode!r} must be 'live' or 'exact'")
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise ConfigError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        self.lm, self.sampling, self.depformer_mode = lm, sampling, depformer_mode
+        c = self.config = lm.config
+        self.delays = tuple(c.delays)
+        self.max_delay = max(self.delays)
+        self.ct = self.max_delay + 3
+        self.num_streams = c.n_q + 1
+        self.n_cb = c.n_q // 2                       # codebooks per side (agent 1..n_cb, user n_cb+1..)
+        self.initial = np.array([c.text_card] + [c.card] * c.n_q, dtype=np.int32)
+        # Streams of one side grouped into runs of equal delay, for contiguous ring writes.
+        self._runs = {side: self._delay_runs(first) for side, first in (("agent", 1), ("user", 1 + self.n_cb))}
+
+    def _delay_runs(self, first: int) -> list[tuple[int, int, int]]:
+        runs, q = [], 0
+        while q < self.n_cb:
+            end = q + 1
+            while end < self.n_cb and self.delays[first + end] == self.delays[first + q]:
+                end += 1
+            runs.append((q, end, self.delays[first + q]))
+            q = end
+        return runs
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, batch_size: int = 1, seed: int | None = None) -> GenState:
+        """Fresh state for `batch_size` conversations; `seed` fixes sampling (None = random)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
+        if seed is None:
+            seed = secrets.randbits(63)
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed={seed!r} must be an int >= 0 or None")
+        b = int(batch_size)
+        tokens = mx.full((b, self.num_streams, self.ct), UNGENERATED, dtype=mx.int32)
+        return GenState(tokens, np.zeros((self.num_streams, self.ct), dtype=bool), 0,
+                        self.lm.make_cache(b), mx.random.key(int(seed)), b)
+
+    # ------------------------------------------------------------------ ring bookkeeping
+    def _put(self, tokens: mx.array, values: mx.array, stream: int, col: int) -> mx.array:
+        """tokens[:, stream:stream+n, col] = values (B, n)."""
+        return mx.slice_update(tokens, values[:, :, None], mx.array([stream, col], dtype=mx.int32), axes=(1, 2))
+
+    def _prepare(self, state: GenState, user, agent, text) -> bool:
+        """Reference `prepare_step_input` on the state: write supplied tokens at offset + delay, force the
+        initial token where offset <= delay. Returns False on the very first call (no model run)."""
+        o, ct = state.offset, self.ct
+        tokens = state.tokens
+        for side, codes in (("user", user), ("agent", agent)):
+            if codes is None:
+                continue
+            first = 1 if side == "agent" else 1 + self.n_cb
+            for q0, q1, d in self._runs[side]:
+                col = (o + d) % ct
+                tokens = self._put(tokens, codes[:, q0:q1], first + q0, col)
+                state.provided[first + q0:first + q1, col] = True
+        if text is not None:
+            col = (o + self.delays[0]) % ct
+            tokens = self._put(tokens, text[:, None], 0, col)
+            state.provided[0, col] = True
+        forced = [k for k, d in enumerate(self.delays) if o <= d]
+        if forced:
+            col = o % ct
+            init = np.where(np.isin(np.arange(self.num_streams), forced), self.initial, 0)
+            mask = np.zeros((self.num_streams, ct), dtype=bool)
+            mask[forced, col] = True
+            tokens = mx.where(mx.array(mask)[None], mx.array(init)[None, :, None], tokens)
+            state.provided[forced, col] = True
+        if o == 0:
+            # Whole column 0 becomes the initial tokens (the model's BOS input); nothing runs.
+            tokens = self._put(tokens, mx.broadcast_to(mx.array(self.initial)[None],
+                                                       (state.batch_size, self.num_streams)), 0, 0)
+            state.tokens = tokens
+            state.offset = 1
+            return False
+        state.tokens = tokens
+        return True
+
+    def _text_array(self, text_token, batch: int) -> mx.array:
+        if isinstance(text_token, mx.array):
+            if text_token.ndim == 0:
+                text_token = text_token.reshape(1)
+            if text_token.shape not in ((batch,), (1,)) or not mx.issubdtype(text_token.dtype, mx.integer):
+                raise ConfigError(f"text_token must be an int or integer ({batch},), got "
+                                  f"{text_token.dtype} {tuple(text_token.shape)}")
+            return mx.broadcast_to(text_token.astype(mx.int32), (batch,))
+        a = np.asarray(text_token)
+        if a.ndim == 0:
+            a = a.reshape(1)
+        if a.shape not in ((batch,), (1,)) or not np.issubdtype(a.dtype, np.integer):
+            raise ConfigError(f"text_token must be an int or integer ({batch},), got {text_token!r}")
+        if a.min() < 0 or a.max() > self.config.text_card:
+            raise ConfigError(f"text_token {a.tolist()} outside 0..{self.config.text_card}")
+        return mx.broadcast_to(mx.array(a.astype(np.int32)), (batch,))
+
+    # ------------------------------------------------------------------ one step
+    def step(self, state: GenState, user_codes=None, agent_codes=None, text_token=None,
+             probe: Callable[[str], None] | None = None) -> StepOutput | None:
+        """Advance every conversation of the batch by one 80 ms frame.
+
+        user_codes / agent_codes: (B, 8) Mimi codes (mx or numpy) forced into the user / agent streams;
+        text_token: int or (B,) forced text. Returns the undelayed frame, or None for the first two calls.
+        probe(stage), if given, is called after "temporal" and "depformer" with that stage evaluated.
+        """
+        b, card = state.batch_size, self.config.card
+        user = None if user_codes is None else _as_codes(user_codes, "user_codes", b, self.n_cb, card)
+        agent = None if agent_codes is None else _as_codes(agent_codes, "agent_codes", b, self.n_cb, card)
+        text = None if text_token is None else self._text_array(text_token, b)
+        return self._step(state, user, agent, text, None, probe)
+
+    def _step(self, state: GenState, user, agent, text, embedding, probe) -> StepOutput | None:
+        if not self._prepare(state, user, agent, text):
+            if embedding is None:
+                return None
+            # Reference `step_embeddings`: the call at offset 0 is retried with the same dummy tokens.
+            self._prepare(state, user, agent, text)
+        c, ct, o = self.config, self.ct, state.offset
+        in_col, tgt_col = (o - 1) % ct, o % ct
+        prov = state.provided[:, tgt_col].copy()
+        self._check_known(state, in_col)
+        target = state.tokens[:, :, tgt_col]                                # (B, streams)
+        if embedding is None:
+            x = self.lm.embed(state.tokens[:, :, in_col:in_col + 1])
+        else:
+            x = mx.broadcast_to(embedding.astype(self.lm.dtype)[None, None], (state.batch_size, 1, c.dim))
+        h, text_logits = self.lm.temporal(x, state.cache)
+        h, text_logits = h[:, 0], text_logits[:, 0]
+
+        state.key, sub = mx.random.split(state.key)
+        keys = mx.random.split(sub, 1 + c.dep_q)
+        sp = self.sampling
+        sampled_text = _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, keys[0])
+        if probe is not None:
+            mx.eval(h, sampled_text)
+            probe("temporal")
+
+        n_steps = c.dep_q
+        if self.depformer_mode == "live":
+            # Steps that predict provided streams beyond the agent's codebooks cannot affect anything.
+            while n_steps > self.n_cb and prov[n_steps]:
+                n_steps -= 1
+        prev = target[:, 0] if prov[0] else sampled_text
+        dc = self.lm.make_depformer_cache(state.batch_size)
+        new_col = [target[:, 0] if prov[0] else sampled_text]
+        for s in range(n_steps):
+            logits = self.lm.depformer_step(s, h, prev, dc)
+            tok = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, keys[1 + s])
+            prev = target[:, s + 1] if prov[s + 1] else tok
+            new_col.append(prev)
+        new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
+        if probe is not None:
+            mx.eval(new_col)
+            probe("depformer")
+
+        state.provided[:, in_col] = False
+        if not prov.all():
+            state.tokens = self._put(state.tokens, mx.stack(new_col, axis=1), 0, tgt_col)
+        if o <= self.max_delay:
+            state.offset += 1
+            mx.async_eval(state.tokens, state.key)
+            return None
+        idx = [(o - self.max_delay + d) % ct for d in self.delays]
+        out = state.tokens[:, mx.arange(self.num_streams), mx.array(idx)]  # (B, streams)
+        state.offset += 1
+        res = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
+        mx.async_eval(state.tokens, state.key, res.text, res.agent_codes, res.user_codes)
+        return res
+
+    def _check_known(self, state: GenState, in_col: int) -> None:
+        # With dep_q < n_q the depformer never samples streams dep_q+1.., so they must be supplied.
+        c = self.config
+        if c.dep_q < c.n_q and not state.provided[c.dep_q + 1:, in_col].all() and state.offset > 1:
+            raise ConfigError(f"this model generates only {c.dep_q} audio streams: pass user_codes "
+                              "on every step")
+
+    # ------------------------------------------------------------------ prompt phases
+    def _prompt_calls(self, voice: VoicePrompt | None, text_tokens, silence_frames: int):
+        """The reference's prompt call sequence as (user, agent, text, embedding index | None)."""
+        sine, silence = np.array(SINE_TOKENS), np.array(SILENCE_TOKENS)
+        calls = []
+        if voice is not None and voice.codes is not None:
+            calls += [(sine, voice.codes[:, i], TEXT_PAD, None) for i in range(voice.num_frames)]
+        elif voice is not None:
+            dummy = np.full(self.n_cb, self.config.card)
+            calls += [(dummy, dummy, TEXT_PAD, i) for i in range(voice.num_frames)]
+        calls += [(sine, silence, TEXT_PAD, None)] * silence_frames
+        calls += [(sine, silence, int(t), None) for t in text_tokens]
+        calls += [(sine, silence, TEXT_PAD, None)] * silence_frames
+        return calls
+
+    def _validate_prompts(self, state, voice, text_tokens, silence_frames):
+        c = self.config
+        if not isinstance(state, GenState):
+            raise ConfigError(f"state must come from LmGen.new_state, got {type(state).__name__}")
+        if voice is not None and not isinstance(voice, VoicePrompt):
+            raise ConfigError(f"voice must be a VoicePrompt or None, got {type(voice).__name__}")
+        if voice is not None and voice.codes is not None:
+            codes = voice.codes
+            if codes.shape[0] != self.n_cb or codes.min() < 0 or codes.max() >= c.card:
+                raise ConfigError(f"voice codes must be ({self.n_cb}, N) in 0..{c.card - 1}, got shape "
+                                  f"{codes.shape}, range {codes.min()}..{codes.max()}")
+        elif voice is not None:
+            if voice.embeddings.shape[1] != c.dim:
+                raise ConfigError(f"voice embeddings have width {voice.embeddings.shape[1]}, this model "
+                                  f"needs {c.dim} (a voice made for another model?)")
+            if voice.cache.shape != (self.num_streams, self.ct):
+                raise ConfigError(f"voice cache has shape {voice.cache.shape}, expected "
+                                  f"({self.num_streams}, {self.ct})")
+        text_tokens = [] if text_tokens is None else list(text_tokens)
+        for t in text_tokens:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < c.text_card:
+                raise ConfigError(f"text prompt token {t!r} outside 0..{c.text_card - 1}")
+        if isinstance(silence_frames, bool) or not isinstance(silence_frames, int) or silence_frames < 0:
+            raise ConfigError(f"silence_frames={silence_frames!r} must be an int >= 0")
+        return text_tokens
+
+    def run_prompts(self, state: GenState, voice: VoicePrompt | None = None, text_tokens=None,
+                    silence_frames: int = SILENCE_FRAMES, batched: bool = True) -> None:
+        """Prompt phases: voice, silence, text prompt, silence (all streams forced, outputs discarded).
+
+        batched=True prefills the temporal transformer in chunks (one model call for the whole prompt
+        when it fits the context); the token ring, flags, offset and RNG key end up exactly as with
+        batched=False, which steps one call at a time like the reference. An empty text prompt skips
+        phase 3 (the reference crashes there).
+        """
+        text_tokens = self._validate_prompts(state, voice, text_tokens, silence_frames)
+        calls = self._prompt_calls(voice, text_tokens, silence_frames)
+        emb = None if voice is None or voice.embeddings is None else mx.array(voice.embeddings)
+        n_voice_calls = voice.num_frames if voice is not None else 0
+        if not batched:
+            for i, (u, a, t, e) in enumerate(calls):
+                self._step(state, mx.array(u[None].astype(np.int32)), mx.array(a[None].astype(np.int32)),
+                           mx.array([t], dtype=mx.int32), None if e is None else emb[e], None)
+                if i == n_voice_calls - 1 and voice is not None and voice.cache is not None:
+                    self._restore_ring(state, voice.cache)
+                mx.eval(state.tokens)
+            return
+        self._prefill(state, calls, emb, voice, n_voice_calls)
+
+    def _restore_ring(self, state: GenState, ring: np.ndarray) -> None:
+        # Reference: `state.cache.copy_(voice_prompt_cache)`: tokens only, flags untouched.
+        state.tokens = mx.broadcast_to(mx.array(ring.astype(np.int32))[None], state.tokens.shape)
+
+    def _simulate(self, ring, provided, o, calls, voice, n_voice_calls):
+        """Run the reference's token bookkeeping for forced calls on host arrays (in place).
+        Returns (inputs, offset): per model call its input ring column (B, streams) or, for a replayed
+        voice embedding, the embedding index."""
+        ct = self.ct
+        inputs: list = []
+        for i, (u, a, t, e) in enumerate(calls):
+            while True:
+                for side, codes in (("user", u), ("agent", a)):
+                    first = 1 if side == "agent" else 1 + self.n_cb
+                    for q0, q1, d in self._runs[side]:
+                        ring[:, first + q0:first + q1, (o + d) % ct] = codes[q0:q1]
+                        provided[first + q0:first + q1, (o + d) % ct] = True
+                ring[:, 0, (o + self.delays[0]) % ct] = t
+                provided[0, (o + self.delays[0]) % ct] = True
+                for k, d in enumerate(self.delays):
+                    if o <= d:
+                        ring[:, k, o % ct] = self.initial[k]
+                        provided[k, o % ct] = True
+                if o == 0:
+                    ring[:, :, 0] = self.initial
+                    o = 1
+                    if e is not None:  # step_embeddings retries the first call
+                        continue
+                    break
+                in_col, tgt_col = (o - 1) % ct, o % ct
+                if not provided[:, tgt_col].all():
+                    raise AssertionError("prompt step with a stream that is not forced")
+                inputs.append(e if e is not None else ring[:, :, in_col].copy())
+                provided[:, in_col] = False
+                o += 1
+                break
+            if i == n_voice_calls - 1 and voice is not None and voice.cache is not None:
+                ring[:] = voice.cache[None]
+        return inputs, o
+
+    def _prefill(self, state, calls, emb, voice, n_voice_calls) -> None:
+        """Simulate the ring on the host (every stream is forced, so no token depends on the model),
+        collect each model call's input, then run the temporal transformer over them in chunks.
+        The depformer is skipped: with every target stream provided, nothing it samples is kept."""
+        ring = np.array(state.tokens)                       # one sync, before any model work
+        b = state.batch_size
+        inputs, o = self._simulate(ring, state.provided, state.offset, calls, voice, n_voice_calls)
+        # Embed the token columns in one go; voice embeddings are used as they are.
+        tok_idx = [j for j, x in enumerate(inputs) if not isinstance(x, int)]
+        xs = [None] * len(inputs)
+        if tok_idx:
+            cols = np.stack([inputs[j] for j in tok_idx], axis=-1).astype(np.int32)  # (B, streams, T)
+            embedded = self.lm.embed(mx.array(cols))                             # (B, T, D)
+            for n, j in enumerate(tok_idx):
+                xs[j] = embedded[:, n]
+        for j, x in enumerate(inputs):
+            if isinstance(x, int):
+                xs[j] = mx.broadcast_to(emb[x].astype(self.lm.dtype)[None], (b, self.config.dim))
+        key = state.key
+        for _ in inputs:
+            key, _sub = mx.random.split(key)
+        # Chunks must not wrap the KV ring (a chunk may not overwrite keys its first query still sees).
+        cache, ctx, start = state.cache, self.config.context, 0
+        while start < len(xs):
+            pos = cache.step
+            n = min(_PREFILL_CHUNK, len(xs) - start, ctx - pos) if pos < ctx else 1
+            x = mx.stack(xs[start:start + n], axis=1)
+            self.lm.temporal(x, cache)
+            mx.eval(cache.arrays())
+            start += n
+        state.tokens = mx.array(ring.astype(np.int32))
+        state.offset, state.key = o, key
+        mx.eval(state.tokens, state.key)
+
+    def voice_prompt_from_codes(self, codes) -> VoicePrompt:
+        """Turn a wav voice's agent codes (8, N) into the embeddings+cache form a `.pt` voice holds
+        (the reference's `save_voice_prompt_embeddings`): N-1 summed input embeddings and the ring."""
+        voice = VoicePrompt.from_codes(codes)
+        self._validate_prompts(GenState.__new__(GenState), voice, [], 0)
+        calls = self._prompt_calls(voice, [], 0)
+        ring = np.full((1, self.num_streams, self.ct), UNGENERATED, dtype=np.int64)
+        provided = np.zeros((self.num_streams, self.ct), dtype=bool)
+        cols, _ = self._simulate(ring, provided, 0, calls, None, 0)
+        if not cols:
+            raise ConfigError("a voice prompt needs at least 2 frames of codes")
+        x = self.lm.embed(mx.array(np.stack(cols, axis=-1).astype(np.int32)))
+        return VoicePrompt(embeddings=np.array(x[0].astype(mx.float32)), cache=ring[0].astype(np.int64))
