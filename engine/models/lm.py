@@ -451,7 +451,11 @@ class LM(nn.Module):
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise CorruptCheckpoint(f"LM weight {k!r} has shape {tuple(v.shape)}, expected "
                                         f"{tuple(expected[k].shape)} for this config")
-            items.append((k, v.astype(self.dtype)))
+            if mx.issubdtype(v.dtype, mx.floating) and v.dtype != self.dtype:
+                v = v.astype(self.dtype)
+            elif v.dtype != expected[k].dtype:
+                raise CorruptCheckpoint(f"LM weight {k!r} has dtype {v.dtype}, expected {expected[k].dtype}")
+            items.append((k, v))
         self.load_weights(items, strict=True)
         mx.eval(self.parameters())
 
