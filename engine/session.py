@@ -1,0 +1,661 @@
+"""The 12.5 Hz full-duplex loop: rings -> AEC -> Mimi encode -> LM step -> Mimi decode -> ring.
+
+Two objects live here:
+
+- `FrameProcessor` does the model side of one 80 ms frame (1920 samples in, 1920 out). It owns the
+  per-conversation state (Mimi streaming state, generator state with KV cache and token ring, AEC
+  state) and must only be used on the model worker thread.
+- `DuplexSession` runs the loop on the worker thread against a source (PortAudio device, wav file,
+  numpy array, callback) and a sink, paced by the source's clock, with counters and live stats.
+
+Deadline policy (`deadline_policy`), applied when the loop finds more than one frame of captured
+audio waiting (it ran late):
+- "catch_up" (default): process every waiting frame back to back. Nothing is dropped; the agent's
+  voice arrives late by the backlog and the playback ring may underrun meanwhile (the output
+  callback plays silence and counts it). If the backlog exceeds `max_backlog_frames`, the oldest
+  frames beyond it are dropped as under "drop".
+- "drop": keep only the newest frame and discard the older ones; each discarded frame is counted in
+  `dropped_input_frames` and its samples in `dropped_input_samples`. Latency stays bounded.
+Either way a step that takes longer than the frame period is counted in `deadline_misses`.
+
+Clock drift between capture and playback devices: the loop produces exactly one output frame per
+captured frame, so a playback device that runs slower than the capture device fills its ring. When
+the playback ring holds more than `prebuffer_frames + drift_margin_frames` frames, the loop skips
+pushing one output frame (counted in `drift_skipped_frames`). A faster playback device underruns
+(counted by the ring). The capture ring cannot grow without bound: the loop consumes it at the
+capture rate, and the drop policy bounds any backlog.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import AudioFormatError, ConfigError, EngineError
+
+FRAME = 1920
+SAMPLE_RATE = 24000
+FRAME_SECONDS = FRAME / SAMPLE_RATE
+
+STAGES = ("capture_wait", "aec", "mimi_encode", "temporal", "depformer", "mimi_decode",
+          "playback_push", "step")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step timing (cheap when off)
+# ----------------------------------------------------------------------------------------------
+class StageTimer:
+    """Collects per-stage durations of each step when enabled; a no-op otherwise.
+
+    With `sync=True` the model stages are evaluated (mx.eval) at each mark so the time of each stage
+    is its own; that adds a few host syncs per step, which is why it is off in normal runs.
+    """
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.records: list[dict[str, float]] = []
+        self._current: dict[str, float] | None = None
+        self._t = 0.0
+
+    def begin(self) -> None:
+        if self.enabled:
+            self._current = {}
+            self._t = time.perf_counter()
+
+    def mark(self, stage: str, *arrays: Any) -> None:
+        if not self.enabled or self._current is None:
+            return
+        if arrays:
+            import mlx.core as mx
+            mx.eval(*arrays)
+        now = time.perf_counter()
+        self._current[stage] = self._current.get(stage, 0.0) + (now - self._t) * 1e3
+        self._t = now
+
+    def end(self, **extra: float) -> None:
+        if self.enabled and self._current is not None:
+            self._current.update(extra)
+            self.records.append(self._current)
+            self._current = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model side of one frame
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FrameResult:
+    audio: np.ndarray             # (1920,) float32, the agent's voice for this frame
+    text_token: int | None        # sampled text id (None before the delays allow output)
+    text: str                     # its piece ("" for padding / silent ids)
+    step_ms: float                # model time of this frame (AEC + encode + step + decode)
+
+
+class FrameProcessor:
+    """One conversation's model state; `process(mic, far)` advances it by one 80 ms frame.
+
+    Worker thread only. `model` is a loaded `engine.api.PersonaPlex`.
+    """
+
+    def __init__(self, model, voice: str = "NATM0", system_prompt: str | None = None,
+                 seed: int | None = None, aec=None, timer: StageTimer | None = None):
+        self.model = model
+        self.voice = voice
+        self.system_prompt = system_prompt
+        self.seed = seed
+        self.aec = aec
+        self.timer = timer or StageTimer(False)
+        self.frames = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """New conversation: fresh prompt state (from the model's prompt cache), Mimi and AEC state."""
+        self.gen_state = self.model._prompted_state(self.voice, self.system_prompt, self.seed)
+        self.mimi_state = self.model.mimi.make_state(1)
+        if self.aec is not None:
+            self.aec.reset()
+        self.frames = 0
+
+    def process(self, mic: np.ndarray, far: np.ndarray | None = None) -> FrameResult:
+        import mlx.core as mx
+
+        t0 = time.perf_counter()
+        tm = self.timer
+        if self.aec is not None and far is not None:
+            mic = self.aec.process(mic, far)
+        tm.mark("aec")
+        x = mx.array(np.ascontiguousarray(mic, dtype=np.float32).reshape(1, 1, FRAME))
+        codes = self.model.mimi.encode_step(x, self.mimi_state)          # (1, K, 1)
+        tm.mark("mimi_encode", codes)
+        user = codes[:, : self.model.lm_codebooks, 0]
+        probe = (lambda stage: tm.mark(stage)) if tm.enabled else None
+        out = self.model.gen.step(self.gen_state, user_codes=user, probe=probe)
+        if out is None:
+            audio = np.zeros(FRAME, np.float32)
+            token = None
+            tm.mark("mimi_decode")
+        else:
+            pcm = self.model.mimi.decode_step(out.agent_codes[:, :, None], self.mimi_state)
+            mx.eval(pcm, out.text)
+            audio = np.array(pcm, dtype=np.float32).reshape(-1)
+            token = int(np.array(out.text).reshape(-1)[0])
+            tm.mark("mimi_decode")
+        self.frames += 1
+        text = self.model.decode_text(token) if token is not None else ""
+        return FrameResult(audio, token, text, (time.perf_counter() - t0) * 1e3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources and sinks
+# ----------------------------------------------------------------------------------------------
+class Source:
+    """Where microphone audio comes from. `read(n)` returns up to n new samples (float32, 24 kHz)."""
+
+    realtime = False          # True when the source runs on its own clock (a device)
+    ring = None               # capture RingBuffer if any (stats)
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def available(self) -> int:
+        raise NotImplementedError
+
+    def read(self, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+
+class Sink:
+    """Where the agent's audio goes."""
+
+    ring = None
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def write(self, frame: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def fill(self) -> int:
+        """Samples queued but not yet played (0 for file/array sinks)."""
+        return 0
+
+
+class ArraySource(Source):
+    """Audio from a numpy array (or a wav file loaded into one). Paced by the wall clock when
+    `realtime` is true, else as fast as possible. The tail is padded to a whole frame."""
+
+    def __init__(self, audio: np.ndarray, realtime: bool = False):
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        pad = (-len(audio)) % FRAME
+        self.audio = np.concatenate([audio, np.zeros(pad, np.float32)]) if pad else audio
+        self.pos = 0
+        self.realtime = realtime
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+
+    def available(self) -> int:
+        left = len(self.audio) - self.pos
+        if not self.realtime:
+            return left
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        produced = int((time.monotonic() - self._t0) * SAMPLE_RATE)
+        return max(0, min(left, produced - self.pos))
+
+    def read(self, n: int) -> np.ndarray:
+        n = min(n, len(self.audio) - self.pos)
+        out = self.audio[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.audio)
+
+
+class CallbackSource(Source):
+    """Pull audio from a user callback `fn(n) -> np.ndarray | None` (None ends the session)."""
+
+    def __init__(self, fn: Callable[[int], np.ndarray | None]):
+        self.fn = fn
+        self._buf = np.zeros(0, np.float32)
+        self._done = False
+
+    def available(self) -> int:
+        if len(self._buf) < FRAME and not self._done:
+            block = self.fn(FRAME)
+            if block is None:
+                self._done = True
+            else:
+                self._buf = np.concatenate([self._buf, np.asarray(block, np.float32).reshape(-1)])
+        return len(self._buf) if (len(self._buf) >= FRAME or self._done) else 0
+
+    def read(self, n: int) -> np.ndarray:
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return self._done and len(self._buf) == 0
+
+
+class ListSink(Sink):
+    """Collects output frames in memory (`.audio()` concatenates them)."""
+
+    def __init__(self):
+        self.frames: list[np.ndarray] = []
+
+    def write(self, frame: np.ndarray) -> None:
+        self.frames.append(np.array(frame, np.float32, copy=True))
+
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.frames) if self.frames else np.zeros(0, np.float32)
+
+
+class WavSink(ListSink):
+    """Writes the output to a 24 kHz mono wav file when the session stops."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def stop(self) -> None:
+        from .audio.wav import write_wav
+        write_wav(self.path, self.audio(), SAMPLE_RATE)
+
+
+class CallbackSink(Sink):
+    def __init__(self, fn: Callable[[np.ndarray], None]):
+        self.fn = fn
+
+    def write(self, frame: np.ndarray) -> None:
+        self.fn(frame)
+
+
+class DeviceIO(Source, Sink):
+    """PortAudio input + output through two lock-free rings (callbacks copy only)."""
+
+    realtime = True
+
+    def __init__(self, input_device=None, output_device=None, blocksize: int = 480,
+                 ring_seconds: float = 2.0):
+        from .audio.io import open_duplex
+        from .audio.ring import RingBuffer
+
+        cap = 1 << int(np.ceil(np.log2(ring_seconds * SAMPLE_RATE)))
+        self.ring = RingBuffer(cap)                      # capture: refuse new samples on overflow
+        self.play_ring = RingBuffer(cap)
+        self.stream = open_duplex(self.ring, self.play_ring, input_device=input_device,
+                                  output_device=output_device, blocksize=blocksize)
+        self.captured_total = 0
+
+    def start(self) -> None:
+        self.stream.start()
+
+    def stop(self) -> None:
+        self.stream.stop()
+        self.stream.close()
+
+    def available(self) -> int:
+        return self.ring.available_read
+
+    def read(self, n: int) -> np.ndarray:
+        out = self.ring.read(n)
+        self.captured_total += len(out)
+        return out
+
+    def write(self, frame: np.ndarray) -> None:
+        self.play_ring.write(np.ascontiguousarray(frame, np.float32))
+
+    def fill(self) -> int:
+        return self.play_ring.available_read
+
+    def latency_samples(self) -> int:
+        lat = getattr(self.stream, "latencies", None)
+        lat = lat() if callable(lat) else lat
+        if not lat:
+            return 0
+        return int(sum(lat) * SAMPLE_RATE)
+
+
+def make_source(source, realtime: bool) -> Source:
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, np.ndarray):
+        return ArraySource(source, realtime=realtime)
+    if callable(source):
+        return CallbackSource(source)
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        from .audio.wav import load_audio
+        audio, _ = load_audio(source)
+        return ArraySource(audio, realtime=realtime)
+    raise ConfigError(f"unsupported source {type(source).__name__}: pass 'device', a wav path, "
+                      "a numpy array, a callable fn(n) -> samples, or a Source")
+
+
+def make_sink(sink) -> Sink:
+    if sink is None:
+        return ListSink()
+    if isinstance(sink, Sink):
+        return sink
+    if callable(sink):
+        return CallbackSink(sink)
+    if isinstance(sink, (str, bytes)) or hasattr(sink, "__fspath__"):
+        return WavSink(sink)
+    raise ConfigError(f"unsupported sink {type(sink).__name__}: pass 'device', a wav path, "
+                      "a callable fn(frame), a Sink, or None (collect in memory)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The session
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Event:
+    kind: str                  # "text" | "state" | "stats" | "error"
+    value: Any
+    frame: int
+    time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SessionStats:
+    frames: int = 0
+    step_ms_p50: float = 0.0
+    step_ms_p99: float = 0.0
+    step_ms_max: float = 0.0
+    deadline_misses: int = 0
+    late_frames: int = 0
+    dropped_input_frames: int = 0
+    dropped_input_samples: int = 0
+    drift_skipped_frames: int = 0
+    capture_fill: int = 0
+    playback_fill: int = 0
+    capture_overflow: int = 0
+    playback_underrun: int = 0
+    samples_in: int = 0
+    samples_out: int = 0
+    events_dropped: int = 0
+    aec: bool = False
+    state: str = "idle"
+
+    def health_line(self) -> str:
+        return (f"step {self.step_ms_p50:5.1f}/{self.step_ms_p99:5.1f} ms p50/p99 | misses {self.deadline_misses}"
+                f" | mic buf {self.capture_fill / SAMPLE_RATE * 1e3:4.0f} ms | out buf "
+                f"{self.playback_fill / SAMPLE_RATE * 1e3:4.0f} ms | underrun {self.playback_underrun}"
+                f" | overflow {self.capture_overflow} | dropped {self.dropped_input_frames}")
+
+
+class DuplexSession:
+    """An embeddable full-duplex conversation.
+
+    >>> with model.session(source="device", sink="device", voice="NATF2") as s:
+    ...     for ev in s.events():
+    ...         if ev.kind == "text": print(ev.value, end="")
+
+    `source`: "device" (PortAudio input), a wav path, a numpy array (24 kHz mono float32), a callable
+    `fn(n) -> samples | None`, or a `Source`. `sink`: "device", a wav path, a callable `fn(frame)`,
+    a `Sink`, or None (kept in memory, see `output_audio()`). File and array sources run in real time
+    when `realtime=True`, else as fast as possible.
+    """
+
+    def __init__(self, model, *, source="device", sink="device", voice: str = "NATM0",
+                 system_prompt: str | None = None, seed: int | None = None, aec: bool | None = None,
+                 deadline_policy: str = "catch_up", max_backlog_frames: int = 5,
+                 prebuffer_frames: int = 1, drift_margin_frames: int = 3, realtime: bool | None = None,
+                 input_device=None, output_device=None, blocksize: int = 480,
+                 max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
+                 profile: bool = False, event_queue_size: int = 1024):
+        if deadline_policy not in ("catch_up", "drop"):
+            raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
+        if max_backlog_frames < 1:
+            raise ConfigError(f"max_backlog_frames={max_backlog_frames}: must be >= 1")
+        self.model = model
+        self.voice, self.system_prompt, self.seed = voice, system_prompt, seed
+        model._check_voice(voice)
+        device = None
+        if source == "device" or sink == "device":
+            device = DeviceIO(input_device=input_device, output_device=output_device,
+                              blocksize=blocksize)
+        if source == "device":
+            self.source: Source = device
+        else:
+            self.source = make_source(source, realtime=bool(realtime))
+        self.sink: Sink = device if sink == "device" else make_sink(sink)
+        self.device = device
+        self.aec_enabled = (source == "device" and sink == "device") if aec is None else bool(aec)
+        self.policy = deadline_policy
+        self.max_backlog = max_backlog_frames
+        self.prebuffer = prebuffer_frames
+        self.drift_margin = drift_margin_frames
+        self.max_frames = max_frames
+        self.on_text = on_text
+        self.timer = StageTimer(profile)
+        self._events: "queue.Queue[Event]" = queue.Queue(maxsize=event_queue_size)
+        self._stop = threading.Event()
+        self._reset_req = threading.Event()
+        self._future = None
+        self._stats = SessionStats(aec=self.aec_enabled)
+        self._step_ms: deque[float] = deque(maxlen=500)
+        self._stats_lock = threading.Lock()
+        self.transcript: list[str] = []
+        self._far_history = np.zeros(0, np.float32)
+        self.error: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "DuplexSession":
+        if self._future is not None:
+            raise EngineError("session already started; create a new DuplexSession or call reset()")
+        self._future = self.model.worker.submit(self._run)
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> SessionStats:
+        self._stop.set()
+        if self._future is not None:
+            try:
+                self._future.result(timeout=timeout)
+            except EngineError:
+                raise
+            except Exception:
+                pass
+        return self.stats()
+
+    def wait(self, timeout: float | None = None) -> SessionStats:
+        """Block until the source is exhausted (files/arrays) or `max_frames` were processed."""
+        if self._future is None:
+            raise EngineError("session not started")
+        self._future.result(timeout=timeout)
+        return self.stats()
+
+    def reset(self) -> None:
+        """Start a new conversation (fresh prompt state) without reloading weights."""
+        self._reset_req.set()
+
+    @property
+    def running(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def __enter__(self) -> "DuplexSession":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- outputs -------------------------------------------------------------------------------
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Iterate events (text pieces, state changes) until the session ends."""
+        while True:
+            try:
+                ev = self._events.get(timeout=0.1)
+            except queue.Empty:
+                if not self.running:
+                    return
+                continue
+            yield ev
+
+    def output_audio(self) -> np.ndarray:
+        if isinstance(self.sink, ListSink):
+            return self.sink.audio()
+        raise EngineError("output_audio() needs sink=None (in-memory sink)")
+
+    def stats(self) -> SessionStats:
+        with self._stats_lock:
+            s = SessionStats(**self._stats.__dict__)
+            times = np.array(self._step_ms) if self._step_ms else None
+        if times is not None:
+            s.step_ms_p50 = float(np.percentile(times, 50))
+            s.step_ms_p99 = float(np.percentile(times, 99))
+            s.step_ms_max = float(times.max())
+        src_ring = getattr(self.source, "ring", None)
+        if src_ring is not None:
+            s.capture_fill = src_ring.available_read
+            s.capture_overflow = src_ring.overflow_count
+        if self.device is not None:
+            s.playback_fill = self.device.play_ring.available_read
+            s.playback_underrun = self.device.play_ring.underrun_count
+        s.events_dropped = self._events_dropped
+        return s
+
+    _events_dropped = 0
+
+    def _emit(self, kind: str, value: Any, frame: int) -> None:
+        try:
+            self._events.put_nowait(Event(kind, value, frame))
+        except queue.Full:
+            self._events_dropped += 1
+
+    # -- the loop (worker thread) --------------------------------------------------------------
+    def _make_processor(self) -> FrameProcessor:
+        aec = None
+        if self.aec_enabled:
+            from .audio.aec import EchoCanceller
+            aec = EchoCanceller(sample_rate=SAMPLE_RATE)
+            if self.device is not None:
+                # Echo in the mic frame read now was played about (queued playback + device
+                # latencies) ago; the far-end we pass is the frame pushed one step earlier.
+                delay = self.prebuffer * FRAME + self.device.latency_samples() - FRAME
+                aec.set_delay(max(0, delay))
+        return FrameProcessor(self.model, self.voice, self.system_prompt, self.seed, aec=aec,
+                              timer=self.timer)
+
+    def _run(self) -> None:
+        st = self._stats
+        try:
+            st.state = "prompting"
+            self._emit("state", "prompting", 0)
+            proc = self._make_processor()
+            self.processor = proc
+            self.source.start()
+            if self.sink is not self.source:
+                self.sink.start()
+            silence = np.zeros(FRAME, np.float32)
+            for _ in range(self.prebuffer if self.source.realtime else 0):
+                self.sink.write(silence)
+            last_out = silence
+            st.state = "live"
+            self._emit("state", "live", 0)
+            period = FRAME_SECONDS
+            while not self._stop.is_set():
+                if self._reset_req.is_set():
+                    self._reset_req.clear()
+                    proc.reset()
+                    self._emit("state", "reset", st.frames)
+                if self.max_frames is not None and st.frames >= self.max_frames:
+                    break
+                self.timer.begin()
+                t_wait = time.perf_counter()
+                avail = self.source.available()
+                while avail < FRAME:
+                    if self.source.exhausted or self._stop.is_set():
+                        break
+                    time.sleep(0.002)
+                    avail = self.source.available()
+                if avail < FRAME:
+                    if avail > 0 and self.source.exhausted:
+                        pass  # partial tail: handled below by padding
+                    else:
+                        break
+                self.timer.mark("capture_wait")
+                backlog = avail // FRAME
+                if self.source.realtime and backlog > 1:
+                    st.late_frames += backlog - 1
+                    keep = 1 if self.policy == "drop" else self.max_backlog
+                    if backlog > keep:
+                        n_drop = (backlog - keep) * FRAME
+                        dropped = self.source.read(n_drop)
+                        with self._stats_lock:
+                            st.dropped_input_frames += backlog - keep
+                            st.dropped_input_samples += len(dropped)
+                            st.samples_in += len(dropped)
+                mic = self.source.read(FRAME)
+                st.samples_in += len(mic)
+                if len(mic) < FRAME:
+                    mic = np.concatenate([mic, np.zeros(FRAME - len(mic), np.float32)])
+                t0 = time.perf_counter()
+                res = proc.process(mic, last_out if proc.aec is not None else None)
+                t_push = time.perf_counter()
+                if (self.source.realtime and self.sink.fill() >
+                        (self.prebuffer + self.drift_margin) * FRAME):
+                    st.drift_skipped_frames += 1
+                else:
+                    self.sink.write(res.audio)
+                    st.samples_out += FRAME
+                last_out = res.audio
+                self.timer.mark("playback_push")
+                step_ms = (time.perf_counter() - t0) * 1e3
+                self.timer.end(step=step_ms, capture_wait_ms_total=(t0 - t_wait) * 1e3)
+                with self._stats_lock:
+                    st.frames += 1
+                    self._step_ms.append(step_ms)
+                    if step_ms > period * 1e3:
+                        st.deadline_misses += 1
+                if res.text:
+                    self.transcript.append(res.text)
+                    self._emit("text", res.text, st.frames)
+                    if self.on_text is not None:
+                        self.on_text(res.text)
+                _ = t_push
+        except BaseException as exc:  # noqa: BLE001 - surfaced through stop()/wait()/error
+            self.error = exc
+            st.state = "error"
+            self._emit("error", exc, st.frames)
+            raise
+        finally:
+            for part in {id(self.source): self.source, id(self.sink): self.sink}.values():
+                try:
+                    part.stop()
+                except Exception:  # noqa: BLE001 - stopping must not mask the real error
+                    pass
+            if st.state != "error":
+                st.state = "stopped"
+            self._emit("state", st.state, st.frames)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator-level API: blocks in -> blocks out
+# ----------------------------------------------------------------------------------------------
+def rechunk(blocks: Iterable[np.ndarray], size: int = FRAME, pad_tail: bool = True) -> Iterator[np.ndarray]:
+    """Turn an iterable of arbitrary-length 1-D float blocks into exact `size`-sample frames."""
+    buf = np.zeros(0, np.float32)
+    for block in blocks:
+        arr = np.asarray(block)
+        if arr.dtype == np.int16:
+            arr = arr.astype(np.float32) / 32768.0
+        arr = arr.astype(np.float32, copy=False).reshape(-1)
+        if not np.all(np.isfinite(arr)):
+            raise AudioFormatError("input block contains NaN or inf samples; clean the signal first")
+        buf = np.concatenate([buf, arr]) if len(buf) else arr
+        while len(buf) >= size:
+            yield buf[:size]
+            buf = buf[size:]
+    if len(buf) and pad_tail:
+        yield np.concatenate([buf, np.zeros(size - len(buf), np.float32)])

@@ -1,0 +1,162 @@
+"""The one thread that owns every MLX call.
+
+MLX is not thread-safe (the Swift demo of this model crashed when two threads touched it), so every
+piece of model work - loading, prompts, steps, Mimi - runs on a single `ModelWorker` thread. Other
+threads (callers, asyncio loops, the CLI) hand it work through a queue and get back futures or
+iterators of plain Python / numpy values. No MLX array ever crosses threads.
+
+A live DuplexSession runs its 12.5 Hz loop *as one long task* on this thread; turn-based requests
+submitted meanwhile wait until the session stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from .errors import EngineError
+
+_STOP = object()
+_END = object()
+
+
+class WorkerClosed(EngineError):
+    """Work was submitted to a ModelWorker that has been shut down."""
+
+
+class ModelWorker:
+    """A daemon thread that runs submitted callables one at a time, in order."""
+
+    def __init__(self, name: str = "personaplex-mlx"):
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- thread body -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            fn, args, kwargs, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(exc)
+
+    # -- API ---------------------------------------------------------------------------------
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def on_worker(self) -> bool:
+        """True when called from the worker thread itself."""
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue `fn(*args, **kwargs)`; returns a Future. From the worker thread it runs inline."""
+        fut: Future = Future()
+        if self.on_worker():
+            fut.set_running_or_notify_cancel()
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+            return fut
+        with self._lock:
+            if self._closed:
+                raise WorkerClosed("the model worker was shut down; load the model again")
+            self._queue.put((fn, args, kwargs, fut))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run on the worker and wait for the result (exceptions are re-raised here)."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    def stream(self, gen_fn: Callable[..., Iterator[Any]], *args: Any, maxsize: int = 0,
+               **kwargs: Any) -> Iterator[Any]:
+        """Run a generator function on the worker; iterate its items on the calling thread.
+
+        Items are passed through a queue as soon as they are produced. Closing the returned
+        iterator early asks the producer to stop after its current item.
+        """
+        if self.on_worker():  # nested use from the worker: just run it
+            yield from gen_fn(*args, **kwargs)
+            return
+        q: "queue.Queue[Any]" = queue.Queue(maxsize=maxsize)
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in gen_fn(*args, **kwargs):
+                    q.put(("item", item))
+                    if cancel.is_set():
+                        break
+            except BaseException as exc:  # noqa: BLE001
+                q.put(("error", exc))
+                return
+            q.put(("end", None))
+
+        self.submit(produce)
+        try:
+            while True:
+                kind, value = q.get()
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            cancel.set()
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Awaitable variant of call() for asyncio code."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    async def astream(self, gen_fn: Callable[..., Iterator[Any]], *args: Any,
+                      **kwargs: Any) -> AsyncIterator[Any]:
+        """Async iterator over a generator function run on the worker."""
+        loop = asyncio.get_running_loop()
+        q: "asyncio.Queue[Any]" = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in gen_fn(*args, **kwargs):
+                    loop.call_soon_threadsafe(q.put_nowait, ("item", item))
+                    if cancel.is_set():
+                        break
+            except BaseException as exc:  # noqa: BLE001
+                loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
+                return
+            loop.call_soon_threadsafe(q.put_nowait, ("end", None))
+
+        self.submit(produce)
+        try:
+            while True:
+                kind, value = await q.get()
+                if kind == "item":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:
+            cancel.set()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop accepting work; the thread exits after the queued work is done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if wait and not self.on_worker():
+            self._thread.join()
