@@ -231,7 +231,8 @@ class LmGen:
 
     # ------------------------------------------------------------------ ring bookkeeping
     def _put(self, tokens: mx.array, values: mx.array, stream: int, col: int) -> mx.array:
-        """tokens[:, stream:stream+n, col] = values (B, n)."""
+        """tokens[:, stream:stream+n, col] = values (B or 1, n)."""
+        values = mx.broadcast_to(values, (tokens.shape[0], values.shape[1]))
         return mx.slice_update(tokens, values[:, :, None], mx.array([stream, col], dtype=mx.int32), axes=(1, 2))
 
     def _prepare(self, state: GenState, user, agent, text) -> bool:

@@ -1,0 +1,298 @@
+"""Generator tests: PersonaPlex golden fixtures (tests/fixtures/make_gen_golden.py), prompt prefill,
+depformer modes, batching, sampling, state snapshots, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+from safetensors import safe_open
+
+from engine.errors import ConfigError
+from engine.models.gen import (SILENCE_TOKENS, SINE_TOKENS, GenState, LmGen, SamplingParams, StepOutput,
+                               VoicePrompt, _sample)
+from engine.models.lm import LM, LmConfig
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "gen"
+GREEDY = SamplingParams(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    cfg = json.loads((FIX / "config.json").read_text())
+    with safe_open(str(FIX / "weights.safetensors"), "np") as f:
+        meta = f.metadata()
+        weights = {k: mx.array(f.get_tensor(k).astype(np.float32) * np.float32(2.0 ** -int(meta[k])))
+                   for k in f.keys()}
+    golden = dict(np.load(FIX / "golden.npz"))
+    return cfg, weights, golden
+
+
+def make_lm(fixture, **overrides) -> LM:
+    cfg, weights, _ = fixture
+    return LM.from_weights(weights, LmConfig.from_dict(dict(cfg["lm_kwargs"], **overrides)), dtype=mx.float32)
+
+
+@pytest.fixture(scope="module")
+def lm(fixture):
+    return make_lm(fixture)
+
+
+def frame(o: StepOutput | None, batch: int) -> np.ndarray:
+    if o is None:
+        return np.full((batch, 17), -1, dtype=np.int32)
+    return np.concatenate([np.array(o.text)[:, None], np.array(o.agent_codes), np.array(o.user_codes)], 1)
+
+
+def run_live(gen: LmGen, state: GenState, user: np.ndarray) -> np.ndarray:
+    """user (B, T, 8) -> frames (T, B, 17) with -1 where step returned None (the fixture layout)."""
+    return np.stack([frame(gen.step(state, user_codes=user[:, i]), user.shape[0]) for i in range(user.shape[1])])
+
+
+def first_diff(a, b):
+    d = np.nonzero((a != b).reshape(len(a), -1).any(axis=1))[0]
+    return None if len(d) == 0 else int(d[0])
+
+
+# ---------------------------------------------------------------- golden fixtures (reference LMGen)
+@pytest.mark.parametrize("mode", ["exact", "live"])
+def test_golden_no_prompt_batch2(lm, fixture, mode):
+    golden = fixture[2]
+    gen = LmGen(lm, GREEDY, depformer_mode=mode)
+    out = run_live(gen, gen.new_state(2, seed=0), golden["user_plain"])
+    assert (out[:2] == -1).all() and (out[2:] >= 0).all()  # calls 0 and 1 return None
+    assert first_diff(out, golden["out_plain"]) is None
+
+
+@pytest.mark.parametrize("mode", ["exact", "live"])
+@pytest.mark.parametrize("voice_form", ["codes", "embeddings"])
+def test_golden_with_prompts(lm, fixture, mode, voice_form):
+    cfg, _, golden = fixture
+    gen = LmGen(lm, GREEDY, depformer_mode=mode)
+    if voice_form == "codes":
+        voice, expected = VoicePrompt.from_codes(golden["voice_codes"]), golden["out_audio"]
+    else:
+        voice, expected = VoicePrompt(golden["voice_embeddings"], golden["voice_ring"]), golden["out_embed"]
+    state = gen.new_state(1, seed=0)
+    gen.run_prompts(state, voice, cfg["text_prompt"], silence_frames=cfg["silence_frames"])
+    out = run_live(gen, state, golden["user_prompt"])
+    assert first_diff(out, expected) is None
+
+
+def test_voice_prompt_from_codes_matches_reference_pt(lm, fixture):
+    golden = fixture[2]
+    vp = LmGen(lm).voice_prompt_from_codes(golden["voice_codes"])
+    assert vp.embeddings.shape == golden["voice_embeddings"].shape  # N-1 embeddings for N frames
+    np.testing.assert_allclose(vp.embeddings, golden["voice_embeddings"], atol=1e-6)
+    np.testing.assert_array_equal(vp.cache, golden["voice_ring"])
+
+
+def test_golden_kv_window(fixture):
+    """60 steps through a KV ring of 11 slots. The PersonaPlex fork's RingKVCache masks the slot it is
+    about to overwrite once full, so its context=12 attends to 11 positions: our context=11 reproduces it."""
+    cfg, _, golden = fixture
+    lm = make_lm(fixture, context=cfg["window_context"] - 1)
+    gen = LmGen(lm, GREEDY)
+    state = gen.new_state(1, seed=0)
+    nbytes = state.cache.nbytes
+    out = run_live(gen, state, golden["user_window"])
+    assert golden["user_window"].shape[1] > 4 * lm.config.context
+    assert state.cache.nbytes == nbytes  # memory bounded by the context, not the conversation
+    assert first_diff(out, golden["out_window"]) is None
+
+
+# ---------------------------------------------------------------- step semantics
+def test_first_call_discards_its_inputs(lm, fixture):
+    user = fixture[2]["user_plain"][:1, :12]
+    gen = LmGen(lm, GREEDY)
+    a, b = gen.new_state(1), gen.new_state(1)
+    assert gen.step(a, user_codes=user[:, 0]) is None
+    assert gen.step(b, user_codes=(user[:, 0] + 1) % 2048, agent_codes=user[:, 0], text_token=5) is None
+    assert a.offset == b.offset == 1
+    assert a.cache.step == b.cache.step == 0  # no model run on the first call
+    assert gen.step(a, user_codes=user[:, 1]) is None and a.cache.step == 1
+    assert gen.step(b, user_codes=user[:, 1]) is None
+    # Delay-0 cells of call 0 were replaced by BOS at once, delay-1 cells by BOS in call 1.
+    np.testing.assert_array_equal(np.array(a.tokens), np.array(b.tokens))
+    rest = user[:, 2:]
+    np.testing.assert_array_equal(run_live(gen, a, rest), run_live(gen, b, rest))
+    assert (run_live(gen, gen.new_state(1), user)[2:] >= 0).all()
+
+
+def test_user_codes_echo_undelayed(lm, fixture):
+    user = fixture[2]["user_plain"][:1, :10]
+    gen = LmGen(lm, GREEDY)
+    out = run_live(gen, gen.new_state(1), user)
+    # call o returns frame o-1: the user's codes of call o-1, all 8 codebooks aligned.
+    np.testing.assert_array_equal(out[3:, 0, 9:], user[0, 2:9])
+
+
+def test_teacher_forcing_agent_and_text(lm, fixture):
+    """Forced agent codes / text come back verbatim in the output frame and steer the next step."""
+    golden = fixture[2]
+    user = golden["user_plain"][:1, :10]
+    forced = golden["user_plain"][1:, :10]
+    gen = LmGen(lm, GREEDY)
+    state = gen.new_state(1)
+    outs = [frame(gen.step(state, user_codes=user[:, i], agent_codes=forced[:, i], text_token=100 + i), 1)
+            for i in range(10)]
+    for o in range(3, 10):
+        np.testing.assert_array_equal(outs[o][0, 1:9], forced[0, o - 1])
+        assert outs[o][0, 0] == 100 + o - 1
+
+
+def test_live_equals_exact_when_sampling(lm, fixture):
+    user = fixture[2]["user_plain"][:1, :20]
+    sp = SamplingParams(temp_text=1.0, temp_audio=1.0, top_k_text=50, top_k_audio=100)
+    outs = [run_live(LmGen(lm, sp, depformer_mode=m), LmGen(lm, sp).new_state(1, seed=3), user)
+            for m in ("live", "exact")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_batch_of_two_equals_two_single_runs(lm, fixture):
+    user = fixture[2]["user_plain"][:, :20]
+    gen = LmGen(lm, GREEDY)
+    both = run_live(gen, gen.new_state(2), user)
+    for b in range(2):
+        np.testing.assert_array_equal(both[:, b:b + 1], run_live(gen, gen.new_state(1), user[b:b + 1]))
+
+
+def test_seeded_sampling_is_deterministic(lm, fixture):
+    user = fixture[2]["user_plain"][:1, :15]
+    gen = LmGen(lm)  # reference defaults: temp 0.7 / 0.8, top-k 25 / 250
+    a = run_live(gen, gen.new_state(1, seed=11), user)
+    b = run_live(gen, gen.new_state(1, seed=11), user)
+    c = run_live(gen, gen.new_state(1, seed=12), user)
+    np.testing.assert_array_equal(a, b)
+    assert (a[2:, :, :9] != c[2:, :, :9]).any()
+    greedy = run_live(LmGen(lm, GREEDY), gen.new_state(1), user)
+    assert (a[2:, :, :9] != greedy[2:, :, :9]).any()
+
+
+def test_sample_top_k_and_temperature():
+    key = mx.random.key(0)
+    logits = mx.broadcast_to(mx.array(np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))), (20000, 4))
+    tok = np.array(_sample(logits, 1.0, 0, False, key))
+    freq = np.bincount(tok, minlength=4) / len(tok)
+    np.testing.assert_allclose(freq, [0.4, 0.3, 0.2, 0.1], atol=0.015)
+    tok2 = np.array(_sample(logits, 1.0, 2, False, key))
+    freq2 = np.bincount(tok2, minlength=4) / len(tok2)
+    assert set(np.unique(tok2)) == {0, 1}
+    np.testing.assert_allclose(freq2[:2], [4 / 7, 3 / 7], atol=0.015)
+    tok3 = np.array(_sample(logits, 0.25, 0, False, key))  # p ** 4 renormalised
+    p4 = np.array([0.4, 0.3, 0.2, 0.1]) ** 4
+    np.testing.assert_allclose(np.bincount(tok3, minlength=4) / len(tok3), p4 / p4.sum(), atol=0.015)
+    assert (np.array(_sample(logits, 0.7, 25, True, key)) == 0).all()
+    assert (np.array(_sample(logits, 0.0, 25, False, key)) == 0).all()
+
+
+# ---------------------------------------------------------------- prompts
+def _prompt_args(fixture):
+    cfg, _, golden = fixture
+    return VoicePrompt(golden["voice_embeddings"], golden["voice_ring"]), cfg["text_prompt"]
+
+
+@pytest.mark.parametrize("voice_form", ["codes", "embeddings"])
+def test_batched_prefill_equals_stepping(lm, fixture, voice_form):
+    golden = fixture[2]
+    voice, text = _prompt_args(fixture)
+    if voice_form == "codes":
+        voice = VoicePrompt.from_codes(golden["voice_codes"])
+    gen = LmGen(lm)
+    a, b = gen.new_state(2, seed=5), gen.new_state(2, seed=5)
+    gen.run_prompts(a, voice, text, batched=True)
+    gen.run_prompts(b, voice, text, batched=False)
+    assert a.offset == b.offset == voice.num_frames + 2 * 6 + len(text) + (voice_form == "embeddings")
+    np.testing.assert_array_equal(np.array(a.tokens), np.array(b.tokens))
+    np.testing.assert_array_equal(a.provided, b.provided)
+    np.testing.assert_array_equal(np.array(a.key), np.array(b.key))
+    assert a.cache.step == b.cache.step
+    for x, y in zip(a.cache.arrays(), b.cache.arrays()):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5)
+    user = golden["user_plain"][:, :12]
+    np.testing.assert_array_equal(run_live(gen, a, user), run_live(gen, b, user))  # sampling, same keys
+
+
+def test_prefill_chunks_respect_small_context(fixture):
+    """A prompt longer than the KV window: prefill must fall back to steps that keep the window exact."""
+    lm = make_lm(fixture, context=20)
+    golden = fixture[2]
+    gen = LmGen(lm, GREEDY)
+    voice = VoicePrompt.from_codes(golden["voice_codes"])
+    text = fixture[0]["text_prompt"] * 2
+    a, b = gen.new_state(1), gen.new_state(1)
+    gen.run_prompts(a, voice, text, batched=True)
+    gen.run_prompts(b, voice, text, batched=False)
+    assert a.cache.step > lm.config.context
+    for x, y in zip(a.cache.arrays(), b.cache.arrays()):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5)
+    user = golden["user_plain"][:1, :8]
+    np.testing.assert_array_equal(run_live(gen, a, user), run_live(gen, b, user))
+
+
+def test_prompt_phases_force_reference_tokens(lm):
+    """After the prompts the ring holds the silence tokens the first live frames are built from."""
+    gen = LmGen(lm, GREEDY)
+    state = gen.new_state(1)
+    gen.run_prompts(state, None, [5, 6])
+    assert state.offset == 6 + 2 + 6
+    o = gen.step(state, user_codes=np.array([SINE_TOKENS]))
+    # The first live frame is the last silence-prompt frame: forced PAD text and silence codes.
+    assert int(o.text[0]) == 3
+    np.testing.assert_array_equal(np.array(o.agent_codes[0]), SILENCE_TOKENS)
+    np.testing.assert_array_equal(np.array(o.user_codes[0]), SINE_TOKENS)
+
+
+def test_state_copy_reuses_prompt_state(lm, fixture):
+    voice, text = _prompt_args(fixture)
+    user = fixture[2]["user_plain"][:1, :10]
+    gen = LmGen(lm)
+    base = gen.new_state(1, seed=9)
+    gen.run_prompts(base, voice, text)
+    snap_tokens, snap_offset = np.array(base.tokens), base.offset
+    first = run_live(gen, base.copy(), user)
+    second = run_live(gen, base.copy(), user)
+    np.testing.assert_array_equal(first, second)
+    assert base.offset == snap_offset
+    np.testing.assert_array_equal(np.array(base.tokens), snap_tokens)
+
+
+def test_probe_sees_both_stages(lm):
+    gen = LmGen(lm, GREEDY)
+    state = gen.new_state(1)
+    stages = []
+    for _ in range(3):
+        gen.step(state, user_codes=np.zeros((1, 8), np.int32), probe=stages.append)
+    assert stages == ["temporal", "depformer"] * 2
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_arguments_raise_config_error(lm):
+    gen = LmGen(lm)
+    state = gen.new_state(2)
+    with pytest.raises(ConfigError, match="user_codes"):
+        gen.step(state, user_codes=np.zeros((1, 8), np.int32))
+    with pytest.raises(ConfigError, match="outside"):
+        gen.step(state, user_codes=np.full((2, 8), 2048))
+    with pytest.raises(ConfigError, match="text_token"):
+        gen.step(state, text_token=5000)
+    with pytest.raises(ConfigError, match="depformer_mode"):
+        LmGen(lm, depformer_mode="fast")
+    with pytest.raises(ConfigError, match="temp_audio"):
+        SamplingParams(temp_audio=-1)
+    with pytest.raises(ConfigError, match="top_k_text"):
+        SamplingParams(top_k_text=2.5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        gen.new_state(0)
+    with pytest.raises(ConfigError, match="text prompt token"):
+        gen.run_prompts(gen.new_state(1), None, [lm.config.text_card])
+    with pytest.raises(ConfigError, match="width"):
+        gen.run_prompts(gen.new_state(1), VoicePrompt(np.zeros((3, 7), np.float32), np.zeros((17, 4), np.int64)))
+    with pytest.raises(ConfigError, match="codes or embeddings"):
+        VoicePrompt(np.zeros((3, 7), np.float32), np.zeros((17, 4)), codes=np.zeros((8, 2), np.int64))
+    with pytest.raises(ConfigError, match="voice codes"):
+        gen.run_prompts(gen.new_state(1), VoicePrompt.from_codes(np.full((8, 3), 4096)))
