@@ -1,0 +1,223 @@
+"""`python -m engine.duplex`: a live full-duplex conversation (or the same loop driven by files).
+
+Examples:
+    python -m engine.duplex --model tiny --in-wav examples/hello.wav --out-wav /tmp/reply.wav
+    python -m engine.duplex --model nvidia/personaplex-7b-v1 --quantize 8 --voice NATF2
+    python -m engine.duplex --list-devices
+    python -m engine.duplex --turn-based --model tiny --in-wav examples/hello.wav --out-wav /tmp/turns.wav
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+from .errors import EngineError
+
+TINY_NOTE = ("note: --model tiny is the embedded random model: it runs the real loop but babbles. "
+             "For the real model: --model nvidia/personaplex-7b-v1 (accept the license on its Hugging Face "
+             "page, set HF_TOKEN; ~17 GB download, use --quantize 8 on small GPUs).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.duplex", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | a Hugging Face repo id | a local directory (default: tiny)")
+    p.add_argument("--model-dir", default=None, help="local directory with the model files (overrides --model)")
+    p.add_argument("--quantize", default="none", help="none | 8 | 4 (default: none)")
+    p.add_argument("--voice", default="NATF2", help="voice preset (see --list-voices) or a .wav/.pt path")
+    p.add_argument("--prompt", default=None, help="system prompt text (default: the assistant + focused preset)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--list-voices", action="store_true", help="list voices and exit")
+    p.add_argument("--input-device", default=None, help="input device index or name (default: system default)")
+    p.add_argument("--output-device", default=None, help="output device index or name")
+    p.add_argument("--no-aec", action="store_true", help="disable Speex echo cancellation")
+    p.add_argument("--in-wav", default=None, help="drive the loop from a wav file instead of the microphone")
+    p.add_argument("--out-wav", default=None, help="write the agent's audio to a wav file instead of the speaker")
+    p.add_argument("--fast", action="store_true", help="with --in-wav: run as fast as possible, not in real time")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of audio")
+    p.add_argument("--deadline-policy", default="catch_up", choices=["catch_up", "drop"])
+    p.add_argument("--turn-based", action="store_true", help="VAD endpointing, then a spoken reply, then listen again")
+    p.add_argument("--silence-ms", type=float, default=1500, help="turn-based: silence that ends a turn (ms)")
+    p.add_argument("--max-steps", type=int, default=75, help="turn-based: reply length in 80 ms steps (50..500)")
+    p.add_argument("--quiet", action="store_true", help="no live health line")
+    return p
+
+
+def _device_arg(v):
+    if v is None:
+        return None
+    return int(v) if str(v).isdigit() else v
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_devices:
+            from .audio.io import list_devices
+            for d in list_devices():
+                print(d)
+            return 0
+        from .api import PersonaPlex
+        if args.model == "tiny" and args.model_dir is None:
+            print(TINY_NOTE, file=sys.stderr)
+        t0 = time.perf_counter()
+        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
+        print(f"[loaded {model.files.source} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        if args.list_voices:
+            print("\n".join(model.list_voices()))
+            return 0
+        if args.turn_based:
+            return _turn_based(model, args)
+        return _live(model, args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _live(model, args) -> int:
+    source = args.in_wav if args.in_wav else "device"
+    sink = args.out_wav if args.out_wav else "device"
+    max_frames = None if args.seconds is None else int(args.seconds * 12.5)
+    aec = False if args.no_aec else None
+    session = model.session(source=source, sink=sink, voice=args.voice, system_prompt=args.prompt,
+                            seed=args.seed, aec=aec, deadline_policy=args.deadline_policy,
+                            realtime=not args.fast, input_device=_device_arg(args.input_device),
+                            output_device=_device_arg(args.output_device), max_frames=max_frames)
+    stop = threading.Event()
+    prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tty = sys.stderr.isatty()
+    session.start()
+    print("[live: speak; Ctrl-C stops]" if source == "device" else f"[running {source}]", file=sys.stderr)
+    last_health = 0.0
+    try:
+        while session.running and not stop.is_set():
+            for ev in _drain(session):
+                if ev.kind == "text":
+                    sys.stdout.write(ev.value)
+                    sys.stdout.flush()
+            now = time.monotonic()
+            if not args.quiet and now - last_health > (0.5 if tty else 5.0):
+                last_health = now
+                line = session.stats().health_line()
+                sys.stderr.write(("\r\033[K" + line) if tty else line + "\n")
+                sys.stderr.flush()
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        stats = session.stop()
+        for ev in _drain(session):
+            if ev.kind == "text":
+                sys.stdout.write(ev.value)
+    if session.error is not None:
+        raise session.error
+    print("\n--- summary ---", file=sys.stderr)
+    print(f"frames {stats.frames} ({stats.frames * 0.08:.1f} s) | {stats.health_line()}", file=sys.stderr)
+    print(f"samples in {stats.samples_in}, out {stats.samples_out}, late frames {stats.late_frames}, "
+          f"drift-skipped {stats.drift_skipped_frames}, AEC {'on' if stats.aec else 'off'}", file=sys.stderr)
+    if args.out_wav:
+        print(f"wrote {args.out_wav}", file=sys.stderr)
+    return 0
+
+
+def _drain(session):
+    import queue
+    while True:
+        try:
+            yield session._events.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _turn_based(model, args) -> int:
+    """Listen until the VAD says the turn ended, answer with respond_stream, listen again."""
+    import numpy as np
+
+    from .audio.vad import Endpointer
+
+    if args.in_wav is None:
+        return _turn_based_device(model, args)
+    from .audio.wav import load_audio, write_wav
+    audio, info = load_audio(args.in_wav)
+    ep = Endpointer(silence_ms=args.silence_ms)
+    out, start, block = [], None, 480
+    turns = 0
+    for i in range(0, len(audio) + 24000 * 2, block):
+        chunk = audio[i:i + block] if i < len(audio) else np.zeros(block, np.float32)
+        if len(chunk) < block:
+            chunk = np.concatenate([chunk, np.zeros(block - len(chunk), np.float32)])
+        for ev in ep.feed(chunk):
+            if ev.kind == "start":
+                start = ev.sample
+            elif ev.kind == "end" and start is not None:
+                turns += 1
+                user = audio[start:ev.sample]
+                print(f"[turn {turns}: {len(user) / 24000:.1f} s of speech]", file=sys.stderr)
+                for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
+                                              max_steps=args.max_steps, seed=args.seed):
+                    out.append(c.samples)
+                    sys.stdout.write(c.text)
+                    sys.stdout.flush()
+                print(file=sys.stdout)
+                start = None
+    if turns == 0:
+        print("no speech turn detected in the input (webrtcvad found no speech followed by "
+              f"{args.silence_ms:.0f} ms of silence)", file=sys.stderr)
+    if args.out_wav:
+        write_wav(args.out_wav, np.concatenate(out) if out else np.zeros(0, np.float32))
+        print(f"wrote {args.out_wav} ({turns} turns)", file=sys.stderr)
+    return 0
+
+
+def _turn_based_device(model, args) -> int:
+    import numpy as np
+
+    from .audio.io import open_duplex
+    from .audio.ring import RingBuffer
+    from .audio.vad import Endpointer
+
+    cap, play = RingBuffer(1 << 16), RingBuffer(1 << 16)
+    stream = open_duplex(cap, play, input_device=_device_arg(args.input_device),
+                         output_device=_device_arg(args.output_device))
+    ep = Endpointer(silence_ms=args.silence_ms)
+    stop = threading.Event()
+    prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    heard: list = []
+    stream.start()
+    print("[turn-based: speak, pause 1.5 s, listen; Ctrl-C stops]", file=sys.stderr)
+    try:
+        while not stop.is_set():
+            if cap.available_read < 480:
+                time.sleep(0.01)
+                continue
+            block = cap.read(480)
+            heard.append(block)
+            for ev in ep.feed(block):
+                if ev.kind == "end":
+                    user = np.concatenate(heard)
+                    heard.clear()
+                    for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
+                                                  max_steps=args.max_steps, seed=args.seed):
+                        while play.available_write < len(c.samples) and not stop.is_set():
+                            time.sleep(0.01)
+                        play.write(c.samples)
+                        sys.stdout.write(c.text)
+                        sys.stdout.flush()
+                    while play.available_read > 0 and not stop.is_set():
+                        time.sleep(0.02)
+                    cap.clear()
+                    ep.reset()
+            if len(heard) > 24000 * 30 // 480:
+                heard = heard[-(24000 * 30 // 480):]
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        stream.stop()
+        stream.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

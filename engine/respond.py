@@ -1,0 +1,92 @@
+"""`python -m engine.respond in.wav -o out.wav`: one turn-based reply, with transcript and timing.
+
+    python -m engine.respond examples/hello.wav -o /tmp/reply.wav --model tiny --voice NATF2 --max-steps 75
+    python -m engine.respond --list-voices --model tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import EngineError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.respond", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="the user's audio (wav, any rate/channels)")
+    p.add_argument("-o", "--output", default=None, help="write the agent's reply here (24 kHz wav)")
+    p.add_argument("--model", default="tiny", help="tiny | repo id | local directory (default: tiny)")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--quantize", default="none", help="none | 8 | 4")
+    p.add_argument("--voice", default="NATM0")
+    p.add_argument("--prompt", default=None, help="system prompt (default: assistant + focused)")
+    p.add_argument("--max-steps", type=int, default=75, help="reply length in 80 ms steps (50..500)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="use respond_stream and print text as it comes")
+    p.add_argument("--diagnostic", action="store_true", help="print per-stage timings and entropies (JSON)")
+    p.add_argument("--list-voices", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .api import PersonaPlex
+        t0 = time.perf_counter()
+        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
+        load_s = time.perf_counter() - t0
+        if args.list_voices:
+            print("\n".join(model.list_voices()))
+            return 0
+        if not args.input:
+            print("error: give an input wav (or --list-voices)", file=sys.stderr)
+            return 2
+        if model.is_tiny:
+            print("[tiny model: random weights, the reply is babble]", file=sys.stderr)
+        t1 = time.perf_counter()
+        kw = dict(voice=args.voice, system_prompt=args.prompt, max_steps=args.max_steps, seed=args.seed)
+        diag = None
+        if args.stream:
+            import numpy as np
+            chunks, first = [], None
+            for c in model.respond_stream(args.input, **kw):
+                if first is None:
+                    first = time.perf_counter() - t1
+                chunks.append(c)
+                sys.stdout.write(c.text)
+                sys.stdout.flush()
+            print()
+            audio = np.concatenate([c.samples for c in chunks])
+            text = "".join(c.text for c in chunks)
+            print(f"[first chunk after {first * 1e3:.0f} ms]", file=sys.stderr)
+        elif args.diagnostic:
+            resp, diag = model.respond_diagnostic(args.input, **kw)
+            audio, text = resp.audio, resp.text
+        else:
+            resp = model.respond(args.input, **kw)
+            audio, text = resp.audio, resp.text
+            if resp.input_info:
+                print(f"[input: {resp.input_info}]", file=sys.stderr)
+        took = time.perf_counter() - t1
+        if not args.stream:
+            print(text)
+        secs = len(audio) / 24000
+        print(f"[load {load_s:.1f} s | reply {secs:.1f} s of audio in {took:.2f} s | RTF {took / max(secs, 1e-9):.2f}]",
+              file=sys.stderr)
+        if diag is not None:
+            print(json.dumps(diag.summary(), indent=1))
+        if args.output:
+            from .audio.wav import write_wav
+            write_wav(args.output, audio)
+            print(f"wrote {args.output}", file=sys.stderr)
+        return 0
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
