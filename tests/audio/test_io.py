@@ -1,0 +1,109 @@
+"""PortAudio streams on the PulseAudio null sink: loopback tone, sample accounting, device errors."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import engine  # noqa: F401
+from engine.audio import io
+from engine.audio.ring import RingBuffer
+from engine.errors import AudioDeviceError
+
+pytestmark = pytest.mark.audio
+SR = 24000
+
+
+def dominant_freq(x, rate):
+    spec = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+    return float(np.argmax(spec) * rate / x.size)
+
+
+def test_list_devices(pulse_server):
+    devs = io.list_devices()
+    assert any(d.max_input_channels > 0 for d in devs) and any(d.max_output_channels > 0 for d in devs)
+    table = io.format_devices(devs)
+    assert devs[0].name in table
+    assert io.find_device(None, "output").is_default_output
+
+
+def run_loopback(seconds, **kw):
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * SR) / SR)).astype(np.float32)
+    cap, play = RingBuffer(1 << 17), RingBuffer(1 << 17)
+    assert play.write(tone) == tone.size
+    with io.open_duplex(cap, play, blocksize=480, **kw) as s:
+        assert s.active
+        time.sleep(seconds)
+        s.stop()
+        counters, lat = s.counters, s.latencies
+    assert not s.active
+    return cap, play, counters, lat, s
+
+
+def test_loopback_tone_and_sample_accounting(pulse_server):
+    cap, play, c, lat, s = run_loopback(2.5)
+    assert not s.resampling and s.device_rate == SR
+    # 20 ms callbacks for 2.5 s: allow start-up slack, but the clock must be roughly real time.
+    assert 100 <= c["callbacks"] <= 135, c
+    assert c["frames_in"] == c["frames_out"] == 480 * c["callbacks"]
+    # Every captured sample is in the capture ring (nothing lost: it did not overflow).
+    assert c["capture_overflow_samples"] == 0
+    assert cap.available_read == c["frames_in"]
+    # Playback: the 2 s tone was consumed, the rest of the callbacks played counted silence.
+    assert play.available_read == 0
+    assert c["playback_underrun_samples"] == c["frames_out"] - 2 * SR
+    assert 0 < lat["input"] < 0.5 and 0 < lat["output"] < 0.5
+    rec = cap.read(cap.available_read)
+    loud = np.flatnonzero(np.abs(rec) > 0.1)
+    assert loud.size > SR  # most of the 2 s tone came back
+    seg = rec[loud[0] + 2400: loud[0] + 2400 + SR]
+    assert abs(dominant_freq(seg, SR) - 440) < 3
+    assert abs(np.sqrt(np.mean(seg ** 2)) - 0.5 / np.sqrt(2)) < 0.02
+
+
+def test_device_at_other_rate_is_resampled(pulse_server):
+    cap, play, c, lat, s = run_loopback(2.0, device_rate=48000)
+    assert s.resampling and s.device_rate == 48000 and s.device_blocksize == 960
+    assert lat["resampler"] > 0
+    rec = cap.read(cap.available_read)
+    assert 0.9 * c["frames_in"] / 2 - 2000 <= rec.size <= c["frames_in"] / 2  # 48k -> 24k (minus filter delay)
+    loud = np.flatnonzero(np.abs(rec) > 0.1)
+    assert loud.size > SR // 2
+    seg = rec[loud[0] + 2400: loud[0] + 2400 + SR // 2]
+    assert abs(dominant_freq(seg, SR) - 440) < 5
+    assert abs(np.sqrt(np.mean(seg ** 2)) - 0.5 / np.sqrt(2)) < 0.03
+
+
+def test_input_only_and_output_only(pulse_server):
+    cap, play = RingBuffer(1 << 15), RingBuffer(1 << 15)
+    with io.open_input(cap, blocksize=480) as si, io.open_output(play, blocksize=480) as so:
+        time.sleep(0.6)
+    assert si.counters["frames_in"] > 0 and si.counters["frames_out"] == 0
+    assert so.counters["frames_out"] > 0 and so.counters["playback_underrun_samples"] == so.counters["frames_out"]
+    assert cap.available_read == si.counters["frames_in"]
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(input_device=99), ["unknown input device index 99", "available input devices"]),
+    (dict(output_device="no-such-card"), ["unknown output device 'no-such-card'"]),
+    (dict(device_rate=1), ["does not support this sample rate", "rate=1", "blocksize=480", "host API=ALSA"]),
+])
+def test_device_errors(pulse_server, kw, words):
+    with pytest.raises(AudioDeviceError) as e:
+        io.open_duplex(RingBuffer(1024), RingBuffer(1024), blocksize=480, **kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_blocksize(pulse_server):
+    with pytest.raises(engine.ConfigError):
+        io.open_duplex(RingBuffer(1024), RingBuffer(1024), blocksize=3)
+
+
+def test_missing_pyaudio(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pyaudio", None)
+    with pytest.raises(engine.MissingLibraryError) as e:
+        io.list_devices()
+    assert "pip install pyaudio" in str(e.value) and "--in-wav" in str(e.value)
