@@ -74,11 +74,11 @@ class ModelFiles:
     mimi: Path
     tokenizer: Path
     voices_dir: Path | None
-    config: dict | None = None
+    config: dict | None = field(default=None, repr=False)
     source: str = ""          # "tiny", the repo id, or the directory given
     root: Path | None = None  # directory holding the files (snapshot dir for a repo)
     is_tiny: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, repr=False)
 
     def lm_config(self):
         """`LmConfig` for this model (from engine_config.json, else the 7B defaults)."""
