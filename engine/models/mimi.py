@@ -162,6 +162,23 @@ def reference_shapes(cfg: MimiConfig) -> dict[str, tuple]:
     return s
 
 
+_ALIASES = ((".self_attn.in_projs.0.weight", ".self_attn.in_proj_weight"),
+            (".self_attn.in_proj.weight", ".self_attn.in_proj_weight"),
+            (".self_attn.out_projs.0.weight", ".self_attn.out_proj.weight"))
+
+
+def normalize_keys(weights: dict) -> dict:
+    """Accept the other spellings of the attention keys: the released file has `in_proj_weight`,
+    while a state dict saved from moshi 0.2.13's modules has `in_projs.0.weight`."""
+    out = {}
+    for k, v in weights.items():
+        for a, b in _ALIASES:
+            if k.endswith(a):
+                k = k[: -len(a)] + b
+        out[k] = v
+    return out
+
+
 def check_weights(weights: dict, cfg: MimiConfig, source: str = "checkpoint") -> None:
     """Raise CorruptCheckpoint naming the first missing or mis-shaped reference key."""
     for key, shape in reference_shapes(cfg).items():
@@ -304,6 +321,7 @@ class Mimi(nn.Module):
     # -- loading
     def load_reference_weights(self, weights: dict, source: str = "state dict") -> "Mimi":
         """Load a reference-format state dict (numpy/mx arrays), checking every key and shape."""
+        weights = normalize_keys(weights)
         check_weights(weights, self._cfg, source)
         ours = sanitize({k: v for k, v in weights.items() if k in reference_shapes(self._cfg)},
                         self._cfg)
@@ -503,8 +521,12 @@ def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str
         proj = sd[f"quantizer.{name}.input_proj.weight"][:, :, 0]
         r = lat @ proj.T
         for lvl in range(n):
-            scale = float(2 ** (round(4 * math.log2(float(r.std()) + 1e-12)) / 4))
-            book = (scale * rng.standard_normal((cfg.bins, cfg.quantizer_dimension))
+            # 0.3 x the residual's scale: each level removes a modest share (as in a trained
+            # RVQ), so deep levels stay well above float32 rounding.
+            mu = r.mean(0)
+            scale = 0.3 * float(2 ** (round(4 * math.log2(float((r - mu).std()) + 1e-12)) / 4))
+            mu = np.round(mu / (scale / 8)) * (scale / 8)  # centred on the (rounded) mean
+            book = (mu + scale * rng.standard_normal((cfg.bins, cfg.quantizer_dimension))
                     ).astype(np.float32)
             sd[f"quantizer.{name}.vq.layers.{lvl}._codebook.embedding_sum"] = book
             d = (book ** 2).sum(1)[None] - 2 * r @ book.T

@@ -81,7 +81,8 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
     """A random reference Mimi (moshi 0.2.13) whose codebooks are NOT degenerate.
 
     The stock random model has all-zero codebooks (every code identical). We fill each level
-    with residual vectors of real latents (of `audio`, (B, 1, T)) plus noise, level by level,
+    with random codewords matched to the residuals of real latents (of `audio`, (B, 1, T)),
+    level by level,
     store them as embedding_sum = vectors * cluster_usage with random usages (a few below the
     1e-5 clamp), and load that into a fresh model (the codebook caches its embedding on first
     use, so editing a used model would be stale). Returns (model, state_dict as numpy).
@@ -98,7 +99,8 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
         if k.endswith(".bias") or "layer_scale" in k or (k.endswith(".weight") and "norm" in k):
             base = 1.0 if (k.endswith(".weight") and "norm" in k) else (
                 0.01 if "layer_scale" in k else 0.0)
-            sd[k] = base + 0.02 * torch.randn_like(v)
+            # Small biases: large ones give the latent a DC offset that dwarfs the signal.
+            sd[k] = base + (0.002 if k.endswith(".bias") else 0.02) * torch.randn_like(v)
     model.load_state_dict(sd)
     with torch.no_grad():
         lat = model._encode_to_unquantized_latent(torch.from_numpy(audio))
@@ -107,8 +109,11 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
             r = rvq.input_proj(lat).transpose(1, 2).reshape(-1, cfg.quantizer_dimension)
             r = r.numpy().astype(np.float64)
             for lvl in range(len(rvq.vq.layers)):
-                pick = r[rng.integers(0, len(r), cfg.bins)]
-                book = pick + 0.5 * r.std(0) * rng.standard_normal(pick.shape)
+                # Gaussian codewords around the residual mean, at 0.3x the residual's spread:
+                # codes are chosen by direction (diverse), each level removes a modest share
+                # (as in a trained RVQ), and deep levels keep well-separated distances.
+                mu = r.mean(0)
+                book = mu + 0.3 * r.std(0) * rng.standard_normal((cfg.bins, r.shape[1]))
                 usage = rng.uniform(0.5, 2.0, cfg.bins)
                 usage[rng.integers(0, cfg.bins, 8)] = 1e-7  # clamped to 1e-5 by the codec
                 eff = np.maximum(usage, 1e-5)
