@@ -29,7 +29,7 @@ def test_write_read_roundtrip_and_levels():
     r = RingBuffer(16)
     assert (r.capacity, r.policy, r.available_read, r.available_write) == (16, "refuse", 0, 16)
     assert r.write(seq(0, 10)) == 10
-    assert (r.available_read, r.available_write, len(r)) == (10, 6, 10)
+    assert (r.available_read, r.available_write) == (10, 6)
     np.testing.assert_array_equal(r.read(4), seq(0, 4))
     np.testing.assert_array_equal(r.read(6), seq(4, 6))
     assert r.available_read == 0 and r.overflow_count == 0 and r.underrun_count == 0
@@ -150,6 +150,31 @@ def test_bytes_and_multichannel_blocks():
 def test_empty_reads():
     r = RingBuffer(4)
     assert r.read(0).size == 0 and r.peek(0).size == 0 and r.underrun_count == 0
+
+
+def test_c_ring_in_caller_memory():
+    from engine import _ring
+
+    lib, ffi = _ring.lib, _ring.ffi
+    fp = lib.ring_footprint(8)
+    assert fp >= 8 * 4 and fp % lib.RING_ALIGNMENT == 0
+    assert [lib.ring_footprint(c) for c in (0, 1, 6, 2 * lib.RING_MAX_CAPACITY)] == [0, 0, 0, 0]
+    mem = ffi.new("char[]", fp + 64)
+    aligned = mem + (-int(ffi.cast("uintptr_t", mem)) % 64)
+    assert lib.ring_init(aligned + 4, fp, 8, lib.RING_REFUSE) == lib.RING_EALIGN
+    assert lib.ring_init(aligned, fp - 1, 8, lib.RING_REFUSE) == lib.RING_ESIZE
+    assert lib.ring_init(aligned, fp, 6, lib.RING_REFUSE) == lib.RING_EINVAL
+    assert lib.ring_init(aligned, fp, 8, 7) == lib.RING_EINVAL
+    assert lib.ring_init(aligned, fp, 8, lib.RING_DROP_OLDEST) == 0
+    ring = ffi.cast("ring_t *", aligned)
+    assert lib.ring_capacity(ring) == 8 and lib.ring_get_policy(ring) == lib.RING_DROP_OLDEST
+    src = seq(0, 10)
+    assert lib.ring_write(ring, ffi.from_buffer("float[]", src), 10) == 8
+    dst = np.empty(8, np.float32)
+    assert lib.ring_read(ring, ffi.from_buffer("float[]", dst), 8) == 8
+    np.testing.assert_array_equal(dst, seq(2, 8))
+    assert lib.ring_create(6, lib.RING_REFUSE) == ffi.NULL
+    assert lib.ring_create(8, 2) == ffi.NULL
 
 
 # ---------------------------------------------------------------- errors

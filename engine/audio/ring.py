@@ -230,9 +230,6 @@ class RingBuffer:
     def reset_counters(self) -> None:
         self._lib.ring_reset_counters(self._ring)
 
-    def __len__(self) -> int:
-        return self.available_read
-
     def __repr__(self) -> str:
         return (f"RingBuffer(capacity={self._capacity}, policy={self._policy!r}, "
                 f"available={self.available_read}, overflow={self.overflow_count}, "
