@@ -296,3 +296,36 @@ def test_bad_arguments_raise_config_error(lm):
         VoicePrompt(np.zeros((3, 7), np.float32), np.zeros((17, 4)), codes=np.zeros((8, 2), np.int64))
     with pytest.raises(ConfigError, match="voice codes"):
         gen.run_prompts(gen.new_state(1), VoicePrompt.from_codes(np.full((8, 3), 4096)))
+
+
+# ---------------------------------------------------------------- PyPI moshi 0.2.13 LMGen (oracle)
+@pytest.mark.oracle
+def test_pypi_moshi_lmgen_dep_q8_greedy(fixture):
+    """PyPI moshi's LMGen has no teacher forcing, no prompts, a 3-column ring and runs the model on its first
+    call. With dep_q 8 (Moshiko layout: user streams never sampled) its semantics coincide with PersonaPlex's
+    shifted by one call: our call o+1 returns exactly its call o (text + 8 agent codebooks), greedy.
+    PersonaPlex's dep_q 16 generator has no PyPI counterpart; the golden fixtures cover it."""
+    torch = pytest.importorskip("torch")
+    pypi_lm = pytest.importorskip("moshi.models.lm")
+    if "/.ref/" in pypi_lm.__file__:
+        pytest.skip("the PersonaPlex fork shadows PyPI moshi in this process")
+    kwargs = dict(fixture[0]["lm_kwargs"], dep_q=8)
+    # PyPI's LMModel passes `causal` to the depformer itself and rejects depformer_causal.
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "depformer_causal"}
+    torch.manual_seed(1)
+    ref = pypi_lm.LMModel(device="cpu", dtype=torch.float32, **ref_kwargs).eval()
+    weights = {k: mx.array(v.detach().numpy()) for k, v in ref.state_dict().items()}
+    ours = LM.from_weights(weights, LmConfig.from_dict(kwargs), dtype=mx.float32)
+    user = fixture[2]["user_plain"][:, :40]
+    ref_gen = pypi_lm.LMGen(ref, use_sampling=False, check=True)
+    ref_out = []
+    with torch.no_grad(), ref_gen.streaming(2):
+        for i in range(user.shape[1]):
+            o = ref_gen.step(torch.from_numpy(user[:, i, :, None].astype(np.int64)))
+            ref_out.append(None if o is None else o[:, :9, 0].numpy())
+    gen = LmGen(ours, GREEDY, depformer_mode="exact")
+    out = run_live(gen, gen.new_state(2), user)
+    assert ref_out[0] is None and ref_out[1] is not None
+    ref_frames = np.stack(ref_out[1:-1])                          # PyPI calls 1..T-2
+    np.testing.assert_array_equal(out[2:, :, :9], ref_frames)     # our calls 2..T-1
+    assert len(np.unique(ref_frames[:, :, 1])) > 5                # not a degenerate stream
