@@ -131,24 +131,24 @@ class PersonaPlex:
             names += extra
         return names
 
-    def _check_voice(self, voice: str) -> None:
-        if voice is None:
+    def _check_voice(self, voice) -> None:
+        """Validate a voice on the caller's thread (clear UnknownVoice before any model work).
+        Preset and .pt voices are read here (no MLX); .wav voices are encoded later on the worker."""
+        from . import persona
+        if voice is None or voice in self._voice_cache:
             return
-        v = str(voice)
-        if v.lower().endswith((".wav", ".pt")) or os.path.sep in v:
-            if not Path(v).exists():
-                raise UnknownVoice(f"voice file {v} does not exist")
+        s = os.fspath(voice) if isinstance(voice, os.PathLike) else voice
+        if isinstance(s, str) and s.lower().endswith((".wav", ".wave")):
+            if not Path(s).expanduser().is_file():
+                raise UnknownVoice(f"custom voice file {s} does not exist")
             return
-        if self.files.voice_path(v) is None:
-            raise UnknownVoice(f"unknown voice {v!r}; available: {', '.join(self.list_voices())} "
-                               "(or pass a path to a .wav or .pt voice prompt)")
+        self._voice_cache[voice] = persona.load_voice(voice, self.files)
 
-    def _voice(self, voice: str | None):
+    def _voice(self, voice):
         from . import persona
         if voice is None:
             return None
         if voice not in self._voice_cache:
-            self._check_voice(voice)
             self._voice_cache[voice] = persona.load_voice(voice, self.files, mimi=self.mimi)
         return self._voice_cache[voice]
 
@@ -159,11 +159,11 @@ class PersonaPlex:
         import mlx.core as mx
         from . import persona
 
-        text = persona.DEFAULT_PROMPT if system_prompt is None else str(system_prompt)
+        text = persona.resolve_prompt(system_prompt)
         key = (voice, text, batch_size)
         if key not in self._prompt_cache:
             state = self.gen.new_state(batch_size, seed=0)
-            tokens = persona.encode_system_prompt(text, self.sp) if text.strip() else []
+            tokens = persona.encode_system_prompt(text, self.sp)
             self.gen.run_prompts(state, voice=self._voice(voice), text_tokens=tokens)
             mx.eval(state.tokens)
             self._prompt_cache[key] = state

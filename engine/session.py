@@ -321,11 +321,9 @@ class DeviceIO(Source, Sink):
         return self.play_ring.available_read
 
     def latency_samples(self) -> int:
-        lat = getattr(self.stream, "latencies", None)
-        lat = lat() if callable(lat) else lat
-        if not lat:
-            return 0
-        return int(sum(lat) * SAMPLE_RATE)
+        """PortAudio's reported input + output latency (an upper bound of the echo lag)."""
+        lat = self.stream.latencies
+        return int((lat["input"] + lat["output"] + lat.get("resampler", 0.0)) * SAMPLE_RATE)
 
 
 def make_source(source, realtime: bool) -> Source:
@@ -422,17 +420,19 @@ class DuplexSession:
         self.model = model
         self.voice, self.system_prompt, self.seed = voice, system_prompt, seed
         model._check_voice(voice)
+        src_dev = isinstance(source, str) and source == "device"
+        sink_dev = isinstance(sink, str) and sink == "device"
         device = None
-        if source == "device" or sink == "device":
+        if src_dev or sink_dev:
             device = DeviceIO(input_device=input_device, output_device=output_device,
                               blocksize=blocksize)
-        if source == "device":
+        if src_dev:
             self.source: Source = device
         else:
             self.source = make_source(source, realtime=bool(realtime))
-        self.sink: Sink = device if sink == "device" else make_sink(sink)
+        self.sink: Sink = device if sink_dev else make_sink(sink)
         self.device = device
-        self.aec_enabled = (source == "device" and sink == "device") if aec is None else bool(aec)
+        self.aec_enabled = (src_dev and sink_dev) if aec is None else bool(aec)
         self.policy = deadline_policy
         self.max_backlog = max_backlog_frames
         self.prebuffer = prebuffer_frames
