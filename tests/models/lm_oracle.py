@@ -27,9 +27,6 @@ def have_moshi() -> bool:
 def reference_kwargs(config) -> dict:
     """LmConfig -> keyword arguments of moshi.models.lm.LMModel."""
     d = config.to_dict()
-    gating = d.pop("depformer_gating")
-    if gating is not None:
-        d["depformer_gating"] = gating
     d["layer_scale"] = None
     d["depformer_layer_scale"] = None
     return d
