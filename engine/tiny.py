@@ -195,19 +195,21 @@ def _build(out: Path) -> None:
 def _train_spm(path: Path, vocab_size: int) -> None:
     """Unigram SentencePiece with the released model's special ids (0 <unk> = EPAD, 1 <s>, 2 </s>,
     3 <pad> = PAD) and byte fallback, trained single-threaded on TINY_CORPUS (deterministic)."""
+    import io
+
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as td:
-        corpus = Path(td) / "corpus.txt"
-        # the text and an upper-case copy: enough distinct substrings for 1000 unigram pieces
-        corpus.write_text(TINY_CORPUS + TINY_CORPUS.upper())
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(td) / "m"), vocab_size=vocab_size,
-            model_type="unigram", character_coverage=1.0, byte_fallback=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
-            shuffle_input_sentence=False, input_sentence_size=0, hard_vocab_limit=True,
-            split_digits=True, minloglevel=2)
-        shutil.copyfile(Path(td) / "m.model", path)
+    # in memory: a file-based run would record its temp paths in the model (not reproducible).
+    # The text plus an upper-case copy has enough distinct substrings for 1000 unigram pieces.
+    lines = (TINY_CORPUS + TINY_CORPUS.upper()).splitlines()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
+        shuffle_input_sentence=False, input_sentence_size=0, hard_vocab_limit=True,
+        split_digits=True, minloglevel=2)
+    path.write_bytes(model.getvalue())
 
 
 def _make_voices(out: Path, lm_path: Path, lm_cfg) -> None:

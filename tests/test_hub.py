@@ -382,3 +382,73 @@ def test_extract_voices_truncated_and_flat(tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptCheckpoint, match="truncated|corrupt|tar"):
         hub.extract_voices(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_a(tmp_path_factory):
+    return hub.ensure_tiny_model(tmp_path_factory.mktemp("tiny_a"))
+
+
+def test_tiny_model_layout(tiny_a):
+    import sentencepiece as spm
+
+    from engine.models.lm import LmConfig, random_state_dict
+    from engine.models.mimi import MimiConfig
+    assert tiny_a.name == "tiny-v1"
+    files = hub.from_directory(tiny_a, is_tiny=True)
+    assert files.lm_config() == LmConfig.tiny() and files.mimi_config() == MimiConfig.tiny()
+    lm_header = hub.check_safetensors(files.lm)
+    sd = random_state_dict(LmConfig.tiny(), seed=0)
+    assert set(lm_header) - {"__metadata__"} == set(sd)
+    assert all(lm_header[k]["shape"] == list(v.shape) for k, v in sd.items())
+    assert "encoder.model.0.conv.conv.weight" in hub.check_safetensors(files.mimi)
+    sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
+    assert sp.get_piece_size() == LmConfig.tiny().text_card
+    assert sorted(p.stem for p in files.voices_dir.glob("*.pt")) == sorted(
+        __import__("engine.persona", fromlist=["VOICES"]).VOICES)
+    lengths = set()
+    for p in files.voices_dir.glob("*.pt"):
+        v = _torchpt.load(p, bf16="bits")
+        assert v["embeddings"].dtype == np.uint16  # stored as bf16, like the released voices
+        n, one, one2, d = v["embeddings"].shape
+        assert (one, one2, d) == (1, 1, LmConfig.tiny().dim) and 10 <= n <= 19
+        assert v["cache"].shape == (1, 17, 4) and v["cache"].dtype == np.int64
+        lengths.add(n)
+    assert len(lengths) > 1
+    readme = (tiny_a / "README.md").read_text()
+    assert "random" in readme and "BABBLE" in readme
+
+
+def test_tiny_model_is_deterministic_and_cached(tiny_a, tmp_path, monkeypatch):
+    t0 = time.monotonic()
+    again = hub.ensure_tiny_model(tiny_a.parent)
+    assert again == tiny_a and time.monotonic() - t0 < 1.0
+    monkeypatch.setenv("PERSONAPLEX_CACHE", str(tmp_path))
+    b = hub.ensure_tiny_model()
+    assert b == tmp_path / "tiny-v1"
+    names = sorted(str(p.relative_to(tiny_a)) for p in tiny_a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for n in names:
+        assert (tiny_a / n).read_bytes() == (b / n).read_bytes(), n
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+    # a stale or damaged copy is rebuilt
+    (b / ".build_id").write_text("old\n")
+    (b / hub.LM_FILE).write_bytes(b"junk")
+    hub.ensure_tiny_model()
+    assert (b / hub.LM_FILE).read_bytes() == (tiny_a / hub.LM_FILE).read_bytes()
+    files = hub.resolve_model("tiny")
+    assert files.is_tiny and files.source == "tiny" and files.root == b
+
+
+@pytest.mark.oracle
+def test_tiny_voices_load_in_torch(tiny_a):
+    torch = pytest.importorskip("torch")
+    d = torch.load(tiny_a / "voices" / "NATM0.pt", weights_only=True)
+    assert d["embeddings"].dtype == torch.bfloat16 and d["embeddings"].ndim == 4
+    assert d["cache"].dtype == torch.int64 and tuple(d["cache"].shape) == (1, 17, 4)
+    np.testing.assert_array_equal(d["embeddings"].float().numpy(),
+                                  _torchpt.load(tiny_a / "voices" / "NATM0.pt")["embeddings"])
