@@ -1,0 +1,378 @@
+"""Mimi codec: behaviour on the tiny model (no torch) and parity with moshi 0.2.13 (oracle)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import engine  # noqa: F401  (before mlx)
+import mlx.core as mx
+
+from engine.errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotFound
+from engine.models.mimi import (Mimi, MimiConfig, reference_shapes, sanitize,
+                                tiny_state_dict)
+
+from .conftest import rel_err, snr_db, speech_like
+
+FRAME = 1920
+
+
+def _frames(pcm: np.ndarray) -> list[np.ndarray]:
+    return [pcm[:, :, i:i + FRAME] for i in range(0, pcm.shape[2], FRAME)]
+
+
+def _stream_encode(mimi, pcm, latent=False):
+    st = mimi.make_state(pcm.shape[0])
+    f = mimi.encode_step_latent if latent else mimi.encode_step
+    return np.concatenate([np.array(f(fr, st)) for fr in _frames(pcm)], axis=2)
+
+
+def _stream_decode(mimi, codes):
+    st = mimi.make_state(codes.shape[0])
+    return np.concatenate([np.array(mimi.decode_step(codes[:, :, i:i + 1], st))
+                           for i in range(codes.shape[2])], axis=2)
+
+
+def _agreement(a, b) -> np.ndarray:
+    return (np.asarray(a) == np.asarray(b)).mean(axis=(0, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny model, no torch
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return tiny_state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sd):
+    return Mimi(MimiConfig.tiny(), 8).load_reference_weights(tiny_sd)
+
+
+@pytest.fixture(scope="module")
+def audio2():
+    return np.stack([speech_like(3.2, seed=11), speech_like(3.2, seed=12)])[:, None]
+
+
+def test_config_values_and_roundtrip():
+    c = MimiConfig.personaplex()
+    assert (c.sample_rate, c.frame_size, c.downsample_stride) == (24000, 1920, 2)
+    assert (c.dimension, c.n_q, c.bins, c.context, c.ratios) == (512, 32, 2048, 250, (8, 6, 5, 4))
+    t = MimiConfig.tiny()
+    assert t.frame_size == 1920 and t.downsample_stride == 2 and t.dimension < c.dimension
+    for cfg in (c, t):
+        assert MimiConfig.from_dict(cfg.to_dict()) == cfg
+    assert MimiConfig.from_dict({**t.to_dict(), "future_field": 1}).dimension == t.dimension
+    with pytest.raises(ConfigError, match="frame_rate"):
+        MimiConfig(ratios=(8, 6, 5, 3))
+    with pytest.raises(ConfigError):
+        MimiConfig.from_dict([1, 2])
+
+
+def test_tiny_state_dict_deterministic_fast_reference_keys():
+    t0 = time.perf_counter()
+    a = tiny_state_dict(seed=3)
+    took = time.perf_counter() - t0
+    b = tiny_state_dict(seed=3)
+    c = tiny_state_dict(seed=4)
+    shapes = reference_shapes(MimiConfig.tiny())
+    assert set(a) == set(shapes)
+    assert all(a[k].shape == shapes[k] and a[k].dtype == np.float32 for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["encoder.model.0.conv.conv.weight"],
+                              c["encoder.model.0.conv.conv.weight"])
+    assert took < 15, f"tiny_state_dict took {took:.1f} s"
+
+
+def test_tiny_codes_are_diverse(tiny):
+    pcm = speech_like(4.0, seed=21)[None, None]
+    codes = np.array(tiny.encode(pcm))
+    assert codes.shape == (1, 8, 50) and codes.dtype == np.int32
+    distinct = [len(np.unique(codes[:, k])) for k in range(8)]
+    assert min(distinct) >= 20, distinct
+
+
+def test_streaming_equals_whole_signal(tiny, audio2):
+    lat = np.array(tiny.encode_latent(audio2))
+    lat_s = _stream_encode(tiny, audio2, latent=True)
+    assert lat.shape == lat_s.shape == (2, 32, 40)
+    assert rel_err(lat_s, lat) < 1e-5
+    codes = np.array(tiny.encode(audio2))
+    codes_s = _stream_encode(tiny, audio2)
+    assert _agreement(codes_s, codes).mean() >= 0.98
+    pcm = np.array(tiny.decode(codes))
+    assert pcm.shape == (2, 1, 40 * FRAME) and pcm.dtype == np.float32
+    assert snr_db(_stream_decode(tiny, codes), pcm) > 80
+
+
+def test_batch_rows_are_independent(tiny, audio2):
+    both = _stream_encode(tiny, audio2, latent=True)
+    one = _stream_encode(tiny, audio2[1:], latent=True)
+    assert rel_err(both[1:], one) < 1e-5
+    codes = np.array(tiny.encode(audio2))
+    assert snr_db(_stream_decode(tiny, codes)[:1], _stream_decode(tiny, codes[:1])) > 80
+
+
+def test_state_reset_and_independent_states(tiny, audio2):
+    frames = _frames(audio2[:1])[:6]
+    s = tiny.streaming(1)
+    first = [np.array(s.encode_step(f)) for f in frames]
+    out1 = [np.array(s.decode_step(c)) for c in first]
+    s.reset()
+    again = [np.array(s.encode_step(f)) for f in frames]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    s.reset()
+    assert all(np.allclose(np.array(s.decode_step(c)), o, atol=1e-6) for c, o in zip(first, out1))
+    # A second state interleaved with the first does not disturb it.
+    a, b = tiny.make_state(1), tiny.make_state(1)
+    la = []
+    for f in frames:
+        la.append(np.array(tiny.encode_step_latent(f, a)))
+        tiny.encode_step_latent(np.zeros_like(f), b)
+    ref = [np.array(tiny.encode_step_latent(f, st)) for st in [tiny.make_state(1)] for f in frames]
+    assert all(np.allclose(x, y, atol=1e-6) for x, y in zip(la, ref))
+    # The overlap state matters: a frame decoded after history differs from one decoded fresh.
+    fresh = np.array(tiny.decode_step(first[3], tiny.make_state(1)))
+    assert not np.allclose(fresh, out1[3], atol=1e-4)
+
+
+def test_codebook_count_prefix(tiny_sd, audio2):
+    m16 = Mimi(MimiConfig.tiny(), 16).load_reference_weights(tiny_sd)
+    m1 = Mimi(MimiConfig.tiny(), 1).load_reference_weights(tiny_sd)
+    c16 = np.array(m16.encode(audio2))
+    c1 = np.array(m1.encode(audio2))
+    assert c16.shape[1] == 16 and np.array_equal(c16[:, :1], c1)
+    assert np.array(m1.decode(c1)).shape == (2, 1, 40 * FRAME)
+    with pytest.raises(ConfigError, match="num_codebooks"):
+        Mimi(MimiConfig.tiny(), 17)
+    with pytest.raises(ConfigError, match="num_codebooks"):
+        Mimi(MimiConfig.tiny(), 0)
+
+
+def test_accepts_numpy_and_mx_and_bf16(tiny_sd, tiny, audio2):
+    a = np.array(tiny.encode(audio2[:, :, :FRAME * 4]))
+    b = np.array(tiny.encode(mx.array(audio2[:, :, :FRAME * 4])))
+    assert np.array_equal(a, b)
+    # A partial last frame is zero-padded.
+    assert tiny.encode(audio2[:, :, :FRAME + 5]).shape == (2, 8, 2)
+    half = Mimi(MimiConfig.tiny(), 8, dtype=mx.bfloat16).load_reference_weights(tiny_sd)
+    c = np.array(half.encode(audio2))
+    assert _agreement(c, np.array(tiny.encode(audio2)))[0] >= 0.9
+    out = np.array(half.decode(c))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_bad_input_errors(tiny):
+    st = tiny.make_state(1)
+    good = np.zeros((1, 1, FRAME), np.float32)
+    with pytest.raises(AudioFormatError, match="exactly 1920"):
+        tiny.encode_step(np.zeros((1, 1, 1000), np.float32), st)
+    with pytest.raises(AudioFormatError, match=r"\(B, 1, T\)"):
+        tiny.encode_step(np.zeros((FRAME,), np.float32), st)
+    with pytest.raises(AudioFormatError, match="dtype"):
+        tiny.encode_step(np.zeros((1, 1, FRAME), np.int16), st)
+    bad = good.copy()
+    bad[0, 0, 7] = np.nan
+    with pytest.raises(AudioFormatError, match="NaN"):
+        tiny.encode_step(bad, st)
+    with pytest.raises(AudioFormatError, match="NaN"):
+        tiny.encode(np.full((1, 1, 4000), np.inf, np.float32))
+    with pytest.raises(AudioFormatError, match="batch"):
+        tiny.encode_step(np.zeros((2, 1, FRAME), np.float32), st)
+    with pytest.raises(AudioFormatError, match="empty"):
+        tiny.encode(np.zeros((1, 1, 0), np.float32))
+    with pytest.raises(AudioFormatError, match="numpy or mx"):
+        tiny.encode([0.0] * FRAME)
+    codes = np.zeros((1, 8, 1), np.int32)
+    with pytest.raises(AudioFormatError, match="0..2047"):
+        tiny.decode_step(codes + 2048, st)
+    with pytest.raises(AudioFormatError, match="0..2047"):
+        tiny.decode(codes - 1)
+    with pytest.raises(AudioFormatError, match=r"\(B, 8, T\)"):
+        tiny.decode_step(np.zeros((1, 7, 1), np.int32), st)
+    with pytest.raises(AudioFormatError, match="integers"):
+        tiny.decode(codes.astype(np.float32))
+    with pytest.raises(AudioFormatError, match="1 time step"):
+        tiny.decode_step(np.zeros((1, 8, 2), np.int32), st)
+    with pytest.raises(ConfigError, match="make_state"):
+        tiny.encode_step(good, object())
+    with pytest.raises(ConfigError, match="batch_size"):
+        tiny.make_state(0)
+    # After the errors the state is still usable.
+    assert tiny.encode_step(good, st).shape == (1, 8, 1)
+
+
+def test_from_file_and_checkpoint_errors(tmp_path, tiny_sd, tiny, audio2):
+    from safetensors.numpy import save_file
+    cfg = MimiConfig.tiny()
+    path = tmp_path / "tokenizer-e351c8d8-checkpoint125.safetensors"
+    save_file(tiny_sd, str(path))
+    m = Mimi.from_file(path, num_codebooks=8, config=cfg)
+    assert (m.sample_rate, m.frame_rate, m.frame_size, m.num_codebooks) == (24000, 12.5, 1920, 8)
+    assert np.array_equal(np.array(m.encode(audio2)), np.array(tiny.encode(audio2)))
+
+    missing = dict(tiny_sd)
+    del missing["decoder.model.2.convtr.convtr.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CorruptCheckpoint, match="decoder.model.2.convtr.convtr.weight"):
+        Mimi.from_file(tmp_path / "missing.safetensors", config=cfg)
+    shaped = dict(tiny_sd)
+    shaped["quantizer.rvq_rest.input_proj.weight"] = np.zeros((3, 32, 1), np.float32)
+    save_file(shaped, str(tmp_path / "shaped.safetensors"))
+    with pytest.raises(CorruptCheckpoint, match=r"rvq_rest.input_proj.weight.*\[3, 32, 1\]"):
+        Mimi.from_file(tmp_path / "shaped.safetensors", config=cfg)
+    # The tiny checkpoint is not a 7B one: the first mismatch is named.
+    with pytest.raises(CorruptCheckpoint, match="encoder.model"):
+        Mimi.from_file(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CorruptCheckpoint, match="junk"):
+        Mimi.from_file(tmp_path / "junk.safetensors", config=cfg)
+    with pytest.raises(ModelNotFound):
+        Mimi.from_file(tmp_path / "nope.safetensors", config=cfg)
+
+
+def test_sanitize_layouts_and_usage_clamp(tiny_sd):
+    sd = dict(tiny_sd)
+    p = "quantizer.rvq_rest.vq.layers.2._codebook."
+    usage = np.ones(2048, np.float32)
+    usage[5] = 1e-8
+    summ = np.full((2048, 16), 2.0, np.float32)
+    sd[p + "cluster_usage"], sd[p + "embedding_sum"] = usage, summ
+    out = sanitize(sd, MimiConfig.tiny())
+    emb = out["quantizer.rvq_rest.embedding"]
+    assert emb.shape == (15, 2048, 16)
+    assert np.allclose(emb[2, 5], 2.0 / 1e-5) and np.allclose(emb[2, 6], 2.0)
+    w = tiny_sd["encoder.model.3.conv.conv.weight"]  # (out, in, k)
+    assert np.array_equal(out["encoder.model.3.weight"], w.transpose(0, 2, 1))
+    up = tiny_sd["upsample.convtr.convtr.convtr.weight"]  # (C, 1, k)
+    assert np.array_equal(out["upsample.weight"], up[:, 0].T)
+    assert "encoder_transformer.layers.0.self_attn.in_proj.weight" in out
+    assert tiny_sd[p + "cluster_usage"][5] == 1.0  # input untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with the reference (moshi 0.2.13 on torch CPU)
+
+def _ref_run(torch, ref, pcm, stream: bool):
+    """Reference latent, codes and decode (of its own codes), whole-signal or streaming."""
+    x = torch.from_numpy(pcm)
+    with torch.no_grad():
+        if not stream:
+            lat = ref._encode_to_unquantized_latent(x).numpy()
+            codes = ref.encode(x).numpy()
+            return lat, codes
+        lats, codes = [], []
+        with ref.streaming(pcm.shape[0]):
+            for fr in _frames(pcm):
+                lats.append(ref._encode_to_unquantized_latent(torch.from_numpy(fr)).numpy())
+        with ref.streaming(pcm.shape[0]):
+            for fr in _frames(pcm):
+                codes.append(ref.encode(torch.from_numpy(fr)).numpy())
+        return np.concatenate(lats, 2), np.concatenate(codes, 2)
+
+
+def _ref_decode(torch, ref, codes, stream: bool):
+    with torch.no_grad():
+        if not stream:
+            return ref.decode(torch.from_numpy(codes.astype(np.int64))).numpy()
+        out = []
+        with ref.streaming(codes.shape[0]):
+            for i in range(codes.shape[2]):
+                out.append(ref.decode(torch.from_numpy(codes[:, :, i:i + 1].astype(np.int64))
+                                      ).numpy())
+        return np.concatenate(out, 2)
+
+
+def _report(record_property, name, agree):
+    record_property(name, [round(float(a), 4) for a in agree])
+    print(f"{name}: " + " ".join(f"{a:.3f}" for a in agree))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streaming"])
+def test_parity_tiny_config(oracle_torch, mimi_ref_tiny, stream, record_property):
+    torch, ref = oracle_torch, mimi_ref_tiny.model
+    cfg = mimi_ref_tiny.config
+    ours = Mimi.from_file(mimi_ref_tiny.path, num_codebooks=cfg.n_q, config=cfg)
+    pcm = np.stack([speech_like(3.2, seed=31), speech_like(3.2, seed=32)])[:, None]
+    lat_r, codes_r = _ref_run(torch, ref, pcm, stream)
+    if stream:
+        lat, codes = _stream_encode(ours, pcm, latent=True), _stream_encode(ours, pcm)
+    else:
+        lat, codes = np.array(ours.encode_latent(pcm)), np.array(ours.encode(pcm))
+    assert min(len(np.unique(codes_r[:, k])) for k in range(cfg.n_q)) >= 20
+    assert rel_err(lat, lat_r) <= 1e-4
+    agree = _agreement(codes, codes_r)
+    _report(record_property, f"tiny_{'stream' if stream else 'whole'}_agreement", agree)
+    assert agree.mean() >= 0.995
+    pcm_r = _ref_decode(torch, ref, codes_r, stream)
+    pcm_o = _stream_decode(ours, codes_r) if stream else np.array(ours.decode(codes_r))
+    assert snr_db(pcm_o, pcm_r) >= 40
+
+
+@pytest.fixture(scope="module")
+def mimi_7b_whole(oracle_torch, mimi_ref_7b, mimi_test_audio):
+    """Reference whole-signal results on the test audio, with all 32 codebooks."""
+    lat, codes = _ref_run(oracle_torch, mimi_ref_7b.model, mimi_test_audio, stream=False)
+    return lat, codes
+
+
+@pytest.mark.oracle
+def test_parity_7b_whole_signal(oracle_torch, mimi_ref_7b, mimi_7b_whole, mimi_test_audio,
+                                record_property):
+    torch, ref = oracle_torch, mimi_ref_7b.model
+    lat_r, codes_r = mimi_7b_whole
+    ours = Mimi.from_file(mimi_ref_7b.path, num_codebooks=32)
+    lat = np.array(ours.encode_latent(mimi_test_audio))
+    codes = np.array(ours.encode(mimi_test_audio))
+    distinct = [len(np.unique(codes_r[:, k])) for k in range(32)]
+    assert min(distinct) >= 20, distinct
+    assert rel_err(lat, lat_r) <= 1e-4
+    agree = _agreement(codes, codes_r)
+    _report(record_property, "7b_whole_agreement", agree)
+    for k in (8, 16, 32):
+        assert agree[:k].mean() >= 0.995, (k, agree[:k])
+    for k in (8, 16, 32):
+        ref.set_num_codebooks(k)
+        try:
+            pcm_r = _ref_decode(torch, ref, codes_r[:, :k], stream=False)
+        finally:
+            ref.set_num_codebooks(32)
+        m = ours if k == 32 else Mimi.from_file(mimi_ref_7b.path, num_codebooks=k)
+        snr = snr_db(np.array(m.decode(codes_r[:, :k])), pcm_r)
+        record_property(f"7b_whole_decode_snr_db_k{k}", round(snr, 1))
+        assert snr >= 40, (k, snr)
+
+
+@pytest.mark.oracle
+def test_parity_7b_streaming(oracle_torch, mimi_ref_7b, mimi_test_audio, record_property):
+    torch, ref = oracle_torch, mimi_ref_7b.model
+    pcm = mimi_test_audio[:, :, :FRAME * 25]
+    ref.set_num_codebooks(8)
+    try:
+        lat_r, codes_r = _ref_run(torch, ref, pcm, stream=True)
+        pcm_r = _ref_decode(torch, ref, codes_r, stream=True)
+    finally:
+        ref.set_num_codebooks(32)
+    ours = Mimi.from_file(mimi_ref_7b.path, num_codebooks=8)
+    lat = _stream_encode(ours, pcm, latent=True)
+    codes = _stream_encode(ours, pcm)
+    assert rel_err(lat, lat_r) <= 1e-4
+    agree = _agreement(codes, codes_r)
+    _report(record_property, "7b_stream_agreement", agree)
+    assert agree.mean() >= 0.995
+    snr = snr_db(_stream_decode(ours, codes_r), pcm_r)
+    record_property("7b_stream_decode_snr_db", round(snr, 1))
+    assert snr >= 40
+
+
+@pytest.mark.oracle
+def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, record_property):
+    _, codes_r = mimi_7b_whole
+    half = Mimi.from_file(mimi_ref_7b.path, num_codebooks=8, dtype=mx.bfloat16)
+    codes = np.array(half.encode(mimi_test_audio))
+    agree = _agreement(codes, codes_r[:, :8])
+    _report(record_property, "7b_bf16_agreement", agree)
+    assert agree.mean() >= 0.99
