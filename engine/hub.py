@@ -439,14 +439,15 @@ def _from_hub(repo: str, *, offline: bool, progress: bool, revision, cache_dir, 
     if not offline and check_resources:
         _check_download_space(repo, wanted, revision=revision, cache_dir=cache_dir, token=token,
                               endpoint=endpoint, ctx=ctx, force_download=force_download)
-    tqdm_class = None if progress else _silent_tqdm()
+    # tqdm_class only when silencing (keeps older huggingface_hub versions working by default)
+    quiet = {} if progress else {"tqdm_class": _silent_tqdm()}
     paths: dict[str, Path] = {}
     for name in wanted:
         try:
             paths[name] = Path(hh.hf_hub_download(
                 repo, name, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=offline, endpoint=endpoint, tqdm_class=tqdm_class,
-                force_download=force_download and not offline))
+                local_files_only=offline, endpoint=endpoint,
+                force_download=force_download and not offline, **quiet))
         except Exception as exc:  # mapped to engine errors below; anything unknown is re-raised
             raise _map_hub_error(exc, name, **ctx) from exc
     config_path = None
@@ -454,7 +455,7 @@ def _from_hub(repo: str, *, offline: bool, progress: bool, revision, cache_dir, 
         try:
             config_path = Path(hh.hf_hub_download(
                 repo, CONFIG_FILE, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=offline, endpoint=endpoint, tqdm_class=tqdm_class))
+                local_files_only=offline, endpoint=endpoint, **quiet))
         except Exception as exc:
             mapped = _map_hub_error(exc, CONFIG_FILE, **ctx)
             if not isinstance(mapped, ModelNotFound):
