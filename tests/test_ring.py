@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import engine  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 import numpy as np
@@ -309,6 +310,43 @@ def test_two_threads_drop_oldest_never_reorders():
     values = got.astype(np.int64)  # below 2**24: exact
     assert (np.diff(values) > 0).all()  # strictly increasing: no duplicate, no reordering
     assert values[-1] == total - 1  # the newest sample always survives
+
+
+def test_c_calls_release_the_gil():
+    # A Python thread must run while a long copy is inside C (cffi drops the GIL). With a long
+    # switch interval, the ticker (which sleeps between ticks, so the main thread gets the GIL
+    # back at once) can run inside a call only if the call released the GIL. Checked with
+    # ctypes: a GIL-holding libc usleep gives 0 ticks here, a GIL-releasing one ~20 per 5 ms.
+    n = 1 << 22  # 16 MB per copy
+    r = RingBuffer(n)
+    block = np.ones(n, np.float32)
+    out = np.empty(n, np.float32)
+    ticks, windows, stop = [], [], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        for _ in range(10):
+            a = time.perf_counter()
+            r.write(block)
+            b = time.perf_counter()
+            r.read_into(out)
+            windows += [(a, b), (b, time.perf_counter())]
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    ticks = np.asarray(ticks)
+    inside = sum(int(((ticks > a) & (ticks < b)).sum()) for a, b in windows)
+    assert inside > 0, "no Python bytecode ran during any C copy: the GIL was held"
+    assert r.available_read == 0 and out[0] == 1
 
 
 # ---------------------------------------------------------------- C stress test
