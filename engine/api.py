@@ -163,7 +163,8 @@ class PersonaPlex:
         key = (voice, text, batch_size)
         if key not in self._prompt_cache:
             state = self.gen.new_state(batch_size, seed=0)
-            tokens = persona.encode_system_prompt(text, self.sp)
+            # An empty prompt skips the text phase (the reference crashes on it).
+            tokens = persona.encode_system_prompt(text, self.sp) if text.strip() else []
             self.gen.run_prompts(state, voice=self._voice(voice), text_tokens=tokens)
             mx.eval(state.tokens)
             self._prompt_cache[key] = state

@@ -1,4 +1,4 @@
-"""Fixtures for the audio tests: a headless PulseAudio null sink (scripts/pulse.sh) for PortAudio."""
+"""Shared fixtures: a headless PulseAudio null sink (scripts/pulse.sh) for PortAudio, and the tiny model."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,13 @@ def pulse_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The embedded tiny model (random weights), loaded once for the whole test session."""
+    import engine
+
+    model = engine.PersonaPlex.load("tiny", progress=False)
+    yield model
+    model.close()
