@@ -133,7 +133,7 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
 def _mimi_fixture(torch, tmp_path_factory, cfg, seed, name):
     from safetensors.numpy import save_file
 
-    audio = np.stack([speech_like(4.0, seed=100 + i) for i in range(3)])[:, None]
+    audio = np.stack([speech_like(3.0, seed=100 + i) for i in range(2)])[:, None]
     model, sd = mimi_build_reference(torch, cfg, seed, audio)
     path = tmp_path_factory.mktemp(name) / "tokenizer-e351c8d8-checkpoint125.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
@@ -156,5 +156,5 @@ def mimi_ref_7b(oracle_torch, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mimi_test_audio():
-    """6 s of speech-like audio (B=1) not used to build the codebooks."""
-    return speech_like(6.0, seed=7)[None, None]
+    """4 s of speech-like audio (B=1) not used to build the codebooks."""
+    return speech_like(4.0, seed=7)[None, None]
