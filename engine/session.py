@@ -335,7 +335,8 @@ def make_source(source, realtime: bool) -> Source:
         return CallbackSource(source)
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         from .audio.wav import load_audio
-        audio, _ = load_audio(source)
+        # A mic stand-in must be one channel: refuse stereo rather than guess a downmix.
+        audio, _ = load_audio(source, require_mono=True)
         return ArraySource(audio, realtime=realtime)
     raise ConfigError(f"unsupported source {type(source).__name__}: pass 'device', a wav path, "
                       "a numpy array, a callable fn(n) -> samples, or a Source")
@@ -352,6 +353,51 @@ def make_sink(sink) -> Sink:
         return WavSink(sink)
     raise ConfigError(f"unsupported sink {type(sink).__name__}: pass 'device', a wav path, "
                       "a callable fn(frame), a Sink, or None (collect in memory)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Echo-path delay tracking for the AEC
+# ----------------------------------------------------------------------------------------------
+class EchoDelayTracker:
+    """Keeps the AEC's far-end delay aligned with the measured speaker-to-mic lag.
+
+    PortAudio's reported latencies overestimate the real echo lag (measured through PulseAudio:
+    77 ms real vs 100 ms reported at blocksize 480), so the lag is measured from the signals: every
+    `every_frames` steps, when the agent was audible, the raw mic (before AEC) is cross-correlated
+    with what was pushed to the speaker (GCC-PHAT, engine.audio.aec.estimate_delay). A confident
+    estimate that differs from the current delay by more than `tolerance` resets the delay line
+    to lag - `margin` (the margin keeps the direct path inside the adaptive filter).
+    """
+
+    def __init__(self, aec, window_frames: int = 25, every_frames: int = 25, margin: int = 240,
+                 tolerance: int = 240, min_confidence: float = 8.0):
+        self.aec = aec
+        self.window = window_frames
+        self.every = every_frames
+        self.margin, self.tolerance, self.min_conf = margin, tolerance, min_confidence
+        self._near: deque[np.ndarray] = deque(maxlen=window_frames)
+        self._far: deque[np.ndarray] = deque(maxlen=window_frames)
+        self.frames = 0
+        self.updates = 0
+        self.last_lag: int | None = None
+        self.last_confidence = 0.0
+
+    def observe(self, near: np.ndarray, far: np.ndarray) -> None:
+        self._near.append(near)
+        self._far.append(far)
+        self.frames += 1
+        if self.frames % self.every or len(self._near) < self.window:
+            return
+        far_all = np.concatenate(self._far)
+        if float(np.sqrt(np.mean(far_all * far_all))) < 1e-3:   # speaker silent: nothing to measure
+            return
+        from .audio.aec import estimate_delay
+        lag, conf = estimate_delay(np.concatenate(self._near), far_all,
+                                   max_delay=(self.window - 1) * FRAME)
+        self.last_lag, self.last_confidence = lag, conf
+        if conf >= self.min_conf and abs((lag - self.margin) - self.aec.delay) > self.tolerance:
+            self.aec.set_delay(max(0, lag - self.margin))
+            self.updates += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +430,7 @@ class SessionStats:
     samples_out: int = 0
     events_dropped: int = 0
     aec: bool = False
+    aec_delay_ms: float = 0.0
     state: str = "idle"
 
     def health_line(self) -> str:
@@ -448,7 +495,7 @@ class DuplexSession:
         self._step_ms: deque[float] = deque(maxlen=500)
         self._stats_lock = threading.Lock()
         self.transcript: list[str] = []
-        self._far_history = np.zeros(0, np.float32)
+        self.delay_tracker: EchoDelayTracker | None = None
         self.error: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -523,6 +570,8 @@ class DuplexSession:
             s.playback_fill = self.device.play_ring.available_read
             s.playback_underrun = self.device.play_ring.underrun_count
         s.events_dropped = self._events_dropped
+        if self.delay_tracker is not None:
+            s.aec_delay_ms = self.delay_tracker.aec.delay / SAMPLE_RATE * 1e3
         return s
 
     _events_dropped = 0
@@ -538,12 +587,14 @@ class DuplexSession:
         aec = None
         if self.aec_enabled:
             from .audio.aec import EchoCanceller
-            aec = EchoCanceller(sample_rate=SAMPLE_RATE)
+            aec = EchoCanceller(sample_rate=SAMPLE_RATE, filter_ms=150)
             if self.device is not None:
-                # Echo in the mic frame read now was played about (queued playback + device
-                # latencies) ago; the far-end we pass is the frame pushed one step earlier.
+                # First guess until the tracker has measured the lag: the echo in the mic frame read
+                # now was played (queued playback + device latencies) ago, and the far-end we pass
+                # is the frame pushed one step earlier.
                 delay = self.prebuffer * FRAME + self.device.latency_samples() - FRAME
-                aec.set_delay(max(0, delay))
+                aec.set_delay(max(0, delay - 480))
+            self.delay_tracker = EchoDelayTracker(aec)
         return FrameProcessor(self.model, self.voice, self.system_prompt, self.seed, aec=aec,
                               timer=self.timer)
 
@@ -579,11 +630,8 @@ class DuplexSession:
                         break
                     time.sleep(0.002)
                     avail = self.source.available()
-                if avail < FRAME:
-                    if avail > 0 and self.source.exhausted:
-                        pass  # partial tail: handled below by padding
-                    else:
-                        break
+                if avail < FRAME and not (avail > 0 and self.source.exhausted):
+                    break     # stopped, or the source ended on a frame boundary (a partial tail is padded)
                 self.timer.mark("capture_wait")
                 backlog = avail // FRAME
                 if self.source.realtime and backlog > 1:
@@ -601,8 +649,9 @@ class DuplexSession:
                 if len(mic) < FRAME:
                     mic = np.concatenate([mic, np.zeros(FRAME - len(mic), np.float32)])
                 t0 = time.perf_counter()
+                if proc.aec is not None:
+                    self.delay_tracker.observe(mic, last_out)
                 res = proc.process(mic, last_out if proc.aec is not None else None)
-                t_push = time.perf_counter()
                 if (self.source.realtime and self.sink.fill() >
                         (self.prebuffer + self.drift_margin) * FRAME):
                     st.drift_skipped_frames += 1
@@ -623,7 +672,6 @@ class DuplexSession:
                     self._emit("text", res.text, st.frames)
                     if self.on_text is not None:
                         self.on_text(res.text)
-                _ = t_push
         except BaseException as exc:  # noqa: BLE001 - surfaced through stop()/wait()/error
             self.error = exc
             st.state = "error"

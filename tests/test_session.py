@@ -1,0 +1,168 @@
+"""DuplexSession: the 12.5 Hz loop on the tiny model with array, file and real PortAudio sources."""
+from __future__ import annotations
+
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from engine.errors import AudioDeviceError, AudioFormatError, ConfigError, UnknownVoice
+from engine.session import FRAME, ArraySource
+
+SR = 24000
+
+
+def noise(seconds, seed=0, amp=0.05):
+    return (amp * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def test_array_source_fast(tiny_model):
+    audio = noise(2.0)
+    s = tiny_model.session(source=audio, sink=None, seed=1)
+    with s:
+        st = s.wait(timeout=120)
+    n_frames = int(np.ceil(len(audio) / FRAME))
+    assert st.frames == n_frames and st.state == "stopped"
+    assert st.samples_in == len(audio) and st.samples_out == n_frames * FRAME
+    out = s.output_audio()
+    assert out.shape == (n_frames * FRAME,) and np.abs(out).max() > 0
+    kinds = [e.kind for e in s.events()]
+    assert kinds[:2] == ["state", "state"] and kinds[-1] == "state"
+    assert (st.deadline_misses > 0) == (st.step_ms_max > 80)
+
+
+def test_same_output_as_respond_realtime(tiny_model):
+    audio = noise(1.5, seed=3)
+    s = tiny_model.session(source=audio, sink=None, seed=5).start()
+    s.wait(timeout=120)
+    ref = np.concatenate(list(tiny_model.respond_realtime([audio], seed=5)))
+    np.testing.assert_array_equal(s.output_audio(), ref)
+    texts = [e.value for e in s.events() if e.kind == "text"]
+    assert texts == s.transcript and len(texts) > 0
+
+
+def test_realtime_pacing_follows_the_source_clock(tiny_model):
+    audio = noise(1.2)
+    s = tiny_model.session(source=audio, sink=None, realtime=True, seed=1)
+    t0 = time.monotonic()
+    s.start().wait(timeout=60)
+    assert time.monotonic() - t0 >= 1.1
+    assert s.stats().late_frames <= 2
+
+
+class _SlowGen:
+    """Wraps the generator so every step takes at least `delay` seconds."""
+
+    def __init__(self, gen, delay):
+        self.gen, self.delay = gen, delay
+
+    def step(self, *a, **k):
+        time.sleep(self.delay)
+        return self.gen.step(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+
+@pytest.fixture
+def slow_model(tiny_model):
+    real = tiny_model.gen
+    tiny_model.gen = _SlowGen(real, 0.15)
+    yield tiny_model
+    tiny_model.gen = real
+
+
+def test_deadline_policy_drop(slow_model):
+    audio = noise(2.0)
+    s = slow_model.session(source=ArraySource(audio, realtime=True), sink=None, deadline_policy="drop", seed=2)
+    st = s.start().wait(timeout=60)
+    assert st.deadline_misses == st.frames > 0               # every step is slower than 80 ms
+    assert st.dropped_input_frames > 0
+    # every input sample is accounted for: processed or dropped (counted)
+    assert st.samples_in == len(audio)
+    assert st.frames * FRAME + st.dropped_input_samples == len(audio)
+    assert st.dropped_input_samples == st.dropped_input_frames * FRAME
+    assert st.samples_out == st.frames * FRAME
+
+
+def test_deadline_policy_catch_up(slow_model):
+    audio = noise(1.6)
+    s = slow_model.session(source=ArraySource(audio, realtime=True), sink=None, deadline_policy="catch_up",
+                           max_backlog_frames=100, seed=2)
+    st = s.start().wait(timeout=60)
+    assert st.frames == 20 and st.dropped_input_frames == 0      # nothing dropped...
+    assert st.late_frames > 0 and st.deadline_misses == 20        # ...but it ran late, counted
+    assert st.samples_out == 20 * FRAME
+
+
+def test_reset_starts_new_conversation(tiny_model):
+    s = tiny_model.session(source=ArraySource(noise(3.0), realtime=True), sink=None, seed=4).start()
+    time.sleep(1.0)
+    s.reset()
+    s.wait(timeout=60)
+    states = [e.value for e in s.events() if e.kind == "state"]
+    assert "reset" in states and states[-1] == "stopped"
+
+
+def test_bad_arguments(tiny_model, tmp_path):
+    with pytest.raises(UnknownVoice):
+        tiny_model.session(source=noise(0.5), sink=None, voice="XYZ9")
+    with pytest.raises(ConfigError, match="deadline_policy"):
+        tiny_model.session(source=noise(0.5), sink=None, deadline_policy="later")
+    with pytest.raises(ConfigError, match="source"):
+        tiny_model.session(source=12345, sink=None)
+    stereo = tmp_path / "stereo.wav"
+    with wave.open(str(stereo), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(SR)
+        w.writeframes(np.zeros((SR, 2), np.int16).tobytes())
+    with pytest.raises(AudioFormatError, match="(?i)mono|channel"):
+        tiny_model.session(source=str(stereo), sink=None)
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
+    with pytest.raises(AudioFormatError):
+        tiny_model.session(source=str(empty), sink=None)
+    eight = tmp_path / "eight.wav"
+    with wave.open(str(eight), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(1), w.setframerate(SR)
+        w.writeframes(bytes(1000))
+    with pytest.raises(AudioFormatError, match="8-bit"):
+        tiny_model.session(source=str(eight), sink=None)
+
+
+def test_wav_sink(tiny_model, tmp_path):
+    out = tmp_path / "out.wav"
+    s = tiny_model.session(source=noise(1.0), sink=str(out), seed=1).start()
+    st = s.wait(timeout=60)
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == SR and w.getnchannels() == 1
+        assert w.getnframes() == st.frames * FRAME
+
+
+@pytest.mark.audio
+def test_device_session_on_null_sink(tiny_model, pulse_server):
+    """>= 10 s on real PortAudio streams: every captured sample consumed or still queued, playback
+    gaps only where underruns were counted, clean shutdown."""
+    s = tiny_model.session(source="device", sink="device", seed=3, max_frames=130)
+    s.start()
+    st = s.wait(timeout=60)
+    assert not s.running and st.state == "stopped"
+    assert st.frames == 130
+    c = s.device.stream.counters
+    cap, play = s.device.ring, s.device.play_ring
+    # capture: what the device delivered == what the loop read (incl. counted drops) + still queued + refused
+    assert c["frames_in"] == st.samples_in + cap.available_read + cap.overflow_count
+    assert cap.overflow_count == 0
+    # playback: what the device played == what the loop pushed - still queued + silence counted as underrun
+    pushed = st.samples_out + FRAME * 1                          # + the one prebuffer frame of silence
+    assert c["frames_out"] == pushed - play.available_read + play.underrun_count
+    assert st.samples_in >= 130 * FRAME
+    assert st.aec is True
+    assert st.step_ms_p50 < 80
+
+
+@pytest.mark.audio
+def test_unknown_device(tiny_model, pulse_server):
+    with pytest.raises(AudioDeviceError):
+        tiny_model.session(source="device", sink="device", input_device=999)
