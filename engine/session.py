@@ -50,14 +50,20 @@ STAGES = ("capture_wait", "aec", "mimi_encode", "temporal", "depformer", "mimi_d
 # Per-step timing (cheap when off)
 # ----------------------------------------------------------------------------------------------
 class StageTimer:
-    """Collects per-stage durations of each step when enabled; a no-op otherwise.
+    """Per-stage durations (ms) of each step when enabled; a no-op otherwise.
 
-    With `sync=True` the model stages are evaluated (mx.eval) at each mark so the time of each stage
-    is its own; that adds a few host syncs per step, which is why it is off in normal runs.
+    A step is `begin()`, then `mark(stage, *arrays)` after each stage, then `end()`. A mark charges
+    the time since the previous mark (or `begin`) to `stage`; with arrays it first evaluates them
+    (mx.eval), so MLX's lazy work is charged to the stage that queued it. Those host syncs are why
+    timing is off in normal runs. `end()` stores the record with `step` = the sum of every stage
+    but "capture_wait" (the loop's work for the frame, waiting excluded), so the stages add up to
+    the step exactly. Disabled, each call is one attribute test: no clock reads, no evals, no records.
     """
 
+    WAIT_STAGE = "capture_wait"
+
     def __init__(self, enabled: bool = False):
-        self.enabled = enabled
+        self.enabled = bool(enabled)
         self.records: list[dict[str, float]] = []
         self._current: dict[str, float] | None = None
         self._t = 0.0
@@ -78,10 +84,14 @@ class StageTimer:
         self._t = now
 
     def end(self, **extra: float) -> None:
-        if self.enabled and self._current is not None:
-            self._current.update(extra)
-            self.records.append(self._current)
-            self._current = None
+        """Close the step's record; `extra` values are stored as they are (a given `step` wins)."""
+        if not self.enabled or self._current is None:
+            return
+        rec = self._current
+        rec["step"] = sum(v for k, v in rec.items() if k != self.WAIT_STAGE)
+        rec.update(extra)
+        self.records.append(rec)
+        self._current = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,7 +671,7 @@ class DuplexSession:
                 last_out = res.audio
                 self.timer.mark("playback_push")
                 step_ms = (time.perf_counter() - t0) * 1e3
-                self.timer.end(step=step_ms, capture_wait_ms_total=(t0 - t_wait) * 1e3)
+                self.timer.end()
                 with self._stats_lock:
                     st.frames += 1
                     self._step_ms.append(step_ms)
