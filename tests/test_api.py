@@ -120,6 +120,11 @@ def test_respond_diagnostic(tiny_model):
     assert len(diag.step_timings) == 50
     for stage in ("mimi_encode", "temporal", "depformer", "mimi_decode"):
         assert all(r[stage] > 0 for r in diag.step_timings), stage
+    # entropies per generated step (text) and per agent codebook; hidden stats per layer group
+    assert len(diag.text_entropy) >= 50 and len(diag.audio_entropy) >= 8 * 50
+    assert all(e >= 0 for e in diag.text_entropy) and max(diag.text_entropy) > 0.1
+    groups = {h["name"] for h in diag.hidden_stats}
+    assert len(groups) >= 2 and all(h["std"] > 0 for h in diag.hidden_stats)
     summary = diag.summary()
     assert summary["steps"] == 50 and summary["step_p50_ms"] > 0
     assert diag.prompt_ms > 0

@@ -195,6 +195,7 @@ class LmGen:
         if not isinstance(sampling, SamplingParams):
             raise ConfigError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.lm, self.sampling, self.depformer_mode = lm, sampling, depformer_mode
+        self.stats_hook = None      # diagnostics only: fn(name, logits) for text / agent audio logits
         c = self.config = lm.config
         self.delays = tuple(c.delays)
         self.max_delay = max(self.delays)
@@ -319,6 +320,8 @@ class LmGen:
             x = mx.broadcast_to(embedding.astype(self.lm.dtype)[None, None], (state.batch_size, 1, c.dim))
         h, text_logits = self.lm.temporal(x, state.cache)
         h, text_logits = h[:, 0], text_logits[:, 0]
+        if self.stats_hook is not None:
+            self.stats_hook("text_logits", text_logits)
 
         state.key, sub = mx.random.split(state.key)
         keys = mx.random.split(sub, 1 + c.dep_q)
@@ -338,6 +341,8 @@ class LmGen:
         new_col = [target[:, 0] if prov[0] else sampled_text]
         for s in range(n_steps):
             logits = self.lm.depformer_step(s, h, prev, dc)
+            if self.stats_hook is not None and s < self.n_cb:
+                self.stats_hook("audio_logits", logits)
             tok = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, keys[1 + s])
             prev = target[:, s + 1] if prov[s + 1] else tok
             new_col.append(prev)

@@ -392,6 +392,9 @@ class LM(nn.Module):
         self.linears = MultiLinear(c.dep_q, c.depformer_dim, c.card)
         self.quant_plan = None
         self._compiled = None
+        # Diagnostics only (respond_diagnostic): fn(name, hidden) after each quarter of the temporal
+        # layers. Set it on an uncompiled model; None costs nothing.
+        self.stats_hook = None
         self._audio_base = mx.arange(c.n_q, dtype=mx.int32)[:, None] * (c.card + 1)
 
     # ---- loading
@@ -520,7 +523,8 @@ class LM(nn.Module):
         mask = (pos[None, :] >= 0) & (delta >= 0) & (delta < C)
         scale = 1.0 / math.sqrt(hd)
         new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.transformer.layers, keys, values):
+        group = max(1, len(self.transformer.layers) // 4)
+        for li, (layer, k_cache, v_cache) in enumerate(zip(self.transformer.layers, keys, values)):
             y = layer.norm1(x)
             qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
@@ -533,6 +537,8 @@ class LM(nn.Module):
             a = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale, mask=mask)
             x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
+            if self.stats_hook is not None and (li + 1) % group == 0:
+                self.stats_hook(f"layers {li + 1 - group}-{li}", x)
         h = self.out_norm(x)
         return (h, self.text_linear(h), *new_k, *new_v, pos, offset + T)
 
