@@ -10,9 +10,13 @@ same way on the first chunk as in streaming).
 from __future__ import annotations
 
 import math
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from ..errors import CorruptCheckpoint
 
 
 def elu(x: mx.array) -> mx.array:
@@ -302,3 +306,136 @@ class SplitRVQ(nn.Module):
         if codes.shape[1] > self._ns:
             q = q + self.rvq_rest.decode(codes[:, self._ns:])
         return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint format
+
+def reference_shapes(cfg) -> dict[str, tuple]:
+    """Every key (and shape) of the reference MimiModel state dict for this config."""
+    s: dict[str, tuple] = {}
+
+    def conv(p, cin, cout, k, bias=True):
+        s[p + ".conv.conv.weight"] = (cout, cin, k)
+        if bias:
+            s[p + ".conv.conv.bias"] = (cout,)
+
+    for part, dec in (("encoder", False), ("decoder", True)):
+        for i, spec in enumerate(seanet_layout(cfg, dec)):
+            p = f"{part}.model.{i}"
+            if spec[0] == "conv":
+                conv(p, spec[1], spec[2], spec[3])
+            elif spec[0] == "convtr":
+                s[p + ".convtr.convtr.weight"] = (spec[1], spec[2], 2 * spec[3])
+                s[p + ".convtr.convtr.bias"] = (spec[2],)
+            elif spec[0] == "res":
+                h = spec[1] // cfg.compress
+                conv(p + ".block.1", spec[1], h, cfg.residual_kernel_size)
+                conv(p + ".block.3", h, spec[1], 1)
+    d, f = cfg.d_model, cfg.dim_feedforward
+    for part in ("encoder_transformer", "decoder_transformer"):
+        for i in range(cfg.num_layers):
+            p = f"{part}.transformer.layers.{i}."
+            s[p + "self_attn.in_proj_weight"] = (3 * d, d)
+            s[p + "self_attn.out_proj.weight"] = (d, d)
+            for n in ("norm1", "norm2"):
+                s[p + n + ".weight"] = (d,)
+                s[p + n + ".bias"] = (d,)
+            s[p + "linear1.weight"] = (f, d)
+            s[p + "linear2.weight"] = (d, f)
+            s[p + "layer_scale_1.scale"] = (d,)
+            s[p + "layer_scale_2.scale"] = (d,)
+    k = 2 * cfg.downsample_stride
+    s["downsample.conv.conv.conv.weight"] = (cfg.dimension, cfg.dimension, k)
+    s["upsample.convtr.convtr.convtr.weight"] = (cfg.dimension, 1, k)
+    qd = cfg.quantizer_dimension
+    for name, n in (("rvq_first", cfg.n_q_semantic), ("rvq_rest", cfg.n_q - cfg.n_q_semantic)):
+        p = f"quantizer.{name}."
+        s[p + "input_proj.weight"] = (qd, cfg.dimension, 1)
+        s[p + "output_proj.weight"] = (cfg.dimension, qd, 1)
+        for lvl in range(n):
+            c = f"{p}vq.layers.{lvl}._codebook."
+            s[c + "embedding_sum"] = (cfg.bins, qd)
+            s[c + "cluster_usage"] = (cfg.bins,)
+            s[c + "_initialized"] = (1,)
+    return s
+
+
+_ALIASES = ((".self_attn.in_projs.0.weight", ".self_attn.in_proj_weight"),
+            (".self_attn.in_proj.weight", ".self_attn.in_proj_weight"),
+            (".self_attn.out_projs.0.weight", ".self_attn.out_proj.weight"))
+
+
+def normalize_keys(weights: dict) -> dict:
+    """Accept the other spellings of the attention keys: the released file has `in_proj_weight`,
+    while a state dict saved from moshi 0.2.13's modules has `in_projs.0.weight`."""
+    out = {}
+    for k, v in weights.items():
+        for a, b in _ALIASES:
+            if k.endswith(a):
+                k = k[: -len(a)] + b
+        out[k] = v
+    return out
+
+
+def check_weights(weights: dict, cfg, source: str = "checkpoint") -> None:
+    """Raise CorruptCheckpoint naming the first missing or mis-shaped reference key."""
+    for key, shape in reference_shapes(cfg).items():
+        if key not in weights:
+            raise CorruptCheckpoint(f"Mimi {source} is missing key {key!r} (expected shape "
+                                    f"{list(shape)}); is this the tokenizer-*.safetensors file "
+                                    f"of a Mimi model with this config?")
+        got = tuple(weights[key].shape)
+        if got != shape and not (key.endswith("_initialized") and got == ()):
+            raise CorruptCheckpoint(f"Mimi {source}: key {key!r} has shape {list(got)}, expected "
+                                    f"{list(shape)} (wrong config or corrupt file)")
+
+
+def _np(a) -> np.ndarray:
+    if isinstance(a, mx.array):
+        return np.array(a.astype(mx.float32))
+    return np.asarray(a, dtype=np.float32)
+
+
+def sanitize(weights: dict, cfg) -> dict[str, np.ndarray]:
+    """Reference state dict -> our module layout (float32 numpy). Pure: inputs are not changed.
+
+    Convs (out, in, k) -> (out, k, in); transposed convs (in, out, k) -> (in, k, out); the
+    depthwise upsampler (C, 1, k) -> (k, C); 1x1 projections lose their k axis; each codebook
+    becomes embedding_sum / max(cluster_usage, 1e-5), stacked per RVQ as (n_q, bins, dim).
+    """
+    out: dict[str, np.ndarray] = {}
+    books: dict[str, dict[int, np.ndarray]] = {"rvq_first": {}, "rvq_rest": {}}
+    for key, val in weights.items():
+        m = re.match(r"quantizer\.(rvq_first|rvq_rest)\.vq\.layers\.(\d+)\._codebook\.(\w+)$", key)
+        if m:
+            if m.group(3) == "embedding_sum":
+                usage = _np(weights[key.replace("embedding_sum", "cluster_usage")])
+                books[m.group(1)][int(m.group(2))] = (
+                    _np(val) / np.maximum(usage, 1e-5)[:, None]).astype(np.float32)
+            continue
+        a = _np(val)
+        if key == "downsample.conv.conv.conv.weight":
+            out["downsample.weight"] = a.transpose(0, 2, 1)
+        elif key == "upsample.convtr.convtr.convtr.weight":
+            out["upsample.weight"] = a[:, 0, :].T
+        elif key.endswith(".conv.conv.weight"):
+            out[key.replace(".conv.conv.", ".")] = a.transpose(0, 2, 1)
+        elif key.endswith(".conv.conv.bias"):
+            out[key.replace(".conv.conv.", ".")] = a
+        elif key.endswith(".convtr.convtr.weight"):
+            out[key.replace(".convtr.convtr.", ".")] = a.transpose(0, 2, 1)
+        elif key.endswith(".convtr.convtr.bias"):
+            out[key.replace(".convtr.convtr.", ".")] = a
+        elif key.startswith(("encoder_transformer.transformer.", "decoder_transformer.transformer.")):
+            k = key.replace(".transformer.layers.", ".layers.").replace("in_proj_weight",
+                                                                        "in_proj.weight")
+            out[k] = a
+        elif key.startswith("quantizer.") and key.endswith("_proj.weight"):
+            out[key] = a[:, :, 0]
+        else:
+            out[key] = a
+    for name, levels in books.items():
+        if levels:
+            out[f"quantizer.{name}.embedding"] = np.stack([levels[i] for i in sorted(levels)])
+    return out
