@@ -1,0 +1,5 @@
+"""The websocket server: one batched 80 ms step loop for every connected conversation.
+
+protocol.py (wire format, query parameters), batch.py (slots stacked on the batch dimension),
+loop.py (the step loop on the model worker), app.py (aiohttp app: /api/chat, /healthz, /metrics, /).
+"""
