@@ -1,61 +1,201 @@
 """`python -m engine.profile`: where each millisecond of the 80 ms step goes, on this machine.
 
-Runs the real DuplexSession loop (engine.session) with stage timing on, and reports per stage
-p50/p95/p99/max, the real-time factor, deadline misses, warm-up, load time and peak memory.
+Runs the real DuplexSession loop (engine.session) with its stage timer on and reports, per stage
+(capture wait, AEC, Mimi encode, temporal transformer, depformer, Mimi decode, playback push, and
+the whole step), p50/p95/p99/max in ms, the real-time factor, deadline misses, model load time,
+prompt and warm-up time, and memory (MLX active/peak/cache, process RSS now and peak).
 
     python -m engine.profile --model tiny --steps 200 --json prof.json --plot prof.png
     python -m engine.profile --model tiny --steps 200 --compare prof.json
-    python -m engine.profile --model tiny --device-loopback      # mouth-to-ear on a real device pair
+    python -m engine.profile --model tiny --device-loopback          # mouth-to-ear on a device pair
+    python -m engine.profile --model random:personaplex --quantize 4 --device gpu   # 7B shapes, random
+
+`--model random:personaplex` (and `random:tiny`) is a BENCHMARK model: the real layer shapes with
+random weights built in memory (no download, no checkpoint files). It babbles; it exists only to
+time the full-size network where the released weights are not at hand.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from .errors import EngineError
-from .session import FRAME, SAMPLE_RATE, STAGES
+from .errors import AudioDeviceError, ConfigError, EngineError
+from .session import FRAME, SAMPLE_RATE, STAGES, StageTimer
 
-SCHEMA_VERSION = 1
-WARMUP_STEPS = 5
+SCHEMA_VERSION = 2
+FRAME_MS = FRAME / SAMPLE_RATE * 1e3
+MODEL_DELAY_FRAMES = 2          # a user frame first affects agent audio two calls later (spec section 4)
+RANDOM_PREFIX = "random:"
+RANDOM_MODELS = ("personaplex", "tiny")
+PERCENTILES = ("p50", "p95", "p99", "max", "mean")
+
+# JSON layout, checked by validate() (tests, --compare): key -> type (dict = nested layout).
+SCHEMA = {
+    "schema": int, "tool": str, "date": str,
+    "machine": {"platform": str, "processor": str, "python": str, "mlx": str, "mlx_device": str,
+                "blas": str},
+    "model": {"source": str, "quantize": (str, type(None)), "tiny": bool, "benchmark_weights": bool},
+    "run": {"steps": int, "warmup_steps": int, "realtime": bool, "aec": bool, "voice": (str, type(None)),
+            "input": str},
+    "timing": {"load_s": float, "prompt_ms": float, "first_step_ms": float, "warmup_ms": float,
+               "warmup_excess_ms": float, "wall_s": float, "frame_ms": float, "rtf": float,
+               "rtf_p99": float, "deadline_misses": int, "deadline_miss_rate": float},
+    "stages": dict,
+    "series": dict,
+    "memory": {"mlx_active_mb": float, "mlx_peak_mb": float, "mlx_peak_run_mb": float,
+               "mlx_cache_mb": float, "rss_mb": (float, type(None)), "rss_peak_mb": float},
+    "instrumentation": {"off_us_per_step": float, "off_fraction_of_step": float},
+    "session": dict,
+}
 
 
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--quantize", default="none", help="none | 8 | 4")
-    p.add_argument("--steps", type=int, default=200, help="timed steps (after warm-up)")
-    p.add_argument("--in-wav", default=None, help="mic input (default: synthetic speech-like noise)")
-    p.add_argument("--realtime", action="store_true", help="pace the input at 12.5 Hz (measures capture wait)")
-    p.add_argument("--aec", action="store_true", help="include Speex AEC in the loop")
-    p.add_argument("--voice", default="NATF2")
+    p.add_argument("--model", default="tiny",
+                   help="tiny | a repo id | a local directory | random:personaplex | random:tiny")
+    p.add_argument("--model-dir", default=None, help="where downloads go (default: the HF cache)")
+    p.add_argument("--quantize", default="none", help="none | 8 | 4 | a plan name (engine.models.quant)")
+    p.add_argument("--device", default=None, choices=("cpu", "gpu"),
+                   help="MLX device (default: MLX's default, the GPU where there is one)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps, after the warm-up (>= 1)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps (compile, caches)")
+    p.add_argument("--in-wav", default=None, help="mic input, looped to length (default: synthetic speech)")
+    p.add_argument("--realtime", action="store_true",
+                   help="pace the input at 12.5 Hz like a device (capture wait becomes real)")
+    p.add_argument("--aec", action="store_true", help="include the Speex echo canceller in the loop")
+    p.add_argument("--voice", default="NATF2", help="voice preset (the random:personaplex model uses none)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-loopback", action="store_true",
-                   help="measure the audio path latency with a click through a real output->input loop")
-    p.add_argument("--input-device", default=None)
-    p.add_argument("--output-device", default=None)
-    p.add_argument("--json", default=None, help="write results as JSON")
+                   help="also measure mouth-to-ear latency: a click through a real output->input loop")
+    p.add_argument("--input-device", default=None, help="loopback input device (index or name)")
+    p.add_argument("--output-device", default=None, help="loopback output device (index or name)")
+    p.add_argument("--blocksize", type=int, default=480, help="PortAudio block for the loopback (samples)")
+    p.add_argument("--overhead", action="store_true",
+                   help="also run the loop with the stage timer off and report what timing costs")
+    p.add_argument("--json", default=None, help="write the results as JSON")
     p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
-    p.add_argument("--compare", default=None, help="an earlier --json file: print ratios per stage")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compare", default=None, help="an earlier --json file: print new/old ratios per stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def _pct(vals) -> dict:
+def check_args(args) -> np.ndarray | None:
+    """Validate everything that can be checked before the (slow) model load; returns the input
+    audio when --in-wav is given. Raises ConfigError / AudioFormatError / MissingLibraryError."""
+    if isinstance(args.steps, bool) or not isinstance(args.steps, int) or args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: must be an integer >= 1")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup}: must be >= 0")
+    if str(args.model).startswith(RANDOM_PREFIX) and args.model[len(RANDOM_PREFIX):] not in RANDOM_MODELS:
+        raise ConfigError(f"--model {args.model}: benchmark models are "
+                          + ", ".join(RANDOM_PREFIX + m for m in RANDOM_MODELS))
+    if args.plot:
+        _import_pyplot()
+        _check_writable(args.plot, "--plot")
+    if args.json:
+        _check_writable(args.json, "--json")
+    if args.compare:
+        load_result(args.compare)
+    if args.device_loopback and not 16 <= args.blocksize <= 16384:
+        raise ConfigError(f"--blocksize {args.blocksize}: use 16..16384 samples (480 = 20 ms)")
+    if args.in_wav:
+        from .audio.wav import load_audio
+        audio, _ = load_audio(args.in_wav)
+        return audio
+    return None
+
+
+def _check_writable(path: str, flag: str) -> None:
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import MissingLibraryError
+        raise MissingLibraryError("--plot needs matplotlib: pip install matplotlib "
+                                  "(or pip install 'personaplex-engine[plot]')") from None
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark model: real shapes, random weights (never used outside profiling/benchmarks)
+# ----------------------------------------------------------------------------------------------
+def load_random_model(name: str = "personaplex", quantize=None, worker=None, seed: int = 0):
+    """A `PersonaPlex` with random weights at the shapes of `name` ("personaplex": the 7B LM and the
+    released Mimi; "tiny": the tiny model's shapes), built in memory. BENCHMARK ONLY: it babbles.
+
+    The tokenizer (and, for "tiny", the voices) come from the generated tiny model; the 7B-shaped
+    model has no voices (tiny voices have the wrong width), so profile it with voice=None.
+    """
+    from . import hub
+    from .api import PersonaPlex, _parse_quantize
+    from .worker import ModelWorker
+
+    if name not in RANDOM_MODELS:
+        raise ConfigError(f"random model {name!r}: use one of {', '.join(RANDOM_MODELS)}")
+    q = _parse_quantize(quantize)
+    tiny = hub.resolve_model("tiny", progress=False)
+    files = dataclasses.replace(tiny, source=RANDOM_PREFIX + name, is_tiny=False,
+                                config=tiny.config if name == "tiny" else None,
+                                voices_dir=tiny.voices_dir if name == "tiny" else None)
+    worker = worker or ModelWorker()
+    t0 = time.perf_counter()
+    mimi, lm, gen, sp = worker.call(_build_random, files, q, name == "tiny", seed)
+    model = PersonaPlex(files, mimi, lm, gen, sp, worker, q, time.perf_counter() - t0)
+    model.benchmark_weights = True
+    return model
+
+
+def _build_random(files, q, small: bool, seed: int):
+    import mlx.core as mx
+    import sentencepiece as spm
+
+    from .models import quant
+    from .models.gen import LmGen, SamplingParams
+    from .models.lm import LM
+    from .models.mimi import Mimi, tiny_state_dict
+
+    lm = LM.random(files.lm_config(), mx.float32 if small else mx.bfloat16, seed=seed)
+    if q is not None:
+        quant.apply(lm, quant.QuantPlan.parse(q))
+    mcfg = files.mimi_config()
+    mimi = Mimi(mcfg, 8).load_reference_weights(tiny_state_dict(mcfg, seed=seed), source="random weights")
+    sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
+    return mimi, lm, LmGen(lm, sampling=SamplingParams()), sp
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+def percentiles(vals) -> dict:
     a = np.asarray(vals, dtype=np.float64)
     if a.size == 0:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
+        return dict.fromkeys(PERCENTILES, 0.0)
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
             "p99": float(np.percentile(a, 99)), "max": float(a.max()), "mean": float(a.mean())}
 
 
-def _synthetic_input(seconds: float, seed: int = 0) -> np.ndarray:
+def synthetic_input(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like mic input: a buzzy 140 Hz voice in 3 Hz syllables, pauses, a little noise."""
     rng = np.random.default_rng(seed)
     n = int(seconds * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
@@ -64,38 +204,48 @@ def _synthetic_input(seconds: float, seed: int = 0) -> np.ndarray:
     return ((voiced + 0.02 * rng.standard_normal(n)) * env).astype(np.float32)
 
 
-def _rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / 1024.0 / 1024.0
+def rss_mb() -> tuple[float | None, float]:
+    """(current RSS or None where /proc is missing, peak RSS) of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024.0   # bytes vs KiB
+    cur = None
+    try:
+        with open("/proc/self/statm") as f:
+            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return cur, peak_mb
 
 
-def run_profile(args) -> dict:
-    import mlx.core as mx
-
-    from .api import PersonaPlex
-
+def disabled_timer_cost_us(reps: int = 20000) -> float:
+    """Microseconds per step that a disabled StageTimer costs the loop: the calls the session and
+    FrameProcessor make per step (begin, 5 marks, end, the probe check), timed in a tight loop."""
+    tm = StageTimer(False)
+    begin, mark, end = tm.begin, tm.mark, tm.end
     t0 = time.perf_counter()
-    model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
-                             progress=not args.no_progress)
-    load_s = time.perf_counter() - t0
-    total = args.steps + WARMUP_STEPS
-    if args.in_wav:
-        from .audio.wav import load_audio
-        audio, _ = load_audio(args.in_wav)
-        reps = int(np.ceil(total * FRAME / max(len(audio), 1)))
-        audio = np.tile(audio, reps)[: total * FRAME]
-    else:
-        audio = _synthetic_input(total * FRAME / SAMPLE_RATE)
-    bar = None
-    if not args.no_progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=total, unit="step", desc="profiling", file=sys.stderr)
-        except ImportError:
-            bar = None
-    session = model.session(source=audio, sink=None, voice=args.voice, realtime=args.realtime,
-                            aec=args.aec, profile=True, max_frames=total)
-    t_start = time.perf_counter()
+    for _ in range(reps):
+        begin()
+        mark("capture_wait")
+        mark("aec")
+        mark("mimi_encode", None)
+        _ = (lambda s: mark(s)) if tm.enabled else None
+        mark("mimi_decode")
+        mark("playback_push")
+        end()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def _input_audio(args, audio: np.ndarray | None, total: int) -> tuple[np.ndarray, str]:
+    if audio is None:
+        return synthetic_input(total * FRAME / SAMPLE_RATE, args.seed), "synthetic speech-like noise"
+    reps = int(np.ceil(total * FRAME / max(len(audio), 1)))
+    return np.tile(audio, reps)[: total * FRAME], os.path.basename(args.in_wav)
+
+
+def _run_session(model, audio, args, voice, profile: bool, total: int, bar=None):
+    session = model.session(source=audio, sink=None, voice=voice, realtime=args.realtime,
+                            aec=args.aec, profile=profile, max_frames=total, seed=args.seed)
+    t0 = time.perf_counter()
     session.start()
     last = 0
     while session.running:
@@ -105,169 +255,395 @@ def run_profile(args) -> dict:
             bar.update(n - last)
             last = n
     stats = session.wait()
-    wall = time.perf_counter() - t_start
     if bar is not None:
         bar.update(stats.frames - last)
-        bar.close()
+    return session, stats, time.perf_counter() - t0
+
+
+def _steady_p50(session, warmup: int) -> float:
+    times = list(session._step_ms)
+    return float(np.median(times[warmup:] if warmup < len(times) else times))
+
+
+def load_model(args):
+    """Load the model named by --model on a worker set to --device; returns (model, seconds)."""
+    from .api import PersonaPlex
+    from .worker import ModelWorker
+
+    worker = ModelWorker()
+    if args.device is not None:
+        import mlx.core as mx
+        worker.call(mx.set_default_device, mx.gpu if args.device == "gpu" else mx.cpu)
+    t0 = time.perf_counter()
+    try:
+        if str(args.model).startswith(RANDOM_PREFIX):
+            model = load_random_model(args.model[len(RANDOM_PREFIX):], args.quantize, worker, args.seed)
+        else:
+            model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
+                                     progress=not args.no_progress, worker=worker)
+    except BaseException:
+        worker.shutdown()
+        raise
+    return model, time.perf_counter() - t0
+
+
+def run_profile(args, audio: np.ndarray | None = None) -> dict:
+    """Load the model, run the real session loop for warmup + steps frames with stage timing on,
+    and return the result dict (layout: SCHEMA)."""
+    model, load_s = load_model(args)
+    try:
+        return _profile_loaded(model, load_s, args, audio)
+    finally:
+        model.close()
+
+
+def _profile_loaded(model, load_s: float, args, audio) -> dict:
+    import mlx.core as mx
+
+    bench = bool(getattr(model, "benchmark_weights", False))
+    voice = None if (bench and model.files.voices_dir is None) else args.voice
+    total = args.steps + args.warmup
+    pcm, input_desc = _input_audio(args, audio, total)
+
+    # The prompt phases (voice + system prompt) run once per persona and are cached on the model:
+    # time them here so the session's start-up does not blur the first steps.
+    model._check_voice(voice)
+    t0 = time.perf_counter()
+    model.worker.call(model._prompted_state, voice, None, args.seed)
+    prompt_ms = (time.perf_counter() - t0) * 1e3
+    peak_load = model.worker.call(mx.get_peak_memory)      # load + prompt
+    model.worker.call(mx.reset_peak_memory)
+
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="step", desc="profiling", file=sys.stderr, leave=False)
+        except ImportError:
+            bar = None
+    try:
+        session, stats, wall = _run_session(model, pcm, args, voice, True, total, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     records = session.timer.records
-    warm, timed = records[:WARMUP_STEPS], records[WARMUP_STEPS:]
-    stages = {}
-    for s in STAGES:
-        key = s
-        vals = [r.get(key, 0.0) for r in timed]
-        stages[s] = _pct(vals)
-    steps = [r.get("step", 0.0) for r in timed]
-    frame_ms = FRAME / SAMPLE_RATE * 1e3
+    if len(records) < total:
+        raise EngineError(f"the loop stopped after {len(records)} of {total} steps "
+                          f"(session state {stats.state!r}); see the error above")
+    warm, timed = records[: args.warmup], records[args.warmup:]
+    steps = np.array([r["step"] for r in timed])
+    p50 = float(np.median(steps))
+    series = {s: [round(r.get(s, 0.0), 4) for r in timed] for s in STAGES}
+    cur_rss, peak_rss = rss_mb()
+    off_us = disabled_timer_cost_us()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "python": platform.python_version(), "mlx": getattr(mx, "__version__", "?"),
+               "mlx_device": str(model.worker.call(mx.default_device)),
+               "blas": str(getattr(__import__("engine")._blas, "BLAS_IN_USE", "?"))}
+    q = model.quantize
     result = {
         "schema": SCHEMA_VERSION,
         "tool": "engine.profile",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "mlx_device": str(mx.default_device()), "blas": __import__("engine")._blas.BLAS_IN_USE},
-        "model": {"source": str(model.files.source), "quantize": model.quantize, "tiny": model.is_tiny},
-        "steps": len(timed),
-        "warmup_steps": len(warm),
-        "warmup_ms": float(sum(r.get("step", 0.0) for r in warm)),
-        "load_s": load_s,
-        "wall_s": wall,
-        "frame_ms": frame_ms,
-        "rtf": float(np.mean(steps) / frame_ms) if steps else 0.0,
-        "deadline_misses": int(sum(1 for x in steps if x > frame_ms)),
-        "stages": stages,
-        "series": {"step": steps, **{s: [r.get(s, 0.0) for r in timed] for s in STAGES if s != "step"}},
-        "memory": {"mlx_active_mb": mx.get_active_memory() / 2**20, "mlx_peak_mb": mx.get_peak_memory() / 2**20,
-                   "rss_peak_mb": _rss_mb()},
-        "session": {k: v for k, v in stats.__dict__.items() if isinstance(v, (int, float, bool, str))},
+        "machine": machine,
+        "model": {"source": str(model.files.source), "quantize": None if q is None else str(q),
+                  "tiny": bool(model.is_tiny or model.files.config is not None), "benchmark_weights": bench},
+        "run": {"steps": len(timed), "warmup_steps": len(warm), "realtime": bool(args.realtime),
+                "aec": bool(args.aec), "voice": voice, "input": input_desc},
+        "timing": {
+            "load_s": float(load_s),
+            "prompt_ms": float(prompt_ms),
+            "first_step_ms": float(records[0]["step"]),
+            "warmup_ms": float(sum(r["step"] for r in warm)),
+            # What the warm-up steps cost beyond steady-state steps: compilation, allocations.
+            "warmup_excess_ms": float(sum(r["step"] - p50 for r in warm)),
+            "wall_s": float(wall),
+            "frame_ms": FRAME_MS,
+            "rtf": float(steps.mean() / FRAME_MS),
+            "rtf_p99": float(np.percentile(steps, 99) / FRAME_MS),
+            "deadline_misses": int((steps > FRAME_MS).sum()),
+            "deadline_miss_rate": float((steps > FRAME_MS).mean()),
+        },
+        "stages": {s: percentiles(series[s]) for s in STAGES},
+        "series": series,
+        "memory": {"mlx_active_mb": mx.get_active_memory() / 2**20,
+                   "mlx_peak_mb": max(peak_load, mx.get_peak_memory()) / 2**20,
+                   "mlx_peak_run_mb": mx.get_peak_memory() / 2**20,
+                   "mlx_cache_mb": mx.get_cache_memory() / 2**20,
+                   "rss_mb": cur_rss, "rss_peak_mb": peak_rss},
+        "instrumentation": {"off_us_per_step": off_us, "off_fraction_of_step": off_us / 1e3 / p50},
+        "session": {k: v for k, v in dataclasses.asdict(stats).items()
+                    if isinstance(v, (int, float, bool, str))},
     }
-    model.close()
+    if args.overhead:
+        # The session's own step clock (not the stage timer) for both runs, warm-up skipped.
+        off_session, _, _ = _run_session(model, pcm, args, voice, False, total)
+        on_p50, off_p50 = _steady_p50(session, args.warmup), _steady_p50(off_session, args.warmup)
+        result["instrumentation"].update(step_p50_timer_on_ms=on_p50, step_p50_timer_off_ms=off_p50,
+                                         on_cost_fraction=on_p50 / off_p50 - 1.0)
     return result
 
 
-def loopback(args) -> dict:
-    """Play a click through the output device and find it in the input: audio-path latency."""
+# ----------------------------------------------------------------------------------------------
+# Mouth-to-ear: a click through a real output -> input loop
+# ----------------------------------------------------------------------------------------------
+def _device_spec(v):
+    return int(v) if v is not None and str(v).isdigit() else v
+
+
+def make_click(n: int = 96) -> np.ndarray:
+    """A short broadband click: a Hann-windowed 3 kHz burst (4 ms), peak 0.8."""
+    t = np.arange(n) / SAMPLE_RATE
+    return (0.8 * np.hanning(n) * np.sin(2 * np.pi * 3000 * t)).astype(np.float32)
+
+
+def find_clicks(rec: np.ndarray, click: np.ndarray, starts, max_lag: int,
+                min_snr: float = 8.0) -> list[int | None]:
+    """For each emission index in `starts`, the lag (samples) at which `click` shows up in `rec`
+    within [0, max_lag), by matched filtering; None where no confident peak was found."""
+    lags: list[int | None] = []
+    for s in starts:
+        seg = rec[s: s + max_lag + len(click)]
+        if len(seg) < len(click) + 1:
+            lags.append(None)
+            continue
+        corr = np.abs(np.correlate(seg, click, mode="valid"))
+        i = int(np.argmax(corr))
+        floor = float(np.median(corr)) + 1e-9
+        peak_ok = corr[i] > 0.05 * float(np.dot(click, click))     # at least -26 dB of the click
+        lags.append(i if (corr[i] / floor >= min_snr and peak_ok) else None)
+    return lags
+
+
+def measure_loopback(input_device=None, output_device=None, blocksize: int = 480, clicks: int = 5,
+                     spacing_s: float = 0.6, lead_s: float = 0.5) -> dict:
+    """Audio-path latency (output callback -> speaker -> mic -> input callback) of a device pair.
+
+    The click train is queued in the playback ring before the stream starts, so the k-th click
+    leaves the output callback at a known stream sample index; input and output advance together
+    in the duplex callback, so its index in the captured stream minus that index is the round trip
+    (device buffers, host audio server, any resampling). Lags longer than `spacing_s` are not found.
+    """
     from .audio.io import open_duplex
     from .audio.ring import RingBuffer
 
-    cap, play = RingBuffer(1 << 16), RingBuffer(1 << 16)
-    dev = lambda v: int(v) if v is not None and str(v).isdigit() else v  # noqa: E731
-    stream = open_duplex(cap, play, input_device=dev(args.input_device), output_device=dev(args.output_device))
-    click = np.zeros(SAMPLE_RATE // 2, np.float32)
-    click[:48] = np.hanning(48).astype(np.float32) * 0.8
-    stream.start()
+    click = make_click()
+    lead, space = int(lead_s * SAMPLE_RATE), int(spacing_s * SAMPLE_RATE)
+    train = np.zeros(lead + clicks * space, np.float32)
+    starts = [lead + k * space for k in range(clicks)]
+    for s in starts:
+        train[s: s + len(click)] = click
+    cap = RingBuffer(1 << int(np.ceil(np.log2(len(train) + 2 * SAMPLE_RATE))))
+    play = RingBuffer(1 << int(np.ceil(np.log2(len(train) + 1))))
+    play.write(train)
+    stream = open_duplex(cap, play, input_device=_device_spec(input_device),
+                         output_device=_device_spec(output_device), blocksize=blocksize)
     try:
-        time.sleep(0.3)
-        cap.clear()
-        play.write(np.zeros(1920, np.float32))
-        t_written = cap.available_read  # capture position when the click is queued
-        play.write(click)
-        queued_before = 1920
-        time.sleep(1.0)
-        rec = cap.read(cap.available_read)
-    finally:
+        lat = dict(stream.latencies)
+        stream.start()
+        time.sleep(len(train) / SAMPLE_RATE + spacing_s + 0.2)
         stream.stop()
+        counters = dict(stream.counters)
+    finally:
         stream.close()
-    if len(rec) == 0:
-        raise EngineError("loopback: nothing was captured; is the input device delivering audio?")
-    env = np.abs(rec)
-    thresh = max(0.05, 0.3 * env.max())
-    hits = np.nonzero(env > thresh)[0]
-    if hits.size == 0:
-        raise EngineError("loopback: the click was not heard on the input; connect output to input "
-                          "(a cable, or the PulseAudio null sink's monitor) and retry")
-    latency_samples = int(hits[0]) - t_written - queued_before
-    audio_ms = latency_samples / SAMPLE_RATE * 1e3
-    return {"audio_path_ms": audio_ms, "click_at_sample": int(hits[0])}
+    rec = cap.read(cap.available_read)
+    if len(rec) < starts[0]:
+        raise AudioDeviceError(f"loopback: only {len(rec)} samples were captured in "
+                               f"{len(train) / SAMPLE_RATE:.1f} s; is the input device delivering audio?")
+    lags = find_clicks(rec, click, starts, max_lag=space - len(click))
+    found = [x for x in lags if x is not None]
+    if len(found) < max(1, clicks // 2 + 1):
+        raise AudioDeviceError(f"loopback: the click was heard {len(found)} of {clicks} times; connect the "
+                               "output to the input (a cable, or the PulseAudio null sink's monitor as the "
+                               "input), turn the volumes up and retry")
+    ms = np.array(found) / SAMPLE_RATE * 1e3
+    return {"audio_path_ms": float(np.median(ms)), "audio_path_min_ms": float(ms.min()),
+            "audio_path_max_ms": float(ms.max()), "clicks_found": len(found), "clicks": clicks,
+            "blocksize": int(blocksize),
+            "reported_latency_ms": {k: float(v) * 1e3 for k, v in lat.items()},
+            "underrun_samples": int(counters.get("playback_underrun_samples", 0)),
+            "overflow_samples": int(counters.get("capture_overflow_samples", 0))}
 
 
-def print_table(res: dict, out=sys.stdout) -> None:
-    print(f"\n{res['model']['source']} (quantize={res['model']['quantize']}) on {res['machine']['mlx_device']}, "
-          f"{res['steps']} steps", file=out)
-    print(f"{'stage':<14}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  ms", file=out)
+def mouth_to_ear(loop: dict, step_p50_ms: float) -> dict:
+    """Add the model's algorithmic latency to a measured audio path: the mic frame must be complete
+    (one frame), a user frame first affects agent audio two calls later (model delays), and the
+    step itself; the playback ring's prebuffer absorbs the step when it stays under a frame."""
+    model_ms = FRAME_MS + MODEL_DELAY_FRAMES * FRAME_MS + step_p50_ms
+    return dict(loop, frame_ms=FRAME_MS, model_delay_ms=MODEL_DELAY_FRAMES * FRAME_MS,
+                step_ms=step_p50_ms, model_ms=model_ms, total_ms=loop["audio_path_ms"] + model_ms)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: table, comparison, plot, JSON
+# ----------------------------------------------------------------------------------------------
+def print_table(res: dict, out=None) -> None:
+    out = out or sys.stdout
+    m, t, r = res["model"], res["timing"], res["run"]
+    w = lambda s="": print(s, file=out)  # noqa: E731
+    tag = " [benchmark model: random weights]" if m["benchmark_weights"] else ""
+    w(f"\n{m['source']} (quantize={m['quantize'] or 'none'}) on {res['machine']['mlx_device']}{tag}, "
+      f"{r['steps']} steps after {r['warmup_steps']} warm-up")
+    w(f"{'stage':<14}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  ms")
     for s, v in res["stages"].items():
-        print(f"{s:<14}{v['p50']:9.2f}{v['p95']:9.2f}{v['p99']:9.2f}{v['max']:9.2f}", file=out)
-    print(f"real-time factor {res['rtf']:.3f} (step mean / 80 ms) | deadline misses {res['deadline_misses']} | "
-          f"warm-up {res['warmup_ms']:.0f} ms | load {res['load_s']:.1f} s", file=out)
-    m = res["memory"]
-    print(f"memory: MLX active {m['mlx_active_mb']:.0f} MB, peak {m['mlx_peak_mb']:.0f} MB, "
-          f"process RSS peak {m['rss_peak_mb']:.0f} MB", file=out)
+        w(f"{s:<14}{v['p50']:9.2f}{v['p95']:9.2f}{v['p99']:9.2f}{v['max']:9.2f}")
+    w(f"real-time factor {t['rtf']:.3f} (mean step / {t['frame_ms']:.0f} ms; p99 {t['rtf_p99']:.3f}) | "
+      f"deadline misses {t['deadline_misses']}/{r['steps']}")
+    w(f"load {t['load_s']:.2f} s | prompt {t['prompt_ms']:.0f} ms | first step {t['first_step_ms']:.1f} ms | "
+      f"warm-up {t['warmup_ms']:.0f} ms ({t['warmup_excess_ms']:+.0f} ms over steady state)")
+    mem = res["memory"]
+    rss = f"{mem['rss_mb']:.0f}" if mem["rss_mb"] is not None else "?"
+    w(f"memory: MLX active {mem['mlx_active_mb']:.0f} MB, peak {mem['mlx_peak_mb']:.0f} MB "
+      f"(during steps {mem['mlx_peak_run_mb']:.0f}), cache {mem['mlx_cache_mb']:.0f} MB | "
+      f"process RSS {rss} MB, peak {mem['rss_peak_mb']:.0f} MB")
+    ins = res["instrumentation"]
+    line = (f"instrumentation off: {ins['off_us_per_step']:.2f} us/step "
+            f"({100 * ins['off_fraction_of_step']:.4f} % of the step)")
+    if "on_cost_fraction" in ins:
+        line += (f" | timer on vs off: step p50 {ins['step_p50_timer_on_ms']:.2f} vs "
+                 f"{ins['step_p50_timer_off_ms']:.2f} ms ({100 * ins['on_cost_fraction']:+.1f} %)")
+    w(line)
     if "loopback" in res:
         lb = res["loopback"]
-        print(f"mouth-to-ear: audio path {lb['audio_path_ms']:.0f} ms + model {lb['model_ms']:.0f} ms "
-              f"= {lb['total_ms']:.0f} ms", file=out)
+        w(f"mouth-to-ear: audio path {lb['audio_path_ms']:.1f} ms (min {lb['audio_path_min_ms']:.1f}, max "
+          f"{lb['audio_path_max_ms']:.1f}, {lb['clicks_found']}/{lb['clicks']} clicks, block "
+          f"{lb['blocksize']}) + model {lb['model_ms']:.0f} ms (frame {lb['frame_ms']:.0f} + delays "
+          f"{lb['model_delay_ms']:.0f} + step {lb['step_ms']:.1f}) = {lb['total_ms']:.0f} ms")
 
 
-def compare(res: dict, old: dict, out=sys.stdout) -> dict:
+def load_result(path) -> dict:
+    """Read and validate an earlier --json result."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--compare {path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--compare {path}: not a readable JSON file ({e})") from None
+    problems = validate(data)
+    if problems:
+        raise ConfigError(f"--compare {path}: not an engine.profile result: {'; '.join(problems[:5])}")
+    return data
+
+
+def validate(res, schema=SCHEMA, where: str = "") -> list[str]:
+    """Problems with `res` against SCHEMA (empty list: valid)."""
+    if not isinstance(res, dict):
+        return [f"{where or 'result'} is {type(res).__name__}, expected an object"]
+    out = []
+    for key, typ in schema.items():
+        name = f"{where}{key}"
+        if key not in res:
+            out.append(f"missing {name}")
+        elif isinstance(typ, dict):
+            out += validate(res[key], typ, name + ".")
+        else:
+            ok_types = typ if isinstance(typ, tuple) else (typ,)
+            v = res[key]
+            if float in ok_types and isinstance(v, int) and not isinstance(v, bool):
+                continue
+            if not isinstance(v, ok_types) or (isinstance(v, bool) and bool not in ok_types):
+                out.append(f"{name} is {type(v).__name__}")
+    if where == "" and not out:
+        if res["schema"] != SCHEMA_VERSION:
+            out.append(f"schema {res['schema']} (this tool writes {SCHEMA_VERSION})")
+        for s in STAGES:
+            st = res["stages"].get(s)
+            if not isinstance(st, dict) or any(not isinstance(st.get(p), (int, float)) for p in PERCENTILES):
+                out.append(f"stages.{s} lacks {'/'.join(PERCENTILES)}")
+            if not isinstance(res["series"].get(s), list) or len(res["series"][s]) != res["run"]["steps"]:
+                out.append(f"series.{s} is not a list of {res['run']['steps']} values")
+    return out
+
+
+def compare(res: dict, old: dict, out=None) -> dict:
+    """Print and return new/old ratios per stage (p50, p99) and for the real-time factor."""
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)  # noqa: E731
+    om, nm = old["model"], res["model"]
+    w(f"\ncompare with {old['date']}: {om['source']} q={om['quantize'] or 'none'} on "
+      f"{old['machine']['mlx_device']} ({old['machine']['processor']})")
+    if (om["source"], om["quantize"], old["machine"]["mlx_device"]) != \
+            (nm["source"], nm["quantize"], res["machine"]["mlx_device"]):
+        w("note: model, quantization or device differ between the two runs")
+    w(f"{'stage':<14}{'old p50':>9}{'new p50':>9}{'ratio':>7}{'old p99':>9}{'new p99':>9}{'ratio':>7}")
+    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731
     ratios = {}
-    print(f"\ncompare with {old.get('date', '?')} ({old.get('model', {}).get('source', '?')}):", file=out)
-    print(f"{'stage':<14}{'old p50':>10}{'new p50':>10}{'ratio':>8}", file=out)
     for s, v in res["stages"].items():
-        o = old.get("stages", {}).get(s)
+        o = old["stages"].get(s)
         if not o:
             continue
-        r = v["p50"] / o["p50"] if o["p50"] > 0 else float("nan")
-        ratios[s] = r
-        print(f"{s:<14}{o['p50']:10.2f}{v['p50']:10.2f}{r:8.2f}", file=out)
+        ratios[s] = {"p50": ratio(v["p50"], o["p50"]), "p99": ratio(v["p99"], o["p99"])}
+        w(f"{s:<14}{o['p50']:9.2f}{v['p50']:9.2f}{ratios[s]['p50']:7.2f}"
+          f"{o['p99']:9.2f}{v['p99']:9.2f}{ratios[s]['p99']:7.2f}")
+    ratios["rtf"] = ratio(res["timing"]["rtf"], old["timing"]["rtf"])
+    w(f"real-time factor {old['timing']['rtf']:.3f} -> {res['timing']['rtf']:.3f} (ratio {ratios['rtf']:.2f}; "
+      "< 1 is faster)")
     return ratios
 
 
 def plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise EngineError("--plot needs matplotlib: pip install matplotlib") from e
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 7))
+    """PNG: per-step stacked stage times with the 80 ms budget line, and p50/p99 per stage."""
+    plt = _import_pyplot()
     series = res["series"]
-    a1.plot(series["step"], lw=0.8, label="step")
-    a1.axhline(res["frame_ms"], color="r", ls="--", label="80 ms budget")
-    a1.set_xlabel("step")
+    names = [s for s in STAGES if s not in ("step", "capture_wait")]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7.5), gridspec_kw={"height_ratios": [3, 2]})
+    x = np.arange(len(series["step"]))
+    a1.stackplot(x, *[series[s] for s in names], labels=names, alpha=0.85)
+    a1.plot(x, series["step"], color="k", lw=0.7, label="step")
+    a1.axhline(res["timing"]["frame_ms"], color="r", ls="--", lw=1.2,
+               label=f"{res['timing']['frame_ms']:.0f} ms budget")
+    a1.set_xlim(0, max(len(x) - 1, 1))
+    a1.set_ylim(0, max(res["timing"]["frame_ms"] * 1.15, max(series["step"], default=0) * 1.05))
+    a1.set_xlabel("step (after warm-up)")
     a1.set_ylabel("ms")
-    a1.legend()
-    a1.set_title(f"{res['model']['source']} q={res['model']['quantize']} on {res['machine']['mlx_device']}")
-    names = [s for s in STAGES if s != "step"]
-    p50 = [res["stages"][s]["p50"] for s in names]
-    p99 = [res["stages"][s]["p99"] for s in names]
-    x = np.arange(len(names))
-    a2.bar(x - 0.2, p50, 0.4, label="p50")
-    a2.bar(x + 0.2, p99, 0.4, label="p99")
-    a2.set_xticks(x, names, rotation=20)
+    a1.legend(loc="upper right", fontsize=7, ncol=4)
+    m = res["model"]
+    a1.set_title(f"{m['source']}{' (random weights)' if m['benchmark_weights'] else ''}, "
+                 f"q={m['quantize'] or 'none'}, {res['machine']['mlx_device']}: step p50 "
+                 f"{res['stages']['step']['p50']:.1f} ms, RTF {res['timing']['rtf']:.2f}, "
+                 f"misses {res['timing']['deadline_misses']}/{res['run']['steps']}", fontsize=9)
+    allnames = list(STAGES)
+    pos = np.arange(len(allnames))
+    a2.bar(pos - 0.2, [res["stages"][s]["p50"] for s in allnames], 0.4, label="p50")
+    a2.bar(pos + 0.2, [res["stages"][s]["p99"] for s in allnames], 0.4, label="p99")
+    a2.set_xticks(pos, allnames, rotation=15, fontsize=8)
     a2.set_ylabel("ms")
-    a2.legend()
+    a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def write_json(res: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        print("error: --steps must be >= 1", file=sys.stderr)
-        return 2
     try:
-        res = run_profile(args)
-        if args.device_loopback:
-            lb = loopback(args)
-            # Model latency: one frame to fill + the step + 2 frames of model delay (spec section 4).
-            model_ms = res["frame_ms"] * 3 + res["stages"]["step"]["p50"]
-            lb.update(model_ms=model_ms, total_ms=lb["audio_path_ms"] + model_ms)
-            res["loopback"] = lb
+        audio = check_args(args)
+        loop = None
+        if args.device_loopback:   # before the model: fails fast, and no model work competes
+            loop = measure_loopback(args.input_device, args.output_device, args.blocksize)
+        res = run_profile(args, audio)
+        if loop is not None:
+            res["loopback"] = mouth_to_ear(loop, res["stages"]["step"]["p50"])
         print_table(res)
         if args.compare:
-            with open(args.compare) as f:
-                res["compare"] = compare(res, json.load(f))
+            res["compare"] = compare(res, load_result(args.compare))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+            write_json(res, args.json)
             print(f"wrote {args.json}", file=sys.stderr)
         if args.plot:
             plot(res, args.plot)
             print(f"wrote {args.plot}", file=sys.stderr)
         return 0
     except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
