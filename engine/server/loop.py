@@ -1,0 +1,240 @@
+"""The one 80 ms step loop that advances every session, running as a long task on the model worker.
+
+Threads: the asyncio thread decodes incoming Opus into each connection's inbox (a bounded buffer,
+oldest audio dropped and counted when a client sends faster than real time) and encodes outgoing
+audio; the worker thread runs this loop: admit joining sessions (prompt phases, B=1, from the
+model's prompt cache), drop leaving ones, then one batched step per tick for all active slots.
+Results go back to the asyncio thread with `call_soon_threadsafe`; nothing here ever waits on a
+client. A session whose inbox is short this tick gets silence for it (counted as an underrun).
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from .batch import BatchEngine, SlotParams
+
+FRAME = 1920
+FRAME_SECONDS = 0.08
+
+
+class Metrics:
+    """Counters and step-time window shared by the loop and the app (plain ints under the GIL)."""
+
+    def __init__(self, window: int = 2000):
+        self.steps = 0
+        self.misses = 0
+        self.sessions_active = 0
+        self.sessions_total = 0
+        self.refused = 0
+        self.closed_idle = 0
+        self.closed_error = 0
+        self.in_dropped_frames = 0
+        self.out_dropped_frames = 0
+        self.in_underrun_frames = 0
+        self.join_ms: deque = deque(maxlen=200)
+        self.step_ms: deque = deque(maxlen=window)
+        self.batch_sizes: deque = deque(maxlen=window)
+
+    def percentile(self, q: float) -> float:
+        vals = list(self.step_ms)
+        return float(np.percentile(vals, q)) if vals else 0.0
+
+    def prometheus(self, max_sessions: int) -> str:
+        rows = [
+            ("personaplex_sessions_active", "gauge", "sessions in the batch or joining", self.sessions_active),
+            ("personaplex_sessions_max", "gauge", "configured --max-sessions", max_sessions),
+            ("personaplex_sessions_total", "counter", "sessions accepted", self.sessions_total),
+            ("personaplex_sessions_refused_total", "counter", "connections refused (limit or bad query)",
+             self.refused),
+            ("personaplex_sessions_closed_idle_total", "counter", "sessions closed for idleness/silence",
+             self.closed_idle),
+            ("personaplex_sessions_closed_error_total", "counter", "sessions closed for bad messages",
+             self.closed_error),
+            ("personaplex_steps_total", "counter", "batched 80 ms steps run", self.steps),
+            ("personaplex_step_misses_total", "counter", "steps that ended after their 80 ms deadline",
+             self.misses),
+            ("personaplex_step_ms_p50", "gauge", "median step time (recent window), ms", self.percentile(50)),
+            ("personaplex_step_ms_p99", "gauge", "99th percentile step time (recent window), ms",
+             self.percentile(99)),
+            ("personaplex_input_dropped_frames_total", "counter", "input frames dropped (client too fast)",
+             self.in_dropped_frames),
+            ("personaplex_output_dropped_frames_total", "counter", "output frames dropped (client too slow)",
+             self.out_dropped_frames),
+            ("personaplex_input_underrun_frames_total", "counter", "frames stepped with silence (no input)",
+             self.in_underrun_frames),
+        ]
+        out = []
+        for name, kind, help_, value in rows:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+        return "\n".join(out) + "\n"
+
+
+class Inbox:
+    """Bounded mono float32 buffer: the asyncio thread pushes decoded audio, the loop takes frames."""
+
+    def __init__(self, max_frames: int, metrics: Metrics):
+        self._buf = np.zeros(max_frames * FRAME, np.float32)
+        self._n = 0
+        self._lock = threading.Lock()
+        self._metrics = metrics
+        self.dropped_frames = 0
+        self.underruns = 0
+
+    def push(self, pcm: np.ndarray) -> None:
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        cap = len(self._buf)
+        with self._lock:
+            if len(pcm) > cap:
+                pcm = pcm[-cap:]
+            over = self._n + len(pcm) - cap
+            if over > 0:
+                drop = -(-over // FRAME) * FRAME            # whole frames, oldest first
+                drop = min(drop, self._n)
+                self._buf[:self._n - drop] = self._buf[drop:self._n]
+                self._n -= drop
+                self.dropped_frames += drop // FRAME
+                self._metrics.in_dropped_frames += drop // FRAME
+            self._buf[self._n:self._n + len(pcm)] = pcm
+            self._n += len(pcm)
+
+    def take(self, out: np.ndarray) -> bool:
+        """Fill `out` (1920) with the next frame; zeros (and False) when less than a frame waits."""
+        with self._lock:
+            if self._n < FRAME:
+                out[:] = 0.0
+                self.underruns += 1
+                self._metrics.in_underrun_frames += 1
+                return False
+            out[:] = self._buf[:FRAME]
+            self._buf[:self._n - FRAME] = self._buf[FRAME:self._n]
+            self._n -= FRAME
+            return True
+
+    @property
+    def frames(self) -> int:
+        return self._n // FRAME
+
+
+class Slot:
+    """One session as the loop sees it. `on_joined(error | None)` and `on_frame(pcm, text_id)` are
+    called on the worker thread; they must only hand work over (call_soon_threadsafe)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, voice: str, text_prompt: str | None, params: SlotParams, inbox: Inbox,
+                 on_joined: Callable, on_frame: Callable):
+        self.id = next(self._ids)
+        self.voice, self.text_prompt, self.params = voice, text_prompt, params
+        self.inbox, self.on_joined, self.on_frame = inbox, on_joined, on_frame
+        self.steps = 0
+        self.left = False
+
+
+class StepLoop:
+    """The batched loop. `start()` submits it to the model's worker; `stop()` ends it."""
+
+    def __init__(self, model, metrics: Metrics | None = None, frame_seconds: float = FRAME_SECONDS):
+        self.model = model
+        self.metrics = metrics or Metrics()
+        self.frame_seconds = frame_seconds
+        self._joins: "queue.SimpleQueue[Slot]" = queue.SimpleQueue()
+        self._leaves: "queue.SimpleQueue[Slot]" = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._future = None
+        self.batch: BatchEngine | None = None
+
+    # -- control (any thread)
+    def start(self) -> None:
+        self._future = self.model.worker.submit(self._run)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._future is not None:
+            self._future.result(timeout=timeout)
+
+    def join(self, slot: Slot) -> None:
+        self._joins.put(slot)
+        self._wake.set()
+
+    def leave(self, slot: Slot) -> None:
+        self._leaves.put(slot)
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    # -- worker thread
+    def _admit(self, be: BatchEngine, active: dict) -> None:
+        while True:
+            try:
+                slot = self._leaves.get_nowait()
+            except queue.Empty:
+                break
+            if active.pop(slot.id, None) is not None:
+                be.leave(slot.id)
+            slot.left = True
+        while True:
+            try:
+                slot = self._joins.get_nowait()
+            except queue.Empty:
+                break
+            if slot.left:
+                continue
+            t0 = time.perf_counter()
+            try:
+                state = self.model._prompted_state(slot.voice, slot.text_prompt, slot.params.seed)
+                be.join(slot.id, state, slot.params)
+            except Exception as e:  # noqa: BLE001 - reported to that client only
+                slot.on_joined(e)
+                continue
+            self.metrics.join_ms.append((time.perf_counter() - t0) * 1e3)
+            active[slot.id] = slot
+            slot.on_joined(None)
+
+    def _run(self) -> None:
+        be = self.batch = BatchEngine(self.model)
+        active: dict[int, Slot] = {}
+        m, period = self.metrics, self.frame_seconds
+        deadline = None
+        while not self._stop.is_set():
+            self._admit(be, active)
+            if be.size == 0:
+                deadline = None
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            now = time.perf_counter()
+            if deadline is None:
+                deadline = now + period
+            elif now < deadline - period:
+                time.sleep(deadline - period - now)     # the tick starts one period before its deadline
+            frames = np.empty((be.size, FRAME), np.float32)
+            slots = [active[s] for s in be.slots]
+            for r, slot in enumerate(slots):
+                slot.inbox.take(frames[r])
+            t0 = time.perf_counter()
+            pcm, text = be.step(frames)
+            t1 = time.perf_counter()
+            m.steps += 1
+            m.step_ms.append((t1 - t0) * 1e3)
+            m.batch_sizes.append(be.size)
+            if t1 > deadline:
+                m.misses += 1
+            for r, slot in enumerate(slots):
+                slot.steps += 1
+                slot.on_frame(pcm[r], int(text[r]))
+            deadline += period
+            if time.perf_counter() > deadline:          # fell more than a frame behind: re-anchor
+                deadline = time.perf_counter() + period
+        for sid in list(active):
+            be.leave(sid)

@@ -1,0 +1,297 @@
+"""The websocket server on the tiny model: protocol, batching parity, real-time clients, limits."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+
+import engine  # noqa: F401  (loads OpenBLAS before mlx)
+from engine.errors import EngineError
+from engine.models.gen import LmGen, SamplingParams
+from engine.server import protocol as P
+
+aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[serve]'")
+sphn = pytest.importorskip("sphn", reason="pip install 'personaplex-engine[serve]'")
+
+FRAME = 1920
+
+
+# ----------------------------------------------------------------------------------------------
+# protocol
+# ----------------------------------------------------------------------------------------------
+def test_protocol_roundtrip_and_bad_messages():
+    assert P.encode(P.TEXT, "héllo") == b"\x02" + "héllo".encode()
+    assert P.decode(b"\x01abc") == (P.AUDIO, b"abc")
+    for bad in (b"", b"\x00", b"\x02hi", b"\x09", "text frame"):
+        with pytest.raises(P.ProtocolError):
+            P.decode(bad)
+    assert issubclass(P.ProtocolError, EngineError)
+
+
+def test_query_validation_and_clamping():
+    voices = ["NATF0", "NATM1"]
+    r = P.parse_query({"voice_prompt": "natm1.pt", "text_prompt": "Be brief.", "seed": "42",
+                       "text_temperature": "9", "text_topk": "0", "audio_temperature": "-1",
+                       "audio_topk": "100000", "pad_mult": "0"}, voices)
+    assert (r.voice, r.text_prompt, r.seed, r.seed_given) == ("NATM1", "Be brief.", 42, True)
+    s = r.sampling
+    assert (s.temp_text, s.top_k_text, s.temp_audio, s.top_k_audio) == (2.0, 1, 0.0, 500)
+    d = P.parse_query({}, voices)
+    assert d.voice == "NATF0" and d.sampling == SamplingParams() and not d.seed_given
+    assert P.parse_query({"seed": "-1"}, voices).seed_given is False
+    for q in ({"voice_prompt": "NOPE.pt"}, {"voice_prompt": "../x.pt"}, {"seed": "abc"},
+              {"text_temperature": "nan"}, {"audio_topk": "many"}, {"text_prompt": "x" * 5000}):
+        with pytest.raises(P.ProtocolError):
+            P.parse_query(q, voices)
+
+
+# ----------------------------------------------------------------------------------------------
+# batching parity: N sessions in one batch == each alone (B=1)
+# ----------------------------------------------------------------------------------------------
+def _solo(model, voice, prompt, seed, sampling, audio):
+    gen = LmGen(model.lm, sampling, depformer_mode=model.gen.depformer_mode)
+    st = model._prompted_state(voice, prompt, seed)
+    ms = model.mimi.make_state(1)
+    toks, pcm = [], []
+    for frame in audio:
+        codes = model.mimi.encode_step(frame.reshape(1, 1, -1), ms)
+        out = gen.step(st, user_codes=codes[:, :8, 0])
+        pcm.append(np.array(model.mimi.decode_step(out.agent_codes[:, :, None], ms)).reshape(-1))
+        toks.append(int(np.array(out.text)[0]))
+    return toks, np.stack(pcm)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
+def test_batched_equals_solo(tiny_model, greedy):
+    from engine.server.batch import BatchEngine, SlotParams
+
+    model = tiny_model
+    rng = np.random.default_rng(1)
+    T = 24
+    # (voice, prompt, seed, join step, leave step)
+    plan = [("NATF0", "assistant+focused", 3, 0, 18), ("NATM1", "Be brief.", 5, 3, T),
+            ("NATF2", "Talk about trains.", 7, 7, T), ("NATF0", "Be brief.", 11, 7, T)]
+    sampling = [SamplingParams(greedy=True) if greedy else
+                SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.8, top_k_audio=50 * k)
+                for k in (1, 3, 5, 7)]
+    audio = [(0.2 * rng.standard_normal((T, FRAME))).astype(np.float32) for _ in plan]
+
+    def run():
+        solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j])
+                for i, (v, p, s, j, e) in enumerate(plan)]
+        be = BatchEngine(model)
+        got = [([], []) for _ in plan]
+        sizes = []
+        for t in range(T):
+            for i, (v, p, s, j, e) in enumerate(plan):
+                if t == e:
+                    be.leave(i)
+                if t == j:
+                    be.join(i, model._prompted_state(v, p, s), SlotParams(sampling[i], s))
+            frames = np.stack([audio[i][t - plan[i][3]] for i in be.slots])
+            pcm, text = be.step(frames)
+            sizes.append(be.size)
+            for r, i in enumerate(be.slots):
+                got[i][0].append(int(text[r]))
+                got[i][1].append(pcm[r])
+        return solo, got, sizes
+
+    solo, got, sizes = model.worker.call(run)
+    assert max(sizes) == 4 and sizes[0] == 1
+    for i in range(len(plan)):
+        assert len(set(solo[i][0])) > 3, "degenerate tiny model: text tokens do not vary"
+        assert got[i][0] == solo[i][0], f"session {i}: batched text tokens differ from B=1"
+        np.testing.assert_allclose(np.stack(got[i][1]), solo[i][1], atol=1e-4)
+        assert np.abs(solo[i][1]).max() > 1e-3
+
+
+def test_batch_errors(tiny_model):
+    from engine.server.batch import BatchEngine, SlotParams
+
+    def run():
+        be = BatchEngine(tiny_model)
+        with pytest.raises(EngineError):
+            be.step(np.zeros((1, FRAME), np.float32))
+        st = tiny_model._prompted_state("NATF0", None, 1)
+        be.join("a", st, SlotParams())
+        with pytest.raises(EngineError):
+            be.join("a", st, SlotParams())
+        with pytest.raises(EngineError):
+            be.join("b", tiny_model.gen.new_state(1, seed=0), SlotParams())
+        with pytest.raises(EngineError):
+            be.step(np.zeros((2, FRAME), np.float32))
+        pcm, text = be.step(np.zeros((1, FRAME), np.float32))
+        be.leave("a")
+        return pcm.shape, text.shape, be.size
+
+    assert tiny_model.worker.call(run) == ((1, FRAME), (1,), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the server, real-time clients
+# ----------------------------------------------------------------------------------------------
+def _speechlike(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 24000)) / 24000
+    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    x = env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in (1, 2, 3)) * 0.15
+    return (x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+async def _client(port, seconds, seed=0, query="voice_prompt=NATF0.pt&text_prompt=Hello"):
+    """Send `seconds` of audio in real time (80 ms Opus chunks); collect what comes back."""
+    res = {"handshake": None, "samples": 0, "text": [], "gaps": [], "error": None, "close": None}
+    audio = _speechlike(seconds, seed)
+    writer, reader = sphn.OpusStreamWriter(24000), sphn.OpusStreamReader(24000)
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.ws_connect(f"http://127.0.0.1:{port}/api/chat?{query}") as ws:
+            first = await ws.receive(timeout=60)
+            if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b"\x00":
+                res["error"] = first.data[1:].decode() if first.type == aiohttp.WSMsgType.BINARY else None
+                res["close"] = (await ws.receive(timeout=10)).data if not ws.closed else ws.close_code
+                return res
+            res["handshake"] = time.monotonic() - t0
+
+            async def recv():
+                last = None
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        break
+                    kind, payload = msg.data[0], msg.data[1:]
+                    if kind == P.AUDIO:
+                        now = time.monotonic()
+                        if last is not None:
+                            res["gaps"].append(now - last)
+                        last = now
+                        pcm = reader.append_bytes(payload)
+                        if pcm is not None:
+                            res["samples"] += len(pcm)
+                    elif kind == P.TEXT:
+                        res["text"].append(payload.decode())
+                    elif kind == P.ERROR:
+                        res["error"] = payload.decode()
+
+            rt = asyncio.create_task(recv())
+            start = time.monotonic()
+            n = len(audio) // FRAME
+            for i in range(n):
+                await asyncio.sleep(max(0.0, start + i * 0.08 - time.monotonic()))
+                await ws.send_bytes(P.encode(P.AUDIO, writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])))
+            await asyncio.sleep(0.6)
+            await ws.close()
+            await asyncio.wait_for(rt, 10)
+            res["frames_sent"] = n
+    return res
+
+
+def _run_server(model, coro_fn, **cfg):
+    from engine.server.app import ServerConfig, start
+
+    async def main():
+        runner, server, port = await start(model, "127.0.0.1", 0, ServerConfig(**cfg))
+        try:
+            return await coro_fn(port, server)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+async def _get(port, path):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+            return r.status, await r.text()
+
+
+N_CLIENTS = 8
+SECONDS = float(os.environ.get("SERVE_TEST_SECONDS", "20"))
+
+
+def test_eight_clients_realtime_and_refusal(tiny_model):
+    """8 concurrent clients x 20 s on one batched loop; a 9th is refused; no step misses."""
+
+    async def scenario(port, server):
+        clients = [asyncio.create_task(_client(port, SECONDS, seed=i)) for i in range(N_CLIENTS)]
+        while len(server.conns) < N_CLIENTS or server.loop.batch is None or server.loop.batch.size < N_CLIENTS:
+            await asyncio.sleep(0.05)
+        t_refuse = time.monotonic()
+        refused = await _client(port, 1.0, seed=99)
+        t_refuse = time.monotonic() - t_refuse
+        status, health = await _get(port, "/healthz")
+        results = await asyncio.gather(*clients)
+        _, metrics = await _get(port, "/metrics")
+        return results, refused, t_refuse, status, health, metrics, server.metrics
+
+    results, refused, t_refuse, status, health, metrics, m = _run_server(
+        tiny_model, scenario, max_sessions=N_CLIENTS)
+    assert status == 200 and '"sessions": 8' in health
+    assert refused["handshake"] is None and "server full" in refused["error"] and t_refuse < 5
+    for r in results:
+        assert r["error"] is None and r["handshake"] is not None
+        # continuous audio: one 80 ms frame back per frame sent (allow the tail in flight)
+        assert r["samples"] >= (r["frames_sent"] - 8) * FRAME, r
+        assert max(r["gaps"]) < 0.5, f"audio stalled for {max(r['gaps']):.2f} s"
+    assert sum(len(r["text"]) for r in results) > 0
+    assert m.steps >= SECONDS / 0.08 * 0.9
+    assert max(m.batch_sizes) == N_CLIENTS          # one batched step for all clients
+    assert m.misses == 0, f"{m.misses} misses, step p99 {m.percentile(99):.1f} ms"
+    assert "personaplex_step_misses_total 0" in metrics and "personaplex_step_ms_p99" in metrics
+    assert "personaplex_sessions_refused_total 1" in metrics
+
+
+def test_malformed_idle_and_oversized_clients_are_closed(tiny_model):
+    async def bad(port, payload=None, send_nothing=False, query="voice_prompt=NATF0.pt"):
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"http://127.0.0.1:{port}/api/chat?{query}",
+                                    max_msg_size=0) as ws:
+                msg = await ws.receive(timeout=30)
+                if msg.data[:1] != b"\x00":
+                    return "refused", msg.data[1:].decode()
+                if not send_nothing:
+                    await ws.send_bytes(payload)
+                t0 = time.monotonic()
+                err = None
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY and msg.data[:1] == b"\x05":
+                        err = msg.data[1:].decode()
+                return ws.close_code, err, time.monotonic() - t0
+
+    async def scenario(port, server):
+        good = [asyncio.create_task(_client(port, 5.0, seed=i)) for i in range(2)]
+        await asyncio.sleep(0.5)
+        outs = await asyncio.gather(
+            bad(port, b"\x09nonsense"),                       # unknown kind
+            bad(port, b"\x01" + b"not an ogg stream" * 4),   # broken Opus
+            bad(port, b"\x01" + bytes(200_000)),             # oversized
+            bad(port, send_nothing=True),                    # idle
+            bad(port, query="voice_prompt=NOBODY.pt"),       # bad query
+        )
+        return outs, await asyncio.gather(*good), server.metrics
+
+    outs, good, m = _run_server(tiny_model, scenario, max_sessions=8, idle_timeout=1.5)
+    kind, opus, big, idle, query = outs
+    assert kind[0] == 1003 and "0x09" in kind[1]
+    assert opus[0] == 1003 and "Ogg/Opus" in opus[1]
+    assert big[0] in (1009, 1003)
+    assert idle[0] == 1000 and "idle" in idle[1] and 1.0 < idle[2] < 5.0
+    assert query[0] == "refused" and "unknown voice_prompt" in query[1]
+    for r in good:
+        assert r["error"] is None and r["samples"] >= (r["frames_sent"] - 8) * FRAME
+        assert max(r["gaps"]) < 0.5
+    assert m.closed_error >= 3 and m.closed_idle == 1 and m.refused == 1
+
+
+def test_static_page_and_voices(tiny_model):
+    async def scenario(port, server):
+        return (await _get(port, "/"), await _get(port, "/static/app.js"),
+                await _get(port, "/api/voices"))
+
+    index, js, voices = _run_server(tiny_model, scenario)
+    assert index[0] == 200 and "<html" in index[1].lower() and "app.js" in index[1]
+    assert js[0] == 200 and "getUserMedia" in js[1] and "echoCancellation" in js[1]
+    assert voices[0] == 200 and "NATF0.pt" in voices[1]
