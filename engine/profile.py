@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
     p.add_argument("--compare", default=None, help="an earlier --json file: print new/old ratios per stage")
+    p.add_argument("--from-json", default=None,
+                   help="do not run: print/plot/compare an earlier --json result (e.g. from a GPU machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -109,6 +111,8 @@ def check_args(args) -> np.ndarray | None:
         _check_writable(args.json, "--json")
     if args.compare:
         load_result(args.compare)
+    if args.from_json:
+        load_result(args.from_json, "--from-json")
     if args.device_loopback and not 16 <= args.blocksize <= 16384:
         raise ConfigError(f"--blocksize {args.blocksize}: use 16..16384 samples (480 = 20 ms)")
     if args.in_wav:
@@ -143,23 +147,35 @@ def load_random_model(name: str = "personaplex", quantize=None, worker=None, see
     """A `PersonaPlex` with random weights at the shapes of `name` ("personaplex": the 7B LM and the
     released Mimi; "tiny": the tiny model's shapes), built in memory. BENCHMARK ONLY: it babbles.
 
-    The tokenizer (and, for "tiny", the voices) come from the generated tiny model; the 7B-shaped
-    model has no voices (tiny voices have the wrong width), so profile it with voice=None.
+    "tiny" borrows the generated tiny model's tokenizer and voices. "personaplex" needs no files and
+    no packages beyond MLX and numpy (so it runs on a bare GPU machine): no voices (tiny voices have
+    the wrong width; profile it with voice=None) and a word-level stand-in tokenizer
+    (`_WordTokenizer`, about as many prompt tokens as the real 32k SentencePiece model).
     """
-    from . import hub
     from .api import PersonaPlex, _parse_quantize
     from .worker import ModelWorker
 
     if name not in RANDOM_MODELS:
         raise ConfigError(f"random model {name!r}: use one of {', '.join(RANDOM_MODELS)}")
     q = _parse_quantize(quantize)
-    tiny = hub.resolve_model("tiny", progress=False)
-    files = dataclasses.replace(tiny, source=RANDOM_PREFIX + name, is_tiny=False,
-                                config=tiny.config if name == "tiny" else None,
-                                voices_dir=tiny.voices_dir if name == "tiny" else None)
+    if name == "tiny":
+        from . import hub
+        tiny = hub.resolve_model("tiny", progress=False)
+        files = dataclasses.replace(tiny, source=RANDOM_PREFIX + name, is_tiny=False)
+    else:
+        from .hub import ModelFiles
+        none = Path("<random weights>")
+        files = ModelFiles(lm=none, mimi=none, tokenizer=none, voices_dir=None, config=None,
+                           source=RANDOM_PREFIX + name)
+    own = worker is None
     worker = worker or ModelWorker()
     t0 = time.perf_counter()
-    mimi, lm, gen, sp = worker.call(_build_random, files, q, name == "tiny", seed)
+    try:
+        mimi, lm, gen, sp = worker.call(_build_random, files, q, name == "tiny", seed)
+    except BaseException:
+        if own:
+            worker.shutdown()
+        raise
     model = PersonaPlex(files, mimi, lm, gen, sp, worker, q, time.perf_counter() - t0)
     model.benchmark_weights = True
     return model
@@ -167,7 +183,6 @@ def load_random_model(name: str = "personaplex", quantize=None, worker=None, see
 
 def _build_random(files, q, small: bool, seed: int):
     import mlx.core as mx
-    import sentencepiece as spm
 
     from .models import quant
     from .models.gen import LmGen, SamplingParams
@@ -179,8 +194,27 @@ def _build_random(files, q, small: bool, seed: int):
         quant.apply(lm, quant.QuantPlan.parse(q))
     mcfg = files.mimi_config()
     mimi = Mimi(mcfg, 8).load_reference_weights(tiny_state_dict(mcfg, seed=seed), source="random weights")
-    sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
+    if small:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
+    else:
+        sp = _WordTokenizer(lm.config.text_card)
     return mimi, lm, LmGen(lm, sampling=SamplingParams()), sp
+
+
+class _WordTokenizer:
+    """Benchmark stand-in for SentencePiece: one id per word (crc32 into the vocabulary, ids >= 4),
+    no text on decode. Only the random benchmark model uses it."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def encode(self, text: str) -> list[int]:
+        import zlib
+        return [4 + zlib.crc32(w.encode()) % (self.vocab - 4) for w in text.split()]
+
+    def get_piece_size(self) -> int:
+        return 0            # decode_text_token shows nothing for ids outside the vocabulary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,18 +545,18 @@ def print_table(res: dict, out=None) -> None:
           f"{lb['model_delay_ms']:.0f} + step {lb['step_ms']:.1f}) = {lb['total_ms']:.0f} ms")
 
 
-def load_result(path) -> dict:
+def load_result(path, flag: str = "--compare") -> dict:
     """Read and validate an earlier --json result."""
     try:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"--compare {path}: file not found") from None
+        raise ConfigError(f"{flag} {path}: file not found") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--compare {path}: not a readable JSON file ({e})") from None
+        raise ConfigError(f"{flag} {path}: not a readable JSON file ({e})") from None
     problems = validate(data)
     if problems:
-        raise ConfigError(f"--compare {path}: not an engine.profile result: {'; '.join(problems[:5])}")
+        raise ConfigError(f"{flag} {path}: not an engine.profile result: {'; '.join(problems[:5])}")
     return data
 
 
@@ -628,9 +662,13 @@ def main(argv=None) -> int:
     try:
         audio = check_args(args)
         loop = None
-        if args.device_loopback:   # before the model: fails fast, and no model work competes
-            loop = measure_loopback(args.input_device, args.output_device, args.blocksize)
-        res = run_profile(args, audio)
+        if args.from_json:
+            res = load_result(args.from_json, "--from-json")
+            res.pop("compare", None)
+        else:
+            if args.device_loopback:   # before the model: fails fast, and no model work competes
+                loop = measure_loopback(args.input_device, args.output_device, args.blocksize)
+            res = run_profile(args, audio)
         if loop is not None:
             res["loopback"] = mouth_to_ear(loop, res["stages"]["step"]["p50"])
         print_table(res)

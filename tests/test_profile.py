@@ -287,23 +287,52 @@ def test_random_benchmark_model_quantized(tmp_path):
     assert "timer on vs off" in out
 
 
-def test_random_model_shapes_and_names():
+def test_random_model_shapes_and_names(monkeypatch):
     with pytest.raises(ConfigError, match="random model 'huge'"):
         prof.load_random_model("huge")
     m = prof.load_random_model("tiny", quantize=None)
     try:
         assert m.benchmark_weights and m.files.source == "random:tiny"
-        tiny_cfg = m.files.lm_config()
-        assert m.lm.config.dim == tiny_cfg.dim and m.lm.quant_plan is None
-        from engine.models.lm import LmConfig
-        from engine.models.mimi import MimiConfig
-        # random:personaplex uses the released shapes (7B LM, full Mimi) and has no voices.
-        import dataclasses
-        files7b = dataclasses.replace(m.files, config=None)
-        assert files7b.lm_config() == LmConfig.personaplex()
-        assert files7b.mimi_config() == MimiConfig.personaplex()
+        assert m.lm.config == m.files.lm_config() and m.lm.quant_plan is None
     finally:
         m.close()
+    # random:personaplex: the released shapes, no files, no voices (building 16 GB is for the GPU).
+    from engine.models.lm import LmConfig
+    from engine.models.mimi import MimiConfig
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_build(files, q, small, seed):
+        seen.update(files=files, q=q, small=small)
+        raise Built
+
+    monkeypatch.setattr(prof, "_build_random", fake_build)
+    with pytest.raises(Built):
+        prof.load_random_model("personaplex", quantize="4")
+    f = seen["files"]
+    assert seen["q"] == 4 and not seen["small"] and f.voices_dir is None and f.source == "random:personaplex"
+    assert f.lm_config() == LmConfig.personaplex() and f.mimi_config() == MimiConfig.personaplex()
+
+
+def test_word_tokenizer_stand_in():
+    from engine import persona
+    sp = prof._WordTokenizer(32000)
+    text = persona.wrap_system_prompt(persona.resolve_prompt(None))
+    ids = sp.encode(text)
+    assert len(ids) == len(text.split()) > 5 and all(4 <= i < 32000 for i in ids)
+    assert ids == sp.encode(text)                       # deterministic
+    assert persona.decode_text_token(ids[0], sp) == ""  # decodes to nothing
+
+
+def test_from_json_replots_without_running(no_model, tiny_run, tmp_path):
+    png = tmp_path / "again.png"
+    rc, out, err = run_cli(["--from-json", str(tiny_run[1]), "--plot", str(png), "--compare", str(tiny_run[1])])
+    assert rc == 0, err
+    assert "mimi_encode" in out and "compare with" in out and png.read_bytes()[:4] == b"\x89PNG"
+    rc, _, err = run_cli(["--from-json", "/no/such.json"])
+    assert rc == 2 and "--from-json /no/such.json: file not found" in err
 
 
 # ----------------------------------------------------------------------------- loopback
