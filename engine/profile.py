@@ -307,7 +307,12 @@ def load_model(args):
     worker = ModelWorker()
     if args.device is not None:
         import mlx.core as mx
-        worker.call(mx.set_default_device, mx.gpu if args.device == "gpu" else mx.cpu)
+        dev = mx.gpu if args.device == "gpu" else mx.cpu
+        if not mx.is_available(dev):
+            worker.shutdown()
+            raise ConfigError(f"--device {args.device}: this MLX build ({mx.__version__}) has no GPU backend; "
+                              "install mlx[cuda] (Linux + NVIDIA) or use Apple silicon, or pass --device cpu")
+        worker.call(mx.set_default_device, dev)
     t0 = time.perf_counter()
     try:
         if str(args.model).startswith(RANDOM_PREFIX):

@@ -240,6 +240,14 @@ def test_bad_arguments(no_model, argv, exc, words):
     assert rc == 2 and err.startswith("error: ") and words[0] in err
 
 
+def test_gpu_without_a_gpu_backend():
+    import mlx.core as mx
+    if mx.is_available(mx.gpu):
+        pytest.skip("this MLX has a GPU backend")
+    rc, _, err = run_cli(["--device", "gpu", "--steps", "1", "--no-progress"])
+    assert rc == 2 and "--device gpu" in err and "no GPU backend" in err
+
+
 def test_compare_rejects_other_json(no_model, tmp_path):
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"schema": 2, "stages": {}}))
