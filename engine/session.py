@@ -120,6 +120,7 @@ class FrameProcessor:
         self.aec = aec
         self.timer = timer or StageTimer(False)
         self.frames = 0
+        self.clipped_samples = 0
         self.reset()
 
     def reset(self) -> None:
@@ -137,6 +138,7 @@ class FrameProcessor:
         tm = self.timer
         if self.aec is not None and far is not None:
             mic = self.aec.process(mic, far)
+        self.last_mic = mic            # what the model heard (after echo cancellation)
         tm.mark("aec")
         x = mx.array(np.ascontiguousarray(mic, dtype=np.float32).reshape(1, 1, FRAME))
         codes = self.model.mimi.encode_step(x, self.mimi_state)          # (1, K, 1)
@@ -153,6 +155,10 @@ class FrameProcessor:
             mx.eval(pcm, out.text)
             audio = np.array(pcm, dtype=np.float32).reshape(-1)
             token = int(np.array(out.text).reshape(-1)[0])
+            over = np.abs(audio) > 1.0
+            if over.any():     # a device would clip anyway; clip here so the AEC's far end is exact
+                self.clipped_samples += int(np.count_nonzero(over))
+                np.clip(audio, -1.0, 1.0, out=audio)
             tm.mark("mimi_decode")
         self.frames += 1
         text = self.model.decode_text(token) if token is not None else ""
@@ -298,16 +304,27 @@ class DeviceIO(Source, Sink):
     realtime = True
 
     def __init__(self, input_device=None, output_device=None, blocksize: int = 480,
-                 ring_seconds: float = 2.0):
-        from .audio.io import open_duplex
+                 ring_seconds: float = 2.0, *, virtual: dict | None = None):
         from .audio.ring import RingBuffer
 
         cap = 1 << int(np.ceil(np.log2(ring_seconds * SAMPLE_RATE)))
         self.ring = RingBuffer(cap)                      # capture: refuse new samples on overflow
         self.play_ring = RingBuffer(cap)
-        self.stream = open_duplex(self.ring, self.play_ring, input_device=input_device,
-                                  output_device=output_device, blocksize=blocksize)
+        if virtual is not None:
+            from .audio.virtual import VirtualStream
+            self.stream = VirtualStream(self.ring, self.play_ring, blocksize=blocksize, **virtual)
+        else:
+            from .audio.io import open_duplex
+            self.stream = open_duplex(self.ring, self.play_ring, input_device=input_device,
+                                      output_device=output_device, blocksize=blocksize)
         self.captured_total = 0
+
+    @classmethod
+    def simulated(cls, source=None, sink=None, blocksize: int = 480, **kwargs) -> "DeviceIO":
+        """A device driven by a thread at the audio clock (engine.audio.virtual): the real rings and
+        loop without a sound card. `source(n)` gives mic samples, `sink(block)` receives playback;
+        kwargs: echo_gain, echo_delay, speed."""
+        return cls(blocksize=blocksize, virtual=dict(source=source, sink=sink, **kwargs))
 
     def start(self) -> None:
         self.stream.start()
@@ -392,11 +409,21 @@ class EchoDelayTracker:
         self.last_lag: int | None = None
         self.last_confidence = 0.0
 
+    def shift(self, samples: int) -> None:
+        """The playback timeline moved by `samples` (silence inserted on underrun: +, a frame
+        skipped: -): move the AEC delay with it and forget the windows measured before the move."""
+        self.aec.set_delay(int(min(max(0, self.aec.delay + samples), 10 * SAMPLE_RATE)))
+        self._near.clear()
+        self._far.clear()
+        self.frames = 0
+
     def observe(self, near: np.ndarray, far: np.ndarray) -> None:
         self._near.append(near)
         self._far.append(far)
         self.frames += 1
-        if self.frames % self.every or len(self._near) < self.window:
+        # First estimate after ~1 s of audio (so the filter converges early), then every `every` frames.
+        first = self.frames == max(2, self.window // 2) and self.updates == 0
+        if not first and (self.frames % self.every or len(self._near) < self.window):
             return
         far_all = np.concatenate(self._far)
         if float(np.sqrt(np.mean(far_all * far_all))) < 1e-3:   # speaker silent: nothing to measure
@@ -408,6 +435,9 @@ class EchoDelayTracker:
         if conf >= self.min_conf and abs((lag - self.margin) - self.aec.delay) > self.tolerance:
             self.aec.set_delay(max(0, lag - self.margin))
             self.updates += 1
+            self._near.clear()
+            self._far.clear()
+            self.frames = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,6 +468,7 @@ class SessionStats:
     playback_underrun: int = 0
     samples_in: int = 0
     samples_out: int = 0
+    clipped_samples: int = 0
     events_dropped: int = 0
     aec: bool = False
     aec_delay_ms: float = 0.0
@@ -460,7 +491,9 @@ class DuplexSession:
     `source`: "device" (PortAudio input), a wav path, a numpy array (24 kHz mono float32), a callable
     `fn(n) -> samples | None`, or a `Source`. `sink`: "device", a wav path, a callable `fn(frame)`,
     a `Sink`, or None (kept in memory, see `output_audio()`). File and array sources run in real time
-    when `realtime=True`, else as fast as possible.
+    when `realtime=True`, else as fast as possible. `DeviceIO.simulated(...)` passed as both source
+    and sink runs the real rings and loop on a simulated device clock (tests, soak runs).
+    `on_text(piece)` gets each text piece; `on_mic(raw, heard)` gets each mic frame before and after AEC.
     """
 
     def __init__(self, model, *, source="device", sink="device", voice: str = "NATM0",
@@ -469,6 +502,7 @@ class DuplexSession:
                  prebuffer_frames: int = 1, drift_margin_frames: int = 3, realtime: bool | None = None,
                  input_device=None, output_device=None, blocksize: int = 480,
                  max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
+                 on_mic: Callable[[np.ndarray, np.ndarray], None] | None = None,
                  profile: bool = False, event_queue_size: int = 1024):
         if deadline_policy not in ("catch_up", "drop"):
             raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
@@ -477,10 +511,11 @@ class DuplexSession:
         self.model = model
         self.voice, self.system_prompt, self.seed = voice, system_prompt, seed
         model._check_voice(voice)
-        src_dev = isinstance(source, str) and source == "device"
-        sink_dev = isinstance(sink, str) and sink == "device"
-        device = None
-        if src_dev or sink_dev:
+        # source/sink "device": PortAudio; a DeviceIO instance (e.g. DeviceIO.simulated()) as both.
+        src_dev = isinstance(source, DeviceIO) or (isinstance(source, str) and source == "device")
+        sink_dev = isinstance(sink, DeviceIO) or (isinstance(sink, str) and sink == "device")
+        device = source if isinstance(source, DeviceIO) else sink if isinstance(sink, DeviceIO) else None
+        if device is None and (src_dev or sink_dev):
             device = DeviceIO(input_device=input_device, output_device=output_device,
                               blocksize=blocksize)
         if src_dev:
@@ -496,6 +531,7 @@ class DuplexSession:
         self.drift_margin = drift_margin_frames
         self.max_frames = max_frames
         self.on_text = on_text
+        self.on_mic = on_mic
         self.timer = StageTimer(profile)
         self._events: "queue.Queue[Event]" = queue.Queue(maxsize=event_queue_size)
         self._stop = threading.Event()
@@ -580,6 +616,9 @@ class DuplexSession:
             s.playback_fill = self.device.play_ring.available_read
             s.playback_underrun = self.device.play_ring.underrun_count
         s.events_dropped = self._events_dropped
+        proc = getattr(self, "processor", None)
+        if proc is not None:
+            s.clipped_samples = proc.clipped_samples
         if self.delay_tracker is not None:
             s.aec_delay_ms = self.delay_tracker.aec.delay / SAMPLE_RATE * 1e3
         return s
@@ -622,6 +661,7 @@ class DuplexSession:
             for _ in range(self.prebuffer if self.source.realtime else 0):
                 self.sink.write(silence)
             last_out = silence
+            last_underrun = self.device.play_ring.underrun_count if self.device is not None else 0
             st.state = "live"
             self._emit("state", "live", 0)
             period = FRAME_SECONDS
@@ -660,15 +700,26 @@ class DuplexSession:
                     mic = np.concatenate([mic, np.zeros(FRAME - len(mic), np.float32)])
                 t0 = time.perf_counter()
                 if proc.aec is not None:
+                    if self.device is not None:
+                        # Silence the speaker played on underrun delayed everything after it.
+                        under = self.device.play_ring.underrun_count
+                        if under > last_underrun:
+                            self.delay_tracker.shift(under - last_underrun)
+                        last_underrun = under
                     self.delay_tracker.observe(mic, last_out)
                 res = proc.process(mic, last_out if proc.aec is not None else None)
+                if self.on_mic is not None:
+                    self.on_mic(mic, proc.last_mic)
+                out = res.audio
                 if (self.source.realtime and self.sink.fill() >
                         (self.prebuffer + self.drift_margin) * FRAME):
                     st.drift_skipped_frames += 1
+                    if proc.aec is not None:   # this frame is never played: later ones come earlier
+                        self.delay_tracker.shift(-FRAME)
                 else:
-                    self.sink.write(res.audio)
+                    self.sink.write(out)
                     st.samples_out += FRAME
-                last_out = res.audio
+                last_out = out
                 self.timer.mark("playback_push")
                 step_ms = (time.perf_counter() - t0) * 1e3
                 self.timer.end()
