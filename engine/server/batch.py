@@ -72,8 +72,12 @@ def sample_rows(logits: mx.array, temp: np.ndarray, top_k: np.ndarray, greedy: n
     x = logits.astype(mx.float32) / mx.array(t)[:, None]
     k = np.where((top_k > 0) & (top_k < v), top_k, v).astype(np.int32)
     if (k < v).any():
-        srt = mx.sort(x, axis=-1)
-        kth = mx.take_along_axis(srt, mx.array(v - k)[:, None], axis=-1)
+        kmax = int(k.max())
+        top = mx.topk(x, kmax, axis=-1)                                     # (B, kmax), any order
+        if (k == kmax).all():
+            kth = mx.min(top, axis=-1, keepdims=True)
+        else:  # the k_b-th largest of each row: sort only the kmax candidates
+            kth = mx.take_along_axis(mx.sort(top, axis=-1), mx.array(kmax - k)[:, None], axis=-1)
         x = mx.where(x >= kth, x, -mx.inf)
     tok = mx.argmax(x + _gumbel_rows(keys, v), axis=-1).astype(mx.int32)
     if is_greedy.any():
@@ -167,7 +171,7 @@ class BatchEngine:
     `model` is a loaded `engine.api.PersonaPlex` (its mimi, lm and gen are used; never modified).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, compiled: bool = False):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
@@ -193,6 +197,8 @@ class BatchEngine:
         self._pending_enc: dict = {}
         self._pending_dec: dict = {}
         self._scale = 1.0 / math.sqrt(c.head_dim)
+        self.compiled = compiled
+        self._temporal_fn = None
 
     @property
     def size(self) -> int:
@@ -327,12 +333,22 @@ class BatchEngine:
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
         """x (B, 1, D) -> (h (B, D), text_logits (B, V)); advances every row by one position."""
+        fn = self._temporal_fn
+        if fn is None:
+            fn = self._temporal_fn = mx.compile(self._temporal_pure) if self.compiled else self._temporal_pure
+        h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *self.k, *self.v)
+        L = len(self.k)
+        self.k, self.v = list(kv[:L]), list(kv[L:])
+        return h, logits
+
+    def _temporal_pure(self, x, pos, off, *kv):
         lm, c = self.lm, self.lm.config
+        L = c.num_layers
+        ks, vs = list(kv[:L]), list(kv[L:])
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
-        off = self.offset                                                   # (B,)
         slots = (off % C)[:, None]                                          # (B, 1)
-        pos = mx.put_along_axis(self.pos, slots, off[:, None], axis=1)      # (B, C)
+        pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)           # (B, C)
         delta = off[:, None] - pos
         mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :]  # (B, 1, 1, C)
         idx = mx.broadcast_to(slots[:, None, :, None], (B, H, 1, hd))
@@ -342,14 +358,13 @@ class BatchEngine:
             qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
             q = mx.fast.rope(qkv[0], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
             k = mx.fast.rope(qkv[1], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
-            self.k[i] = mx.put_along_axis(self.k[i], idx, k, axis=2)
-            self.v[i] = mx.put_along_axis(self.v[i], idx, qkv[2], axis=2)
-            a = mx.fast.scaled_dot_product_attention(q, self.k[i], self.v[i], scale=self._scale, mask=mask)
+            ks[i] = mx.put_along_axis(ks[i], idx, k, axis=2)
+            vs[i] = mx.put_along_axis(vs[i], idx, qkv[2], axis=2)
+            a = mx.fast.scaled_dot_product_attention(q, ks[i], vs[i], scale=self._scale, mask=mask)
             x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
         h = lm.out_norm(x)
-        self.pos, self.offset = pos, off + 1
-        return h[:, 0], lm.text_linear(h)[:, 0]
+        return (h[:, 0], lm.text_linear(h)[:, 0], pos, off + 1, *ks, *vs)
 
     def _lm_step(self, user: mx.array):
         """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame."""
