@@ -10,7 +10,8 @@
 #   python -m engine.profile --from-json docs/profiles/h100-4bit.json --plot docs/profiles/h100-4bit.png
 #
 # Environment: PY (python3), NAME (h100-4bit), MODEL (random:personaplex), DEVICE (gpu), QUANT (4), STEPS (300), WARMUP (10), DEST (the device
-# tool's $OUT if set, else docs/profiles). Extra arguments go to engine.profile (e.g. --overhead).
+# tool's $OUT if set, else docs/profiles). Extra arguments go to engine.profile. --overhead
+# (on) adds 3 timer-off and 3 timer-on runs, so the stage timer's own syncs are measured on the GPU too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -31,4 +32,4 @@ plot=()
 if "$PY" -c "import matplotlib" 2>/dev/null; then plot=(--plot "$DEST/$NAME.png"); fi
 
 "$PY" -m engine.profile --model "$MODEL" --quantize "$QUANT" --device "$DEVICE" \
-    --steps "$STEPS" --warmup "$WARMUP" --no-progress --json "$DEST/$NAME.json" "${plot[@]}" "$@"
+    --steps "$STEPS" --warmup "$WARMUP" --overhead --no-progress --json "$DEST/$NAME.json" "${plot[@]}" "$@"

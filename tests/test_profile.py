@@ -365,9 +365,13 @@ def test_mouth_to_ear_adds_model_latency():
 @pytest.mark.audio
 def test_loopback_on_the_null_sink(pulse_server):
     lb = prof.measure_loopback(blocksize=480)
-    assert lb["clicks_found"] >= 4
+    assert lb["clicks_found"] >= 3 and 1 <= lb["attempts"] <= 3
     # The audio engineer measured 76.9 ms at blocksize 480 through the same null sink (estimate_delay).
-    assert 60 <= lb["audio_path_ms"] <= 100, lb
+    # An xrun on a loaded machine adds latency to the clicks after it; the first click predates it.
+    assert 60 <= lb["audio_path_min_ms"] <= 100, lb
+    if lb["stable"]:
+        assert 60 <= lb["audio_path_ms"] <= 100, lb
+        assert lb["audio_path_max_ms"] - lb["audio_path_min_ms"] <= 20
     assert lb["reported_latency_ms"]["input"] > 0 and lb["reported_latency_ms"]["output"] > 0
 
 
@@ -378,7 +382,7 @@ def test_cli_device_loopback(pulse_server, tmp_path):
                             "--device-loopback", "--json", str(js)])
     assert rc == 0, err
     lb = json.loads(js.read_text())["loopback"]
-    assert 60 <= lb["audio_path_ms"] <= 100
+    assert 60 <= lb["audio_path_min_ms"] <= 100, lb
     assert lb["total_ms"] == pytest.approx(lb["audio_path_ms"] + 240 + lb["step_ms"])
     assert "mouth-to-ear" in out
 
@@ -403,6 +407,24 @@ def test_loopback_without_a_signal_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(aio, "open_duplex", DeadStream)
     monkeypatch.setattr(prof.time, "sleep", lambda s: None)
-    with pytest.raises(AudioDeviceError, match="connect the output to the input"):
+    with pytest.raises(AudioDeviceError, match="heard in none of 3 tries"):
         prof.measure_loopback()
     assert issubclass(AudioDeviceError, EngineError)
+
+
+def test_loopback_retries_an_unstable_train(monkeypatch):
+    """Clicks that disagree (an xrun mid-train) trigger another train; the stable one is reported."""
+    trains = iter([[77.0, 77.0, 160.0, 160.0, 160.0], [77.1, 77.0, 77.0, None, 77.1]])
+
+    def fake_train(*a):
+        ms = next(trains)
+        found = np.array([x for x in ms if x is not None])
+        return {"audio_path_ms": float(np.median(found)), "audio_path_min_ms": float(found.min()),
+                "audio_path_max_ms": float(found.max()), "clicks_found": int(found.size), "clicks": 5}
+
+    monkeypatch.setattr(prof, "_click_train", fake_train)
+    lb = prof.measure_loopback(blocksize=480)
+    assert lb["attempts"] == 2 and lb["stable"] and lb["audio_path_ms"] == pytest.approx(77.05)
+    trains = iter([[77.0, 160.0, 160.0, 160.0, 160.0]] * 3)
+    lb = prof.measure_loopback(blocksize=480)
+    assert lb["attempts"] == 3 and not lb["stable"] and lb["audio_path_min_ms"] == 77.0
