@@ -30,6 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -503,7 +504,7 @@ class DuplexSession:
                  input_device=None, output_device=None, blocksize: int = 480,
                  max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
                  on_mic: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 profile: bool = False, event_queue_size: int = 1024):
+                 profile: bool = False, event_queue_size: int = 1024, record_steps: bool = False):
         if deadline_policy not in ("catch_up", "drop"):
             raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
         if max_backlog_frames < 1:
@@ -532,6 +533,8 @@ class DuplexSession:
         self.max_frames = max_frames
         self.on_text = on_text
         self.on_mic = on_mic
+        # Opt-in full history of step times (ms, float32: 4 bytes a step) for soak runs.
+        self.step_log = array("f") if record_steps else None
         self.timer = StageTimer(profile)
         self._events: "queue.Queue[Event]" = queue.Queue(maxsize=event_queue_size)
         self._stop = threading.Event()
@@ -726,6 +729,8 @@ class DuplexSession:
                 with self._stats_lock:
                     st.frames += 1
                     self._step_ms.append(step_ms)
+                    if self.step_log is not None:
+                        self.step_log.append(step_ms)
                     if step_ms > period * 1e3:
                         st.deadline_misses += 1
                 if res.text:

@@ -32,6 +32,7 @@ class ModelWorker:
     def __init__(self, name: str = "personaplex-mlx"):
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._closed = False
+        self._parked = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -41,7 +42,12 @@ class ModelWorker:
         while True:
             item = self._queue.get()
             if item is _STOP:
-                return
+                # Park instead of returning. With mlx 0.32.4, a thread that freed unevaluated arrays
+                # (e.g. nn.Linear's random init replaced by loaded weights) and then ended makes the
+                # process abort at exit ("terminate called without an active exception"). A parked
+                # daemon thread costs a stack and ends with the process.
+                self._parked.set()
+                threading.Event().wait()
             fn, args, kwargs, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
@@ -152,11 +158,12 @@ class ModelWorker:
             cancel.set()
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop accepting work; the thread exits after the queued work is done."""
+        """Stop accepting work; waits (if `wait`) until the queued work is done. The thread then
+        parks until the process ends (see _run)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(_STOP)
         if wait and not self.on_worker():
-            self._thread.join()
+            self._parked.wait()
