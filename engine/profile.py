@@ -633,17 +633,18 @@ def compare(res: dict, old: dict, out=None) -> dict:
             (nm["source"], nm["quantize"], res["machine"]["mlx_device"]):
         w("note: model, quantization or device differ between the two runs")
     w(f"{'stage':<14}{'old p50':>9}{'new p50':>9}{'ratio':>7}{'old p99':>9}{'new p99':>9}{'ratio':>7}")
-    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731
+    ratio = lambda a, b: a / b if b > 0 else None          # noqa: E731 - None: old was 0 (JSON-safe)
+    fmt = lambda r: f"{r:7.2f}" if r is not None else f"{'-':>7}"  # noqa: E731
     ratios = {}
     for s, v in res["stages"].items():
         o = old["stages"].get(s)
         if not o:
             continue
         ratios[s] = {"p50": ratio(v["p50"], o["p50"]), "p99": ratio(v["p99"], o["p99"])}
-        w(f"{s:<14}{o['p50']:9.2f}{v['p50']:9.2f}{ratios[s]['p50']:7.2f}"
-          f"{o['p99']:9.2f}{v['p99']:9.2f}{ratios[s]['p99']:7.2f}")
+        w(f"{s:<14}{o['p50']:9.2f}{v['p50']:9.2f}{fmt(ratios[s]['p50'])}"
+          f"{o['p99']:9.2f}{v['p99']:9.2f}{fmt(ratios[s]['p99'])}")
     ratios["rtf"] = ratio(res["timing"]["rtf"], old["timing"]["rtf"])
-    w(f"real-time factor {old['timing']['rtf']:.3f} -> {res['timing']['rtf']:.3f} (ratio {ratios['rtf']:.2f}; "
+    w(f"real-time factor {old['timing']['rtf']:.3f} -> {res['timing']['rtf']:.3f} (ratio {fmt(ratios['rtf']).strip()}; "
       "< 1 is faster)")
     return ratios
 
@@ -684,7 +685,7 @@ def plot(res: dict, path: str) -> None:
 def write_json(res: dict, path: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(res, f, indent=1, allow_nan=False)
     os.replace(tmp, path)
 
 

@@ -200,6 +200,8 @@ def test_compare_ratios(tiny_run, tmp_path):
     assert ratios["rtf"] == pytest.approx(0.5)
     text = buf.getvalue()
     assert "ratio" in text and "0.50" in text and "depformer" in text
+    old["stages"]["aec"]["p50"] = 0.0                      # no ratio against a zero: None, printed "-"
+    assert prof.compare(res, old, out=io.StringIO())["aec"]["p50"] is None
     # Through the CLI against the fixture's own JSON.
     rc, out, err = run_cli(["--model", "tiny", "--steps", "4", "--warmup", "1", "--no-progress",
                             "--compare", str(tiny_run[1]), "--json", str(tmp_path / "b.json")])
