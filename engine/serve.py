@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--silence-timeout", type=float, default=300.0,
                    help="close a session after this many seconds of silent audio (default 300)")
     p.add_argument("--static", default=None, help="serve this directory at / instead of our page")
+    p.add_argument("--compile", action="store_true",
+                   help="mx.compile the batched temporal and depformer steps (fewer kernel launches)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
     return p
 
@@ -58,7 +60,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
-                       silence_timeout=args.silence_timeout, static_dir=args.static)
+                       silence_timeout=args.silence_timeout, static_dir=args.static,
+                       compiled=args.compile)
+    if args.compile:
+        model.worker.call(model.lm.compile)
 
     async def run() -> None:
         runner, server, port = await start(model, args.host, args.port, cfg)

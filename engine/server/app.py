@@ -35,6 +35,7 @@ class ServerConfig:
     inbox_frames: int = 8             # input backlog bound (640 ms)
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
+    compiled: bool = False            # mx.compile the batched temporal step (and the LM's depformer)
 
 
 class _Conn:
@@ -118,7 +119,7 @@ class ChatServer:
         self.model = model
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.loop = StepLoop(model, self.metrics)
+        self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled)
         self.conns: set[_Conn] = set()
         self._pending = 0
         self.voices = model.list_voices()

@@ -110,6 +110,10 @@ def _mimi_attention(att, x, cache: dict, off: mx.array) -> mx.array:
 
 
 def _mimi_transformer(tr, x, cache: dict) -> mx.array:
+    # Same computation as mimi_modules.Transformer.__call__, with per-row offsets and windows.
+    dt = tr.layers[0].linear1.weight.dtype
+    if x.dtype != dt:
+        x = x.astype(dt)
     off = cache[tr._name]
     for layer in tr.layers:
         x = x + layer.layer_scale_1(_mimi_attention(layer.self_attn, layer.norm1(x), cache, off))

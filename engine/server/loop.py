@@ -140,8 +140,10 @@ class Slot:
 class StepLoop:
     """The batched loop. `start()` submits it to the model's worker; `stop()` ends it."""
 
-    def __init__(self, model, metrics: Metrics | None = None, frame_seconds: float = FRAME_SECONDS):
+    def __init__(self, model, metrics: Metrics | None = None, frame_seconds: float = FRAME_SECONDS,
+                 compiled: bool = False):
         self.model = model
+        self.compiled = compiled
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
         self._joins: "queue.SimpleQueue[Slot]" = queue.SimpleQueue()
@@ -202,7 +204,7 @@ class StepLoop:
             slot.on_joined(None)
 
     def _run(self) -> None:
-        be = self.batch = BatchEngine(self.model)
+        be = self.batch = BatchEngine(self.model, compiled=self.compiled)
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
         deadline = None

@@ -1,0 +1,198 @@
+"""Server capacity: how many concurrent sessions one batched 80 ms loop keeps in real time.
+
+    PYTHONPATH=. python bench/serve.py                                   # tiny model, CPU
+    PYTHONPATH=. python bench/serve.py --device gpu --config personaplex --quantize 4 \
+        --sizes 1,8,16,24,32 --soak-sessions 16 --soak-seconds 300
+
+Random weights at the config's shapes (LM.random + random Mimi codebooks), all in the server's
+code path: `engine.server.batch.BatchEngine` joined by prompted B=1 states.
+1. sweep: for each batch size B, the step time (Mimi encode + LM step + Mimi decode for B slots),
+   p50/p99 over --steps steps, and the stage split (encode / LM / decode) at p50.
+2. soak (--soak-sessions N): the real `StepLoop` (80 ms pacing, deadlines, inboxes fed in real time
+   by a feeder thread) with N sessions for --soak-seconds; reports steps, misses, p50/p99.
+The verdict line gives the largest B whose p99 <= 80 ms in the sweep, and the soak's misses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import numpy as np
+
+import engine  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+
+from engine.models.gen import LmGen, SamplingParams
+from engine.models.lm import LM, LmConfig
+from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
+from engine.server.batch import BatchEngine, SlotParams
+from engine.worker import ModelWorker
+
+FRAME = 1920
+
+
+class BenchModel:
+    """The parts of `engine.api.PersonaPlex` the server's loop uses, on random weights."""
+
+    def __init__(self, config: str, dtype, quantize, prompt_len: int, worker: ModelWorker):
+        self.worker = worker
+        lcfg = LmConfig.tiny() if config == "tiny" else LmConfig.personaplex()
+        mcfg = MimiConfig.tiny() if config == "tiny" else MimiConfig.personaplex()
+        self.lm = LM.random(lcfg, dtype=dtype, seed=0)
+        if quantize:
+            from engine.models import quant
+            quant.apply(self.lm, quant.QuantPlan.parse(quantize))
+        self.mimi = Mimi(mcfg, num_codebooks=8).load_reference_weights(tiny_state_dict(mcfg, seed=0))
+        self.gen = LmGen(self.lm, SamplingParams())
+        rng = np.random.default_rng(0)
+        self._tokens = [int(t) for t in rng.integers(4, lcfg.text_card, prompt_len)]
+        self._prompt = None
+
+    def _prompted_state(self, voice, text_prompt, seed):
+        if self._prompt is None:
+            st = self.gen.new_state(1, seed=0)
+            self.gen.run_prompts(st, voice=None, text_tokens=self._tokens)
+            mx.eval(st.tokens)
+            self._prompt = st
+        st = self._prompt.copy()
+        st.key = mx.random.key(int(seed))
+        return st
+
+    def decode_text(self, token):
+        return ""
+
+
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool) -> list[dict]:
+    rng = np.random.default_rng(1)
+    out = []
+    for b in sizes:
+        be = BatchEngine(model, compiled=compiled)
+        for i in range(b):
+            be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
+        frames = (0.1 * rng.standard_normal((b, FRAME))).astype(np.float32)
+        for _ in range(5):
+            be.step(frames)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            be.step(frames)
+            times.append((time.perf_counter() - t0) * 1e3)
+        stages = {"encode": [], "lm": [], "decode": []}
+        for _ in range(min(steps, 20)):
+            t0 = time.perf_counter()
+            u = be._encode(frames)
+            mx.eval(u)
+            t1 = time.perf_counter()
+            text, agent = be._lm_step(u)
+            mx.eval(text, agent)
+            t2 = time.perf_counter()
+            mx.eval(be._decode(agent))
+            t3 = time.perf_counter()
+            for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
+                stages[k].append(v * 1e3)
+        row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+               **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()}}
+        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        out.append(row)
+        while be.size:
+            be.leave(be.slots[0])
+        del be
+        mx.clear_cache()
+    return out
+
+
+def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False) -> dict:
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics(window=100000)
+    loop = StepLoop(model, metrics, compiled=compiled)
+    joined = threading.Semaphore(0)
+    received = [0] * sessions
+    inboxes = []
+    for i in range(sessions):
+        inbox = Inbox(8, metrics)
+        inboxes.append(inbox)
+
+        def on_frame(pcm, text, i=i):
+            received[i] += 1
+
+        loop.join(Slot("bench", None, SlotParams(SamplingParams(), i), inbox,
+                       lambda err: joined.release(), on_frame))
+    loop.start()
+    for _ in range(sessions):
+        joined.acquire(timeout=600)
+    stop = threading.Event()
+    frame = (0.1 * np.random.default_rng(2).standard_normal(FRAME)).astype(np.float32)
+
+    def feed():                           # every session's client, sending in real time
+        t = time.perf_counter()
+        while not stop.is_set():
+            for ib in inboxes:
+                ib.push(frame)
+            t += 0.08
+            time.sleep(max(0.0, t - time.perf_counter()))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    metrics.steps = metrics.misses = 0
+    metrics.step_ms.clear()
+    t0 = time.perf_counter()
+    feeder.start()
+    time.sleep(seconds)
+    stop.set()
+    steps, misses = metrics.steps, metrics.misses
+    loop.stop(timeout=60)
+    wall = time.perf_counter() - t0
+    res = {"sessions": sessions, "seconds": round(wall, 1), "steps": steps,
+           "expected_steps": int(wall / 0.08), "misses": misses,
+           "p50_ms": round(metrics.percentile(50), 2), "p99_ms": round(metrics.percentile(99), 2),
+           "max_ms": round(max(metrics.step_ms), 2) if metrics.step_ms else 0.0,
+           "input_underruns": metrics.in_underrun_frames, "input_drops": metrics.in_dropped_frames}
+    print("soak", json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--config", choices=["tiny", "personaplex"], default="tiny")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--quantize", default=None, help="4, 8 or a plan name (default: none)")
+    ap.add_argument("--sizes", default="1,2,4,8", help="batch sizes of the sweep (comma list; '' = none)")
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
+    ap.add_argument("--prompt-len", type=int, default=60, help="text prompt tokens of every session")
+    ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
+    ap.add_argument("--soak-sessions", type=int, default=0, help="run the paced StepLoop with N sessions")
+    ap.add_argument("--soak-seconds", type=float, default=300.0)
+    args = ap.parse_args()
+    worker = ModelWorker("bench-serve")
+
+    def run():
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+        dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if args.config == "tiny" else mx.bfloat16)
+        quant = int(args.quantize) if args.quantize and args.quantize.isdigit() else args.quantize
+        t0 = time.perf_counter()
+        model = BenchModel(args.config, dtype, quant, args.prompt_len, worker)
+        if args.compiled:
+            model.lm.compile()              # the depformer steps (BatchEngine compiles the temporal)
+        print(f"device={args.device} config={args.config} dtype={dtype} quantize={quant} "
+              f"compiled={args.compiled} load {time.perf_counter() - t0:.1f} s", flush=True)
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        rows = sweep(model, sizes, args.steps, args.compiled) if sizes else []
+        return model, rows
+
+    model, rows = worker.call(run)
+    ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0]
+    if rows:
+        print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
+    if args.soak_sessions:
+        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled)
+        verdict = "REAL TIME" if res["misses"] == 0 and res["p99_ms"] <= 80 else "NOT real time"
+        print(f"soak: {args.soak_sessions} sessions for {res['seconds']} s: {verdict} "
+              f"({res['misses']} misses, p99 {res['p99_ms']} ms)", flush=True)
+    worker.shutdown()
+
+
+if __name__ == "__main__":
+    main()
