@@ -8,6 +8,8 @@ Random weights at the config's shapes (LM.random + random Mimi codebooks), all i
 code path: `engine.server.batch.BatchEngine` joined by prompted B=1 states.
 1. sweep: for each batch size B, the step time (Mimi encode + LM step + Mimi decode for B slots),
    p50/p99 over --steps steps, and the stage split (encode / LM / decode) at p50.
+   Rows are set to a full context first (positions past 3000, every KV slot attended): the
+   steady-state worst case of long sessions (--fresh: just-joined sessions instead).
 2. soak (--soak-sessions N): the real `StepLoop` (80 ms pacing, deadlines, inboxes fed in real time
    by a feeder thread) with N sessions for --soak-seconds; reports steps, misses, p50/p99.
 The verdict line gives the largest B whose p99 <= 80 ms in the sweep, and the soak's misses.
@@ -64,13 +66,27 @@ class BenchModel:
         return ""
 
 
-def sweep(model: BenchModel, sizes, steps: int, compiled: bool) -> list[dict]:
+def fill_context(be: BatchEngine) -> None:
+    """Make every row look like a long session (ring full, positions past the context), so the
+    attention runs over all `context` slots: the steady-state worst case, not a fresh session."""
+    c = be.lm.config.context
+    o = 2 * c + np.arange(be.size, dtype=np.int64) * 7
+    j = np.arange(c)
+    pos = o[:, None] - 1 - ((o[:, None] - 1 - j[None, :]) % c)
+    be.pos, be.offset = mx.array(pos.astype(np.int32)), mx.array(o.astype(np.int32))
+    be.off_host = o.copy()
+    mx.eval(be.pos, be.offset)
+
+
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True) -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
         be = BatchEngine(model, compiled=compiled)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
+        if full:
+            fill_context(be)
         frames = (0.1 * rng.standard_normal((b, FRAME))).astype(np.float32)
         for _ in range(5):
             be.step(frames)
@@ -163,6 +179,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
     ap.add_argument("--prompt-len", type=int, default=60, help="text prompt tokens of every session")
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
+    ap.add_argument("--fresh", action="store_true",
+                    help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
     ap.add_argument("--soak-sessions", type=int, default=0, help="run the paced StepLoop with N sessions")
     ap.add_argument("--soak-seconds", type=float, default=300.0)
     args = ap.parse_args()
@@ -179,7 +197,7 @@ def main() -> None:
         print(f"device={args.device} config={args.config} dtype={dtype} quantize={quant} "
               f"compiled={args.compiled} load {time.perf_counter() - t0:.1f} s", flush=True)
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-        rows = sweep(model, sizes, args.steps, args.compiled) if sizes else []
+        rows = sweep(model, sizes, args.steps, args.compiled, not args.fresh) if sizes else []
         return model, rows
 
     model, rows = worker.call(run)

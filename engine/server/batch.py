@@ -23,6 +23,7 @@ Worker thread only (every method runs MLX).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from ..models.gen import GenState, SamplingParams
 from ..models.lm import _silu_gate
 
 __all__ = ["SlotParams", "BatchEngine"]
+
+_WIDTH_STEP = 256
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ class BatchEngine:
         self._pending_dec: dict = {}
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self.compiled = compiled
-        self._temporal_fn = None
+        self._temporal_fns: dict = {}
+        self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
 
     @property
     def size(self) -> int:
@@ -238,6 +242,7 @@ class BatchEngine:
             self.tokens = mx.concatenate([self.tokens, tokens], axis=0)
             self.keys = mx.concatenate([self.keys, key], axis=0)
         self.provided = np.concatenate([self.provided, prov], axis=0)
+        self.off_host = np.append(self.off_host, np.int64(cache.step))
         self.temp_text = np.append(self.temp_text, np.float32(sp.temp_text))
         self.top_k_text = np.append(self.top_k_text, np.int32(sp.top_k_text))
         self.temp_audio = np.append(self.temp_audio, np.float32(sp.temp_audio))
@@ -268,7 +273,7 @@ class BatchEngine:
             self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
             self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
             mx.eval(self.pos, self.offset, self.tokens, self.keys)
-        for a in ("provided", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
+        for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
             setattr(self, a, np.delete(getattr(self, a), r, axis=0))
         for rows, attr in ((self.enc_rows, "enc"), (self.dec_rows, "dec")):
             if slot in rows:
@@ -337,15 +342,21 @@ class BatchEngine:
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
         """x (B, 1, D) -> (h (B, D), text_logits (B, V)); advances every row by one position."""
-        fn = self._temporal_fn
+        C = self.lm.config.context
+        # Until some row has filled its ring, slots >= max(offset) are empty in every row:
+        # attend over the used prefix only (rounded up, so few distinct shapes).
+        width = min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
+        fn = self._temporal_fns.get(width)
         if fn is None:
-            fn = self._temporal_fn = mx.compile(self._temporal_pure) if self.compiled else self._temporal_pure
+            fn = functools.partial(self._temporal_pure, width)
+            fn = self._temporal_fns[width] = mx.compile(fn) if self.compiled else fn
         h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *self.k, *self.v)
         L = len(self.k)
         self.k, self.v = list(kv[:L]), list(kv[L:])
+        self.off_host += 1
         return h, logits
 
-    def _temporal_pure(self, x, pos, off, *kv):
+    def _temporal_pure(self, width, x, pos, off, *kv):
         lm, c = self.lm, self.lm.config
         L = c.num_layers
         ks, vs = list(kv[:L]), list(kv[L:])
@@ -354,7 +365,7 @@ class BatchEngine:
         slots = (off % C)[:, None]                                          # (B, 1)
         pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)           # (B, C)
         delta = off[:, None] - pos
-        mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :]  # (B, 1, 1, C)
+        mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :width]  # (B, 1, 1, width)
         idx = mx.broadcast_to(slots[:, None, :, None], (B, H, 1, hd))
         x = x.astype(lm.dtype)
         for i, layer in enumerate(lm.transformer.layers):
@@ -364,7 +375,8 @@ class BatchEngine:
             k = mx.fast.rope(qkv[1], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
             ks[i] = mx.put_along_axis(ks[i], idx, k, axis=2)
             vs[i] = mx.put_along_axis(vs[i], idx, qkv[2], axis=2)
-            a = mx.fast.scaled_dot_product_attention(q, ks[i], vs[i], scale=self._scale, mask=mask)
+            kw, vw = (ks[i], vs[i]) if width == C else (ks[i][:, :, :width], vs[i][:, :, :width])
+            a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=self._scale, mask=mask)
             x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
         h = lm.out_norm(x)
