@@ -387,7 +387,8 @@ def _profile_loaded(model, load_s: float, args, audio) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine,
         "model": {"source": str(model.files.source), "quantize": None if q is None else str(q),
-                  "tiny": bool(model.is_tiny or model.files.config is not None), "benchmark_weights": bench},
+                  "tiny": bool(model.is_tiny or model.files.source == RANDOM_PREFIX + "tiny"),
+                  "benchmark_weights": bench},
         "run": {"steps": len(timed), "warmup_steps": len(warm), "realtime": bool(args.realtime),
                 "aec": bool(args.aec), "voice": voice, "input": input_desc},
         "timing": {
