@@ -342,3 +342,42 @@ def test_static_page_and_voices(tiny_model):
     assert index[0] == 200 and "<html" in index[1].lower() and "app.js" in index[1]
     assert js[0] == 200 and "getUserMedia" in js[1] and "echoCancellation" in js[1]
     assert voices[0] == 200 and "NATF0.pt" in voices[1]
+
+
+def test_inbox_and_outbox_are_bounded(tiny_model):
+    """A client sending too fast loses its oldest input frames; a client reading too slowly loses
+    output frames (before Opus encoding, so its Ogg stream stays valid); both are counted and
+    nothing ever waits."""
+    from engine.server.app import ChatServer, ServerConfig, _Conn
+    from engine.server.loop import Inbox, Metrics
+
+    m = Metrics()
+    ib = Inbox(4, m)
+    ib.push(np.arange(10 * FRAME, dtype=np.float32))              # 10 frames into room for 4
+    assert (ib.frames, ib.dropped_frames, m.in_dropped_frames) == (4, 6, 6)
+    out = np.empty(FRAME, np.float32)
+    assert ib.take(out) and out[0] == 6 * FRAME                    # the newest 4 frames remain
+    for _ in range(3):
+        assert ib.take(out)
+    assert not ib.take(out) and not out.any() and m.in_underrun_frames == 1
+
+    async def slow_client():
+        server = ChatServer(tiny_model, ServerConfig(outbox_messages=8))
+        conn = _Conn(server, None, P.parse_query({}, server.voices))
+        t0 = time.perf_counter()
+        for i in range(50):                                        # nobody drains the outbox
+            conn._deliver(np.zeros(FRAME, np.float32), 3)
+        return conn, server, time.perf_counter() - t0
+
+    conn, server, dt = asyncio.run(slow_client())
+    assert conn.outbox.qsize() <= 8 and conn.out_dropped >= 42
+    assert server.metrics.out_dropped_frames == conn.out_dropped and dt < 1.0
+    # what was queued is a valid Ogg/Opus stream
+    reader = sphn.OpusStreamReader(24000)
+    n = 0
+    while not conn.outbox.empty():
+        msg = conn.outbox.get_nowait()
+        assert msg[0] == P.AUDIO
+        pcm = reader.append_bytes(msg[1:])
+        n += 0 if pcm is None else len(pcm)
+    assert n >= 5 * FRAME

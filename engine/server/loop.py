@@ -91,14 +91,13 @@ class Inbox:
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         cap = len(self._buf)
         with self._lock:
-            if len(pcm) > cap:
-                pcm = pcm[-cap:]
             over = self._n + len(pcm) - cap
             if over > 0:
                 drop = -(-over // FRAME) * FRAME            # whole frames, oldest first
-                drop = min(drop, self._n)
-                self._buf[:self._n - drop] = self._buf[drop:self._n]
-                self._n -= drop
+                old = min(drop, self._n)
+                self._buf[:self._n - old] = self._buf[old:self._n]
+                self._n -= old
+                pcm = pcm[drop - old:]
                 self.dropped_frames += drop // FRAME
                 self._metrics.in_dropped_frames += drop // FRAME
             self._buf[self._n:self._n + len(pcm)] = pcm
