@@ -268,16 +268,19 @@ def _bare_step_p99(model, n: int) -> float:
 def test_clients_realtime_and_refusal(tiny_model):
     """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 5 % misses
     (SERVE_TEST_MAX_MISS_RATE). The miss check is skipped, with a warning, when the machine is so
-    loaded that the bare batched step (no server, no clients) already takes > 40 ms at p99; the
-    strict 8 x 20 s zero-miss version is the slow test below."""
+    loaded that the bare batched step (no server, no clients), measured before and after, takes
+    > 40 ms at p99; the strict 8 x 20 s zero-miss version is the slow test below."""
     n = 3
-    p99 = _bare_step_p99(tiny_model, n)
+    before = _bare_step_p99(tiny_model, n)
+    m = _realtime_scenario(tiny_model, n, 8.0, 1.0)
+    after = _bare_step_p99(tiny_model, n)
     rate = float(os.environ.get("SERVE_TEST_MAX_MISS_RATE", "0.05"))
-    if p99 > 40:
-        warnings.warn(f"machine overloaded: bare batched step p99 {p99:.0f} ms for {n} rows; "
-                      "the miss-rate check is skipped")
-        rate = 1.0
-    _realtime_scenario(tiny_model, n, 8.0, rate)
+    msg = (f"{m.misses} misses in {m.steps} steps (p50 {m.percentile(50):.1f} p99 {m.percentile(99):.1f} ms); "
+           f"bare step p99 before/after {before:.0f}/{after:.0f} ms")
+    if max(before, after) > 40:
+        warnings.warn(f"machine overloaded, miss-rate check skipped: {msg}")
+    else:
+        assert m.misses <= rate * m.steps, msg
 
 
 @pytest.mark.slow
@@ -381,3 +384,31 @@ def test_inbox_and_outbox_are_bounded(tiny_model):
         pcm = reader.append_bytes(msg[1:])
         n += 0 if pcm is None else len(pcm)
     assert n >= 5 * FRAME
+
+
+def test_cli_starts_serves_health_and_rejects_bad_args(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    bad = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "tiny", "--max-sessions", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--max-sessions=0" in bad.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", "tiny", "--port", "0",
+                             "--max-sessions", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        line = ""
+        t0 = time.monotonic()
+        while "serving on" not in line and time.monotonic() - t0 < 120:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "serving on http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        status, body = asyncio.run(_get(port, "/healthz"))
+        assert status == 200 and '"max_sessions": 2' in body
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
