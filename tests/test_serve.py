@@ -43,6 +43,7 @@ def test_query_validation_and_clamping():
     d = P.parse_query({}, voices)
     assert d.voice == "NATF0" and d.sampling == SamplingParams() and not d.seed_given
     assert P.parse_query({"seed": "-1"}, voices).seed_given is False
+    assert P.parse_query({"text_seed": "9", "audio_seed": "4"}, voices).seed == 9
     for q in ({"voice_prompt": "NOPE.pt"}, {"voice_prompt": "../x.pt"}, {"seed": "abc"},
               {"text_temperature": "nan"}, {"audio_topk": "many"}, {"text_prompt": "x" * 5000}):
         with pytest.raises(P.ProtocolError):

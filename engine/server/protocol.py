@@ -13,7 +13,7 @@ Every websocket message is binary: one kind byte, then the payload.
 | 0x06 | ping      | no payload (ignored)                                     |
 
 Query parameters of `/api/chat`: `voice_prompt` (a preset such as `NATF2.pt`), `text_prompt`,
-`seed` (-1 = random), `text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`. Unlike
+`seed` (-1 = random; the reference client's `text_seed` / `audio_seed` are used when it is absent), `text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`. Unlike
 the reference server, sampling parameters and seed are honoured: validated (a non-number is an
 error) and clamped to safe ranges. Parameters the reference client also sends (`pad_mult`,
 `repetition_penalty`, ...) are accepted and ignored.
@@ -107,7 +107,8 @@ def parse_query(q: Mapping[str, str], voices: list[str] | None = None) -> Sessio
         if len(text) > MAX_PROMPT_CHARS:
             raise ProtocolError(f"text_prompt has {len(text)} characters, the limit is {MAX_PROMPT_CHARS}")
         text = text if text.strip() else None
-    raw_seed = q.get("seed")
+    # `seed`, else the reference client's `text_seed` / `audio_seed` (one seed drives every site).
+    raw_seed = next((q.get(k) for k in ("seed", "text_seed", "audio_seed") if q.get(k) not in (None, "")), None)
     seed_given = False
     if raw_seed in (None, "", "-1"):
         seed = secrets.randbits(62)
