@@ -38,6 +38,7 @@ class Metrics:
         self.in_dropped_frames = 0
         self.out_dropped_frames = 0
         self.in_underrun_frames = 0
+        self.reanchors = 0
         self.join_ms: deque = deque(maxlen=200)
         self.step_ms: deque = deque(maxlen=window)
         self.batch_sizes: deque = deque(maxlen=window)
@@ -63,6 +64,8 @@ class Metrics:
             ("personaplex_step_ms_p50", "gauge", "median step time (recent window), ms", self.percentile(50)),
             ("personaplex_step_ms_p99", "gauge", "99th percentile step time (recent window), ms",
              self.percentile(99)),
+            ("personaplex_loop_reanchors_total", "counter",
+             "times the loop fell > 4 frames behind and skipped ahead", self.reanchors),
             ("personaplex_input_dropped_frames_total", "counter", "input frames dropped (client too fast)",
              self.in_dropped_frames),
             ("personaplex_output_dropped_frames_total", "counter", "output frames dropped (client too slow)",
@@ -143,6 +146,7 @@ class StepLoop:
                  compiled: bool = False):
         self.model = model
         self.compiled = compiled
+        self.max_behind = 4
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
         self._joins: "queue.SimpleQueue[Slot]" = queue.SimpleQueue()
@@ -235,7 +239,10 @@ class StepLoop:
                 slot.steps += 1
                 slot.on_frame(pcm[r], int(text[r]))
             deadline += period
-            if time.perf_counter() > deadline:          # fell more than a frame behind: re-anchor
+            # Behind schedule: the next steps run back to back (no sleep) and catch up, as the
+            # inboxes hold the frames meanwhile; beyond `max_behind` frames, give up and re-anchor.
+            if time.perf_counter() > deadline + self.max_behind * period:
                 deadline = time.perf_counter() + period
+                m.reanchors += 1
         for sid in list(active):
             be.leave(sid)
