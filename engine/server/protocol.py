@@ -13,9 +13,10 @@ Every websocket message is binary: one kind byte, then the payload.
 | 0x06 | ping      | no payload (ignored)                                     |
 
 Query parameters of `/api/chat`: `voice_prompt` (a preset such as `NATF2.pt`), `text_prompt`,
-`seed` (-1 = random; the reference client's `text_seed` / `audio_seed` are used when it is absent), `text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`. Unlike
-the reference server, sampling parameters and seed are honoured: validated (a non-number is an
-error) and clamped to safe ranges. Parameters the reference client also sends (`pad_mult`,
+`seed` (-1 = random; the reference client's `text_seed` / `audio_seed` when it is absent),
+`text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`. Unlike the reference server,
+sampling parameters and seed are honoured: validated (a non-number is an error) and clamped to
+safe ranges (temperatures 0..2, top-k 1..500). Parameters the reference client also sends (`pad_mult`,
 `repetition_penalty`, ...) are accepted and ignored.
 """
 from __future__ import annotations
