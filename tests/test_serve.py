@@ -413,3 +413,16 @@ def test_cli_starts_serves_health_and_rejects_bad_args(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_static_dir_option_serves_another_client(tiny_model, tmp_path):
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "index.html").write_text("<html><script src='/assets/main.js'></script></html>")
+    (tmp_path / "assets" / "main.js").write_text("console.log('reference client')")
+
+    async def scenario(port, server):
+        return await _get(port, "/"), await _get(port, "/assets/main.js"), await _get(port, "/healthz")
+
+    index, asset, health = _run_server(tiny_model, scenario, static_dir=tmp_path)
+    assert index == (200, "<html><script src='/assets/main.js'></script></html>")
+    assert asset[0] == 200 and "reference client" in asset[1] and health[0] == 200

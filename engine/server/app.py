@@ -134,6 +134,9 @@ class ChatServer:
         app.router.add_get("/api/voices", self.voices_page)
         app.router.add_get("/", self.index)
         app.router.add_static("/static/", self.static_dir, show_index=False)
+        if self.config.static_dir:
+            # Another client build (e.g. the reference's dist/): its assets live at the root.
+            app.router.add_static("/", self.static_dir, show_index=False)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
