@@ -188,6 +188,19 @@ class Mimi(nn.Module):
     cardinality = property(lambda self: self._cfg.bins)
     dtype = property(lambda self: self._dtype)
 
+    # -- precision
+    def half_precision_modules(self) -> list:
+        """The modules that run in `dtype` when it is bf16/fp16: the decoder side (upsampler,
+        decoder transformer, SEANet decoder). The encoder path and the quantizer stay float32.
+
+        Codes are discrete and the deep RVQ levels are fragile: on a 7B-size fixture with
+        data-like codebooks, bf16 anywhere on the encoder path flips codes (all of it: 17 % of
+        the 8 codes; only the 3 highest-rate SEANet layers: 1.5 %), below the 99 % agreement the
+        engine needs, while the decoder's output is continuous (bf16: ~44 dB SNR vs float32).
+        Figures in docs/performance_mimi.md.
+        """
+        return [self.decoder, self.decoder_transformer, self.upsample]
+
     # -- loading
     def load_reference_weights(self, weights: dict, source: str = "state dict") -> "Mimi":
         """Load a reference-format state dict (numpy/mx arrays), checking every key and shape."""
@@ -197,10 +210,8 @@ class Mimi(nn.Module):
                         self._cfg)
         self.load_weights([(k, mx.array(v)) for k, v in ours.items()], strict=True)
         if self._dtype != mx.float32:
-            # The quantizer stays in float32 (distances of near-tied codes).
-            for name in ("encoder", "decoder", "encoder_transformer", "decoder_transformer",
-                         "downsample", "upsample"):
-                self[name].set_dtype(self._dtype)
+            for mod in self.half_precision_modules():
+                mod.set_dtype(self._dtype)
         for r in (self.quantizer.rvq_first, self.quantizer.rvq_rest):
             r._norms = None
         mx.eval(self.parameters())
@@ -234,7 +245,7 @@ class Mimi(nn.Module):
     # -- core (channels-last; cache dicts from a MimiState)
     def _latent(self, x: mx.array, cache: dict) -> mx.array:
         """pcm (B, T, 1) -> unquantized latent (B, T/frame, dim) in float32."""
-        y = self.encoder(x.astype(self._dtype), cache)
+        y = self.encoder(x, cache)  # float32 in: even rounding the pcm to bf16 flips codes
         y = self.encoder_transformer(y, cache)
         return self.downsample(y, cache).astype(mx.float32)
 

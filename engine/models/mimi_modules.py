@@ -50,6 +50,8 @@ class Conv1d(nn.Module):
         self._tail = (kernel - 1) * dilation + 1 - stride
 
     def __call__(self, x: mx.array, cache: dict) -> mx.array:
+        if x.dtype != self.weight.dtype:  # mixed precision: a layer computes in its own dtype
+            x = x.astype(self.weight.dtype)
         tp = self._tail
         if tp > 0:
             prev = cache.get(self._name)
@@ -94,6 +96,8 @@ class ConvTr1d(nn.Module):
         self._name, self._stride, self._depthwise, self._cout = name, stride, depthwise, cout
 
     def __call__(self, x: mx.array, cache: dict) -> mx.array:
+        if x.dtype != self.weight.dtype:
+            x = x.astype(self.weight.dtype)
         b, t, _ = x.shape
         s, c = self._stride, self._cout
         if self._depthwise:
@@ -244,6 +248,9 @@ class Transformer(nn.Module):
         self._name = name
 
     def __call__(self, x, cache):
+        dt = self.layers[0].linear1.weight.dtype
+        if x.dtype != dt:
+            x = x.astype(dt)
         offset = cache.get(self._name, 0)
         for layer in self.layers:
             x = layer(x, cache, offset)

@@ -77,18 +77,30 @@ def mimi_reference_config(cfg) -> dict:
             "frame_rate": cfg.frame_rate, "seanet": seanet, "quantizer": quant, "transformer": tr}
 
 
-def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
+def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray, codebooks: str = "sampled",
+                         sampled_levels: int = 8):
     """A random reference Mimi (moshi 0.2.13) whose codebooks are NOT degenerate.
 
-    The stock random model has all-zero codebooks (every code identical). We fill each level
-    with random codewords matched to the residuals of real latents (of `audio`, (B, 1, T)),
-    level by level,
-    store them as embedding_sum = vectors * cluster_usage with random usages (a few below the
-    1e-5 clamp), and load that into a fresh model (the codebook caches its embedding on first
-    use, so editing a used model would be stale). Returns (model, state_dict as numpy).
+    The stock random model has all-zero codebooks (every code identical). We fill each level,
+    level by level, from the residuals of real latents (of `audio`, (B, 1, T)):
+    - "sampled" (realistic, like a trained k-means codebook) for the first `sampled_levels`
+      codebooks (semantic + acoustic, 8 = what PersonaPlex uses): every latent frame contributes
+      its residual plus a little noise as one codeword; the other codewords sit far from the
+      data (3x its spread) and are never chosen. The next level's residual uses the nearest
+      *other* frame's codeword (leave-one-out), as unseen audio would. A few hundred frames
+      cannot fill 32 levels this way (deep residuals stop shrinking and collapse onto a few
+      codes), so deeper levels are "gaussian".
+    - "gaussian": random codewords around the residual mean at 0.3x its spread. In 256
+      dimensions the nearest-neighbour margins are then unrealistically narrow (near-ties):
+      good for diversity, pessimistic for rounding tests.
+    Codebooks are stored as embedding_sum = vectors * cluster_usage with random usages (a few
+    below the 1e-5 clamp), and loaded into a fresh model (the codebook caches its embedding on
+    first use, so editing a used model would be stale). Returns (model, state_dict as numpy).
     """
     from moshi.models.loaders import get_mimi
 
+    if codebooks not in ("sampled", "gaussian"):
+        raise ValueError(f"codebooks must be 'sampled' or 'gaussian', got {codebooks!r}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     ref_cfg = mimi_reference_config(cfg)
@@ -108,12 +120,18 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
             rvq = getattr(model.quantizer, name)
             r = rvq.input_proj(lat).transpose(1, 2).reshape(-1, cfg.quantizer_dimension)
             r = r.numpy().astype(np.float64)
+            n = min(len(r), cfg.bins)
+            first = 0 if name == "rvq_first" else cfg.n_q_semantic
             for lvl in range(len(rvq.vq.layers)):
-                # Gaussian codewords around the residual mean, at 0.3x the residual's spread:
-                # codes are chosen by direction (diverse), each level removes a modest share
-                # (as in a trained RVQ), and deep levels keep well-separated distances.
-                mu = r.mean(0)
-                book = mu + 0.3 * r.std(0) * rng.standard_normal((cfg.bins, r.shape[1]))
+                mu, spread = r.mean(0), r.std(0) + 1e-12
+                sampled = codebooks == "sampled" and first + lvl < sampled_levels
+                if not sampled:
+                    book = mu + 0.3 * spread * rng.standard_normal((cfg.bins, r.shape[1]))
+                else:
+                    book = mu + 3.0 * spread * rng.standard_normal((cfg.bins, r.shape[1]))
+                    pick = rng.permutation(len(r))[:n]
+                    slot = rng.permutation(cfg.bins)[:n]  # codeword slot of frame pick[i]
+                    book[slot] = r[pick] + 0.05 * spread * rng.standard_normal((n, r.shape[1]))
                 usage = rng.uniform(0.5, 2.0, cfg.bins)
                 usage[rng.integers(0, cfg.bins, 8)] = 1e-7  # clamped to 1e-5 by the codec
                 eff = np.maximum(usage, 1e-5)
@@ -122,7 +140,9 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
                 sd[p + "cluster_usage"] = torch.from_numpy(usage.astype(np.float32))
                 sd[p + "_initialized"] = torch.ones(1)
                 book32 = (book * eff[:, None]).astype(np.float32) / eff[:, None].astype(np.float32)
-                d = (book32 ** 2).sum(1)[None] - 2 * r @ book32.T
+                d = (book32.astype(np.float64) ** 2).sum(1)[None] - 2 * r @ book32.T
+                if sampled:
+                    d[pick, slot] = np.inf  # leave-one-out: never a frame's own codeword
                 r = r - book32[d.argmin(1)]
     fresh = get_mimi(None, mimi_config=ref_cfg, device="cpu", num_codebooks=cfg.n_q)
     fresh.load_state_dict(sd)
@@ -130,11 +150,11 @@ def mimi_build_reference(torch, cfg, seed: int, audio: np.ndarray):
     return fresh, {k: v.numpy() for k, v in sd.items()}
 
 
-def _mimi_fixture(torch, tmp_path_factory, cfg, seed, name):
+def _mimi_fixture(torch, tmp_path_factory, cfg, seed, name, codebooks, n_audio, seconds):
     from safetensors.numpy import save_file
 
-    audio = np.stack([speech_like(3.0, seed=100 + i) for i in range(2)])[:, None]
-    model, sd = mimi_build_reference(torch, cfg, seed, audio)
+    audio = np.stack([speech_like(seconds, seed=100 + i) for i in range(n_audio)])[:, None]
+    model, sd = mimi_build_reference(torch, cfg, seed, audio, codebooks)
     path = tmp_path_factory.mktemp(name) / "tokenizer-e351c8d8-checkpoint125.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
     return types.SimpleNamespace(model=model, path=path, config=cfg, state_dict=sd)
@@ -144,14 +164,17 @@ def _mimi_fixture(torch, tmp_path_factory, cfg, seed, name):
 def mimi_ref_tiny(oracle_torch, tmp_path_factory):
     """Reference Mimi at MimiConfig.tiny() sizes (fast), saved as safetensors."""
     from engine.models.mimi import MimiConfig
-    return _mimi_fixture(oracle_torch, tmp_path_factory, MimiConfig.tiny(), 1, "mimi_tiny")
+    return _mimi_fixture(oracle_torch, tmp_path_factory, MimiConfig.tiny(), 1, "mimi_tiny",
+                         "gaussian", 2, 3.0)
 
 
 @pytest.fixture(scope="session")
 def mimi_ref_7b(oracle_torch, tmp_path_factory):
-    """Reference Mimi at the released sizes (fp32, ~385 MB in a temp dir; ~20 s to build)."""
+    """Reference Mimi at the released sizes (fp32, ~385 MB in a temp dir; ~20-40 s to build),
+    the first 8 codebooks sampled from the latents of 4 x 5 s of audio (250 codewords each)."""
     from engine.models.mimi import MimiConfig
-    return _mimi_fixture(oracle_torch, tmp_path_factory, MimiConfig.personaplex(), 2, "mimi_7b")
+    return _mimi_fixture(oracle_torch, tmp_path_factory, MimiConfig.personaplex(), 2, "mimi_7b",
+                         "sampled", 4, 5.0)
 
 
 @pytest.fixture(scope="session")

@@ -370,19 +370,37 @@ def test_parity_7b_streaming(oracle_torch, mimi_ref_7b, mimi_test_audio, record_
 
 @pytest.mark.oracle
 def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, record_property):
-    """bf16 compute (quantizer kept in fp32) vs the fp32 reference.
+    """bf16 mode (mixed precision, `Mimi.half_precision_modules`) vs float32: >= 99 % of codes.
 
-    With random weights the bf16 latent error is ~1 % of the latent (~5 % of its time-varying
-    part) and random codebooks have narrow decision margins, so the code agreement rate here is
-    far below what trained codebooks give; it is reported, and the continuous error is asserted.
+    Against the reference on the 4 s test audio, and against our float32 model (which equals
+    the reference, see the parity tests) on 12 s more for a tighter rate. The decoded audio of
+    bf16 mode is compared with float32 decoding of the same codes (SNR). bf16 on the encoder
+    path cannot meet 99 % even with data-like codebooks (docs/performance_mimi.md), so the
+    encoder stays float32: this test guards that policy and the bf16 decoder's quality.
     """
     lat_r, codes_r = mimi_7b_whole
     half = Mimi.from_file(mimi_ref_7b.path, num_codebooks=8, dtype=mx.bfloat16)
+    full = Mimi.from_file(mimi_ref_7b.path, num_codebooks=8)
+    assert half.encoder_transformer.layers[0].linear1.weight.dtype == mx.float32
+    assert half.encoder.model[0].weight.dtype == mx.float32
+    assert half.decoder_transformer.layers[0].linear1.weight.dtype == mx.bfloat16
+    assert half.decoder.model[0].weight.dtype == mx.bfloat16
     lat = np.array(half.encode_latent(mimi_test_audio))
-    codes = np.array(half.quantizer.encode(mx.array(lat).transpose(0, 2, 1), 8))
+    codes = np.array(half.encode(mimi_test_audio))
     err = rel_err(lat, lat_r)
     record_property("7b_bf16_latent_rel_err", err)
-    agree = _agreement(codes, codes_r[:, :8])
-    _report(record_property, "7b_bf16_agreement", agree)
-    assert err < 0.02
-    assert agree[0] >= 0.7
+    agree_ref = _agreement(codes, codes_r[:, :8])
+    _report(record_property, "7b_bf16_agreement_vs_reference", agree_ref)
+    pcm = np.concatenate([speech_like(6.0, seed=s) for s in (41, 42)])[None, None]
+    codes_h, codes_f = np.array(half.encode(pcm)), np.array(full.encode(pcm))
+    assert min(len(np.unique(codes_f[:, k])) for k in range(8)) >= 20
+    agree = _agreement(codes_h, codes_f)
+    _report(record_property, "7b_bf16_agreement_vs_fp32_12s", agree)
+    assert err <= 1e-4
+    assert agree_ref.mean() >= 0.99 and agree.mean() >= 0.99, (agree_ref, agree)
+    out = np.array(half.decode(codes_f))
+    assert out.dtype == np.float32
+    snr = snr_db(out, np.array(full.decode(codes_f)))
+    record_property("7b_bf16_decode_snr_db", round(snr, 1))
+    print(f"7b_bf16_decode_snr_db: {snr:.1f}")
+    assert snr >= 35, snr
