@@ -139,6 +139,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     loop.start()
     for _ in range(sessions):
         joined.acquire(timeout=600)
+    time.sleep(2.0)                       # first steps (compilation, allocation) are not counted
     stop = threading.Event()
     frame = (0.1 * np.random.default_rng(2).standard_normal(FRAME)).astype(np.float32)
 

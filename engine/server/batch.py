@@ -344,8 +344,9 @@ class BatchEngine:
         """x (B, 1, D) -> (h (B, D), text_logits (B, V)); advances every row by one position."""
         C = self.lm.config.context
         # Until some row has filled its ring, slots >= max(offset) are empty in every row:
-        # attend over the used prefix only (rounded up, so few distinct shapes).
-        width = min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
+        # attend over the used prefix only (rounded up, so few distinct shapes). Compiled steps
+        # keep one shape instead: a retrace every 256 steps would cost a deadline each time.
+        width = C if self.compiled else min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
         fn = self._temporal_fns.get(width)
         if fn is None:
             fn = functools.partial(self._temporal_pure, width)
