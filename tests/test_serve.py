@@ -66,8 +66,9 @@ def _solo(model, voice, prompt, seed, sampling, audio):
     return toks, np.stack(pcm)
 
 
-@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
-def test_batched_equals_solo(tiny_model, greedy):
+@pytest.mark.parametrize("greedy,compiled", [(True, False), (False, False), (True, True)],
+                         ids=["greedy", "seeded-sampling", "greedy-compiled"])
+def test_batched_equals_solo(tiny_model, greedy, compiled):
     from engine.server.batch import BatchEngine, SlotParams
 
     model = tiny_model
@@ -84,7 +85,7 @@ def test_batched_equals_solo(tiny_model, greedy):
     def run():
         solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j])
                 for i, (v, p, s, j, e) in enumerate(plan)]
-        be = BatchEngine(model)
+        be = BatchEngine(model, compiled=compiled)
         got = [([], []) for _ in plan]
         sizes = []
         for t in range(T):
