@@ -477,9 +477,10 @@ def measure_loopback(input_device=None, output_device=None, blocksize: int = 480
     of one train can disagree. A train is "stable" when its clicks agree within a block; up to
     `attempts` trains are played until one is, and the best is reported (`stable` says which).
     """
-    best = None
+    best, heard = None, []
     for attempt in range(1, attempts + 1):
         res = _click_train(input_device, output_device, blocksize, clicks, spacing_s, lead_s)
+        heard.append(f"{res['clicks_found']}/{clicks} clicks, input peak {res['input_peak']:.3f}")
         if res["clicks_found"] >= clicks // 2 + 1:
             spread = res["audio_path_max_ms"] - res["audio_path_min_ms"]
             res["stable"] = bool(spread <= max(blocksize / SAMPLE_RATE * 1e3, 5.0))
@@ -489,9 +490,10 @@ def measure_loopback(input_device=None, output_device=None, blocksize: int = 480
             if res["stable"]:
                 break
     if best is None:
-        raise AudioDeviceError(f"loopback: the click was heard in none of {attempts} tries ({clicks} clicks "
-                               "each); connect the output to the input (a cable, or the PulseAudio null "
-                               "sink's monitor as the input), turn the volumes up and retry")
+        raise AudioDeviceError(f"loopback: the click was heard in none of {attempts} tries ({'; '.join(heard)}; "
+                               f"needs {clicks // 2 + 1} clicks within {spacing_s:.1f} s); connect the output "
+                               "to the input (a cable, or the PulseAudio null sink's monitor as the input), "
+                               "turn the volumes up and retry")
     return dict(best[1], attempts=attempt)           # attempts: trains played
 
 
@@ -530,6 +532,7 @@ def _click_train(input_device, output_device, blocksize, clicks, spacing_s, lead
             "audio_path_max_ms": float(ms.max()) if ms.size else nan,
             "clicks_ms": [None if x is None else x / SAMPLE_RATE * 1e3 for x in lags],
             "clicks_found": int(ms.size), "clicks": clicks, "blocksize": int(blocksize),
+            "input_peak": float(np.abs(rec).max()) if len(rec) else 0.0,
             "reported_latency_ms": {k: float(v) * 1e3 for k, v in lat.items()},
             "underrun_samples": int(counters.get("playback_underrun_samples", 0)),
             "overflow_samples": int(counters.get("capture_overflow_samples", 0))}
