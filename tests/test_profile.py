@@ -423,7 +423,8 @@ def test_loopback_retries_an_unstable_train(monkeypatch):
         ms = next(trains)
         found = np.array([x for x in ms if x is not None])
         return {"audio_path_ms": float(np.median(found)), "audio_path_min_ms": float(found.min()),
-                "audio_path_max_ms": float(found.max()), "clicks_found": int(found.size), "clicks": 5}
+                "audio_path_max_ms": float(found.max()), "clicks_found": int(found.size), "clicks": 5,
+                "input_peak": 0.8}
 
     monkeypatch.setattr(prof, "_click_train", fake_train)
     lb = prof.measure_loopback(blocksize=480)
