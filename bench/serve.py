@@ -82,7 +82,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
-        be = BatchEngine(model, compiled=compiled)
+        be = BatchEngine(model, compiled=compiled, capacity=b)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
         if full:
@@ -123,7 +123,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
-    loop = StepLoop(model, metrics, compiled=compiled)
+    loop = StepLoop(model, metrics, compiled=compiled, capacity=sessions)
     joined = threading.Semaphore(0)
     received = [0] * sessions
     inboxes = []

@@ -128,6 +128,10 @@ def test_batch_errors(tiny_model):
             be.step(np.zeros((2, FRAME), np.float32))
         pcm, text = be.step(np.zeros((1, FRAME), np.float32))
         be.leave("a")
+        full = BatchEngine(tiny_model, capacity=1)
+        full.join("x", st, SlotParams())
+        with pytest.raises(EngineError, match="full"):
+            full.join("y", st, SlotParams())
         return pcm.shape, text.shape, be.size
 
     assert tiny_model.worker.call(run) == ((1, FRAME), (1,), 0)

@@ -119,7 +119,8 @@ class ChatServer:
         self.model = model
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled)
+        self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled,
+                             capacity=self.config.max_sessions)
         self.conns: set[_Conn] = set()
         self._pending = 0
         self.voices = model.list_voices()

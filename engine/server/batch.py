@@ -178,7 +178,7 @@ class BatchEngine:
     `model` is a loaded `engine.api.PersonaPlex` (its mimi, lm and gen are used; never modified).
     """
 
-    def __init__(self, model, compiled: bool = False):
+    def __init__(self, model, compiled: bool = False, capacity: int | None = None):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
@@ -186,9 +186,12 @@ class BatchEngine:
         self.num_streams = self.gen.num_streams
         self.phase = 0
         self.slots: list = []
-        # LM state (None while empty)
-        self.k: list | None = None
-        self.v: list | None = None
+        # LM state. Temporal KV: `cap` preallocated rows (active rows first), so joins and leaves
+        # copy one row, not the batch; the small per-row arrays are rebuilt (None while empty).
+        self.capacity = capacity
+        self.cap = 0
+        self.k: list = [None] * c.num_layers
+        self.v: list = [None] * c.num_layers
         self.pos = self.offset = self.tokens = self.keys = None
         self.provided = np.zeros((0, self.num_streams, self.ct), dtype=bool)
         self.temp_text = np.zeros(0, np.float32)
@@ -212,6 +215,17 @@ class BatchEngine:
     def size(self) -> int:
         return len(self.slots)
 
+    def _grow(self, cap: int) -> None:
+        """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
+        c = self.lm.config
+        shape = (cap - self.cap, c.num_heads, c.context, c.head_dim)
+        for lst in (self.k, self.v):
+            for i in range(c.num_layers):
+                z = mx.zeros(shape, self.lm.dtype)
+                lst[i] = z if self.cap == 0 else mx.concatenate([lst[i], z], axis=0)
+                mx.eval(lst[i])
+        self.cap = cap
+
     # ------------------------------------------------------------------ join / leave
     def join(self, slot, state: GenState, params: SlotParams) -> None:
         """Add `slot` (any hashable id) with its prompted B=1 generator state as a new last row."""
@@ -229,14 +243,20 @@ class BatchEngine:
         pos = cache.pos[None]
         off = cache.offset.reshape(1)
         key = state.key[None]
-        if self.k is None:
-            self.k, self.v = list(cache.keys), list(cache.values)
+        B = self.size
+        if B == self.cap:
+            if self.capacity is not None and self.cap >= self.capacity:
+                raise ConfigError(f"the batch is full ({self.capacity} rows)")
+            self._grow(self.capacity or max(1, 2 * self.cap))
+        at = mx.array([B, 0, 0, 0], mx.int32)
+        for i in range(len(self.k)):              # write the new row in place (one row copied)
+            kd = self.k[i].dtype
+            self.k[i] = mx.slice_update(self.k[i], cache.keys[i].astype(kd), at, axes=(0, 1, 2, 3))
+            self.v[i] = mx.slice_update(self.v[i], cache.values[i].astype(kd), at, axes=(0, 1, 2, 3))
+            mx.eval(self.k[i], self.v[i])
+        if B == 0:
             self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
         else:
-            for i in range(len(self.k)):
-                self.k[i] = mx.concatenate([self.k[i], cache.keys[i]], axis=0)
-                self.v[i] = mx.concatenate([self.v[i], cache.values[i]], axis=0)
-                mx.eval(self.k[i], self.v[i])
             self.pos = mx.concatenate([self.pos, pos], axis=0)
             self.offset = mx.concatenate([self.offset, off], axis=0)
             self.tokens = mx.concatenate([self.tokens, tokens], axis=0)
@@ -258,23 +278,33 @@ class BatchEngine:
         if slot not in self.slots:
             return
         r = self.slots.index(slot)
-        keep = [i for i in range(len(self.slots)) if i != r]
-        self.slots.pop(r)
+        last = len(self.slots) - 1
+        # Swap-remove: the last row moves into the freed one (KV: one row copied, in place).
+        order = list(range(last + 1))
+        order[r] = last
+        order.pop()
+        self.slots[r] = self.slots[last]
+        self.slots.pop()
         self._pending_enc.pop(slot, None)
         self._pending_dec.pop(slot, None)
-        if not keep:
-            self.k = self.v = self.pos = self.offset = self.tokens = self.keys = None
-        else:
-            idx = mx.array(keep, mx.int32)
+        if r != last:
+            at = mx.array([r, 0, 0, 0], mx.int32)
+            zero = mx.array(0, self.k[0].dtype)
             for i in range(len(self.k)):
-                self.k[i] = mx.take(self.k[i], idx, axis=0)
-                self.v[i] = mx.take(self.v[i], idx, axis=0)
+                rk, rv = self.k[i][last:last + 1] + zero, self.v[i][last:last + 1] + zero
+                mx.eval(rk, rv)                   # own buffers, so the big arrays can be donated
+                self.k[i] = mx.slice_update(self.k[i], rk, at, axes=(0, 1, 2, 3))
+                self.v[i] = mx.slice_update(self.v[i], rv, at, axes=(0, 1, 2, 3))
                 mx.eval(self.k[i], self.v[i])
+        if not order:
+            self.pos = self.offset = self.tokens = self.keys = None
+        else:
+            idx = mx.array(order, mx.int32)
             self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
             self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
             mx.eval(self.pos, self.offset, self.tokens, self.keys)
         for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
-            setattr(self, a, np.delete(getattr(self, a), r, axis=0))
+            setattr(self, a, getattr(self, a)[order])
         for rows, attr in ((self.enc_rows, "enc"), (self.dec_rows, "dec")):
             if slot in rows:
                 i = rows.index(slot)
@@ -362,21 +392,28 @@ class BatchEngine:
         L = c.num_layers
         ks, vs = list(kv[:L]), list(kv[L:])
         B, T, D = x.shape
+        cap = ks[0].shape[0]
         H, hd, C = c.num_heads, c.head_dim, c.context
         slots = (off % C)[:, None]                                          # (B, 1)
         pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)           # (B, C)
         delta = off[:, None] - pos
         mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :width]  # (B, 1, 1, width)
-        idx = mx.broadcast_to(slots[:, None, :, None], (B, H, 1, hd))
+
+        def pad(a):  # rows >= B of the KV arrays are unused: they get a zero key at slot 0
+            return mx.concatenate([a, mx.zeros((cap - B, *a.shape[1:]), a.dtype)]) if cap > B else a
+
+        idx = mx.broadcast_to(pad(slots)[:, None, :, None], (cap, H, 1, hd))
         x = x.astype(lm.dtype)
         for i, layer in enumerate(lm.transformer.layers):
             y = layer.norm1(x)
             qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
             q = mx.fast.rope(qkv[0], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
             k = mx.fast.rope(qkv[1], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
-            ks[i] = mx.put_along_axis(ks[i], idx, k, axis=2)
-            vs[i] = mx.put_along_axis(vs[i], idx, qkv[2], axis=2)
-            kw, vw = (ks[i], vs[i]) if width == C else (ks[i][:, :, :width], vs[i][:, :, :width])
+            ks[i] = mx.put_along_axis(ks[i], idx, pad(k).astype(ks[i].dtype), axis=2)
+            vs[i] = mx.put_along_axis(vs[i], idx, pad(qkv[2]).astype(vs[i].dtype), axis=2)
+            kw, vw = ks[i], vs[i]
+            if cap > B or width < C:
+                kw, vw = kw[:B, :, :width], vw[:B, :, :width]
             a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=self._scale, mask=mask)
             x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))

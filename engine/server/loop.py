@@ -143,9 +143,10 @@ class StepLoop:
     """The batched loop. `start()` submits it to the model's worker; `stop()` ends it."""
 
     def __init__(self, model, metrics: Metrics | None = None, frame_seconds: float = FRAME_SECONDS,
-                 compiled: bool = False):
+                 compiled: bool = False, capacity: int | None = None):
         self.model = model
         self.compiled = compiled
+        self.capacity = capacity
         self.max_behind = 4
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
@@ -207,7 +208,7 @@ class StepLoop:
             slot.on_joined(None)
 
     def _run(self) -> None:
-        be = self.batch = BatchEngine(self.model, compiled=self.compiled)
+        be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
         deadline = None
