@@ -272,7 +272,7 @@ def _bare_step_p99(model, n: int) -> float:
 
 
 def test_clients_realtime_and_refusal(tiny_model):
-    """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 5 % misses
+    """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 15 % misses
     (SERVE_TEST_MAX_MISS_RATE). The miss check is skipped, with a warning, when the machine is so
     loaded that the bare batched step (no server, no clients), measured before and after, takes
     > 40 ms at p99; the strict 8 x 20 s zero-miss version is the slow test below."""
@@ -280,7 +280,7 @@ def test_clients_realtime_and_refusal(tiny_model):
     before = _bare_step_p99(tiny_model, n)
     m = _realtime_scenario(tiny_model, n, 8.0, 1.0)
     after = _bare_step_p99(tiny_model, n)
-    rate = float(os.environ.get("SERVE_TEST_MAX_MISS_RATE", "0.05"))
+    rate = float(os.environ.get("SERVE_TEST_MAX_MISS_RATE", "0.15"))
     msg = (f"{m.misses} misses in {m.steps} steps (p50 {m.percentile(50):.1f} p99 {m.percentile(99):.1f} ms); "
            f"bare step p99 before/after {before:.0f}/{after:.0f} ms")
     if max(before, after) > 40:
