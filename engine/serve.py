@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--silence-timeout", type=float, default=300.0,
                    help="close a session after this many seconds of silent audio (default 300)")
     p.add_argument("--static", default=None, help="serve this directory at / instead of our page")
+    p.add_argument("--warm", action="append", default=None, metavar="VOICE[:PROMPT]",
+                   help="run this voice (+ prompt preset or text) prompt phases before serving, so the "
+                        "first session using it does not delay the others; repeatable (default NATF0)")
     p.add_argument("--compile", action="store_true",
                    help="mx.compile the batched temporal and depformer steps (fewer kernel launches)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
@@ -62,6 +65,9 @@ def main(argv=None) -> int:
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        silence_timeout=args.silence_timeout, static_dir=args.static,
                        compiled=args.compile)
+    if args.warm:
+        cfg.warm_prompts = tuple((w.split(":", 1)[0].removesuffix(".pt"), w.split(":", 1)[1] if ":" in w else None)
+                                 for w in args.warm)
     if args.compile:
         model.worker.call(model.lm.compile)
 

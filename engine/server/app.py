@@ -36,6 +36,8 @@ class ServerConfig:
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
     compiled: bool = False            # mx.compile the batched temporal step (and the LM's depformer)
+    # (voice, text prompt) pairs whose prompt phases run before serving (None = default prompt)
+    warm_prompts: tuple = (("NATF0", None),)
 
 
 class _Conn:
@@ -120,7 +122,7 @@ class ChatServer:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled,
-                             capacity=self.config.max_sessions)
+                             capacity=self.config.max_sessions, warm=self.config.warm_prompts)
         self.conns: set[_Conn] = set()
         self._pending = 0
         self.voices = model.list_voices()

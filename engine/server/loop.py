@@ -10,6 +10,7 @@ client. A session whose inbox is short this tick gets silence for it (counted as
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ from .batch import BatchEngine, SlotParams
 
 FRAME = 1920
 FRAME_SECONDS = 0.08
+log = logging.getLogger("engine.serve")
 
 
 class Metrics:
@@ -143,8 +145,9 @@ class StepLoop:
     """The batched loop. `start()` submits it to the model's worker; `stop()` ends it."""
 
     def __init__(self, model, metrics: Metrics | None = None, frame_seconds: float = FRAME_SECONDS,
-                 compiled: bool = False, capacity: int | None = None):
+                 compiled: bool = False, capacity: int | None = None, warm=()):
         self.model = model
+        self.warm = list(warm)
         self.compiled = compiled
         self.capacity = capacity
         self.max_behind = 4
@@ -208,6 +211,13 @@ class StepLoop:
             slot.on_joined(None)
 
     def _run(self) -> None:
+        # A (voice, prompt) pair seen for the first time runs its prompt phases on this thread and
+        # delays that step for everyone; warm the common ones before serving.
+        for voice, prompt in self.warm:
+            try:
+                self.model._prompted_state(voice, prompt, 0)
+            except Exception as e:  # noqa: BLE001 - a missing voice only matters when asked for
+                log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
