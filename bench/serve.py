@@ -152,7 +152,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
             time.sleep(max(0.0, t - time.perf_counter()))
 
     feeder = threading.Thread(target=feed, daemon=True)
-    metrics.steps = metrics.misses = 0
+    metrics.steps = metrics.misses = metrics.in_underrun_frames = metrics.in_dropped_frames = 0
     metrics.step_ms.clear()
     t0 = time.perf_counter()
     feeder.start()
