@@ -10,6 +10,7 @@ p50 / p99 / max in ms per frame for encode, decode and both, for each implementa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -39,18 +40,18 @@ def bench_ours(cfg, dtype, n: int, warmup: int):
     mimi = Mimi(cfg, 8, dtype=dtype).load_reference_weights(sd)
     st = mimi.make_state(1)
     pcm = _signal(n + warmup)[None, None]
-    enc, dec, both = [], [], []
+    enc, dec, both, cpu = [], [], [], []
     for i in range(n + warmup):
         fr = pcm[:, :, i * FRAME:(i + 1) * FRAME]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         codes = mimi.encode_step(fr, st)
         t1 = time.perf_counter()
         out = mimi.decode_step(codes, st)
         np.asarray(out)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if i >= warmup:
-            enc.append(t1 - t0), dec.append(t2 - t1), both.append(t2 - t0)
-    return enc, dec, both
+            enc.append(t1 - t0), dec.append(t2 - t1), both.append(t2 - t0), cpu.append(c2 - c0)
+    return enc, dec, both, cpu
 
 
 def bench_ref(cfg, device: str, n: int, warmup: int):
@@ -63,21 +64,21 @@ def bench_ref(cfg, device: str, n: int, warmup: int):
     model = get_mimi(None, mimi_config=mimi_reference_config(cfg), device=device, num_codebooks=8)
     pcm = torch.from_numpy(_signal(n + warmup)[None, None]).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    enc, dec, both = [], [], []
+    enc, dec, both, cpu = [], [], [], []
     with torch.no_grad(), model.streaming(1):
         for i in range(n + warmup):
             fr = pcm[:, :, i * FRAME:(i + 1) * FRAME]
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             codes = model.encode(fr)
             sync()
             t1 = time.perf_counter()
             out = model.decode(codes)
             out.cpu()
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if i >= warmup:
-                enc.append(t1 - t0), dec.append(t2 - t1), both.append(t2 - t0)
-    return enc, dec, both
+                enc.append(t1 - t0), dec.append(t2 - t1), both.append(t2 - t0), cpu.append(c2 - c0)
+    return enc, dec, both, cpu
 
 
 def main() -> None:
@@ -106,8 +107,11 @@ def main() -> None:
                              bench_ref(cfg, dev, args.frames, args.warmup)))
         except ImportError as e:
             print(f"reference skipped: {e}")
-    for name, (enc, dec, both) in rows:
-        print(f"{name}\n  encode  {_stats(enc)}\n  decode  {_stats(dec)}\n  frame   {_stats(both)}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    for name, (enc, dec, both, cpu) in rows:
+        print(f"{name}\n  encode  {_stats(enc)}\n  decode  {_stats(dec)}\n  frame   {_stats(both)}"
+              f"\n  process CPU time per frame (all threads; less load-sensitive): "
+              f"p50 {np.percentile(np.asarray(cpu) * 1e3, 50):7.2f} ms")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ class Mimi(nn.Module):
             for mod in self.half_precision_modules():
                 mod.set_dtype(self._dtype)
         for r in (self.quantizer.rvq_first, self.quantizer.rvq_rest):
-            r._norms = None
+            r.clear_cache()
         mx.eval(self.parameters())
         return self
 
@@ -277,9 +277,13 @@ class Mimi(nn.Module):
         if batch is not None and pcm.shape[0] != batch:
             raise AudioFormatError(f"{what}: batch {pcm.shape[0]} does not match the state's "
                                    f"batch_size {batch}")
-        x = mx.array(pcm.astype(np.float32) if isinstance(pcm, np.ndarray) else pcm,
-                     dtype=mx.float32)
-        if not mx.all(mx.isfinite(x)).item():
+        if isinstance(pcm, np.ndarray):  # checked in numpy: no MLX round trip per frame
+            finite = bool(np.isfinite(pcm).all())
+            x = mx.array(pcm, dtype=mx.float32)
+        else:
+            x = pcm.astype(mx.float32)
+            finite = mx.all(mx.isfinite(x)).item()
+        if not finite:
             raise AudioFormatError(f"{what}: input contains NaN or inf samples")
         return x
 
@@ -299,8 +303,14 @@ class Mimi(nn.Module):
         if batch is not None and codes.shape[0] != batch:
             raise AudioFormatError(f"{what}: batch {codes.shape[0]} does not match the state's "
                                    f"batch_size {batch}")
-        c = mx.array(codes).astype(mx.int32)
-        lo, hi = mx.min(c).item(), mx.max(c).item()
+        if codes.size == 0:
+            raise AudioFormatError(f"{what}: empty codes (T = 0)")
+        if isinstance(codes, np.ndarray):
+            lo, hi = int(codes.min()), int(codes.max())
+            c = mx.array(codes.astype(np.int32, copy=False))
+        else:
+            c = codes.astype(mx.int32)
+            lo, hi = mx.min(c).item(), mx.max(c).item()
         if lo < 0 or hi >= self._cfg.bins:
             raise AudioFormatError(f"{what}: codes must be in 0..{self._cfg.bins - 1}, got "
                                    f"min {lo} max {hi}")
