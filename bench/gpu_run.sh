@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# All GPU benchmarks, run ON the lent GPU machine through the device tool (shared/tools/README.md):
+#   here:   bash ../shared/tools/device-mlx-prepare.sh     (.device/a + .device/b: the MLX CUDA wheels)
+#           pip download the reference's pure deps into .whl (moshi==0.2.13, einops, safetensors,
+#           sentencepiece, huggingface_hub==0.36.0 and its deps, cffi, pycparser; see docs/performance.md)
+#   call 1: carry [".device/a"]                 mkdir -p /root/mlxparts && cp .device/a/* /root/mlxparts/
+#   call 2: carry [".device/b", ".whl", ".ref"] STAGES="ref lm gen" bash bench/gpu_run.sh
+#   call 3: same carry                          STAGES="mimi duplex profile" bash bench/gpu_run.sh
+#   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
+# (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it)
+# .ref/moshi is NVIDIA/personaplex's moshi package (git-ignored, exported from a fetched copy) for the
+# PersonaPlex reference frame timing (.device/b/peers_gpu.py = shared/tools/peers_gpu.py).
+# Every stage writes JSON lines / logs under $OUT. Ours and the reference run in the same call.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+source .device/b/install.sh || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+T=${STAGE_TIMEOUT:-280}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u; python3 -c 'import torch, mlx.core as mx; print("torch", torch.__version__, "mlx", mx.__version__)'; } 2>&1 | tee -a "$OUT/env.txt"
+for s in ${STAGES:-ref lm gen mimi duplex profile}; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    ref)     PYTHONPATH=$PWD/.ref/moshi:/tmp/site:$PWD/.device/b/stub N=100 WARM=10 timeout $T python3 .device/b/peers_gpu.py ref "$OUT/ref.jsonl" ;;
+    lm)      timeout $T python3 bench/lm_step.py --device gpu --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
+    gen)     for q in 4 8; do timeout 120 python3 bench/gen_step.py --device gpu --config personaplex --dtype bfloat16 --quantize $q --steps 100; done ;;
+    mimi)    timeout 150 python3 bench/mimi.py --device gpu --frames 100
+             timeout 150 python3 bench/mimi.py --device gpu --frames 100 --dtype bfloat16 --no-ref ;;
+    duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
+             timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds 600 --json "$OUT/duplex.jsonl"
+             timeout 150 python3 bench/duplex.py --model random:personaplex --quantize 8 --device gpu --seconds 60 --json "$OUT/duplex.jsonl" ;;
+    serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --sizes 1,8,16,32 --steps 50 --soak-sessions 16 --soak-seconds 120 --compiled ;;
+    profile) DEST=$OUT STEPS=300 timeout $T bash bench/profile_gpu.sh ;;
+  esac 2>&1 | tee "$OUT/$s.log"
+done
+echo "=== done $(date +%T)"
