@@ -31,6 +31,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds 600 --json "$OUT/duplex.jsonl"
              timeout 150 python3 bench/duplex.py --model random:personaplex --quantize 8 --device gpu --seconds 60 --json "$OUT/duplex.jsonl" ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --sizes 1,8,16,32 --steps 50 --soak-sessions 16 --soak-seconds 120 --compiled ;;
+    respond) timeout 200 python3 bench/respond.py --model random:personaplex --quantize 4 --device gpu ;;
     profile) DEST=$OUT STEPS=300 timeout $T bash bench/profile_gpu.sh ;;
   esac 2>&1 | tee "$OUT/$s.log"
 done
