@@ -676,7 +676,6 @@ class DuplexSession:
                 if self.max_frames is not None and st.frames >= self.max_frames:
                     break
                 self.timer.begin()
-                t_wait = time.perf_counter()
                 avail = self.source.available()
                 while avail < FRAME:
                     if self.source.exhausted or self._stop.is_set():
@@ -697,6 +696,8 @@ class DuplexSession:
                             st.dropped_input_frames += backlog - keep
                             st.dropped_input_samples += len(dropped)
                             st.samples_in += len(dropped)
+                        if proc.aec is not None:   # the mic jumped ahead of the far-end stream
+                            self.delay_tracker.shift(-len(dropped))
                 mic = self.source.read(FRAME)
                 st.samples_in += len(mic)
                 if len(mic) < FRAME:

@@ -100,3 +100,33 @@ def test_duplex_unknown_device(pulse_server):
     r = run("engine.duplex", "--model", "tiny", "--input-device", "99", "--seconds", "1",
             env={"XDG_RUNTIME_DIR": pulse_server})
     assert r.returncode == 2 and "99" in r.stderr and "Traceback" not in r.stderr
+
+
+def _short_wav(tmp_path):
+    p = tmp_path / "q.wav"
+    with wave.open(str(p), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000)
+        w.writeframes((np.random.default_rng(0).standard_normal(12000) * 3000).astype(np.int16).tobytes())
+    return p
+
+
+def test_examples_run(tmp_path):
+    q = _short_wav(tmp_path)
+    r = subprocess.run([sys.executable, "examples/turn_based.py", str(q), "--max-steps", "50"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert wav_info(tmp_path / "q.reply.wav")[2] == 50 * 1920
+    out = tmp_path / "s.wav"
+    r = subprocess.run([sys.executable, "examples/stream_playback.py", str(q), "--no-device", "--max-steps", "50",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "first audio after" in r.stdout and wav_info(out)[2] == 50 * 1920
+
+
+@pytest.mark.audio
+def test_stream_playback_example_on_device(tmp_path, pulse_server):
+    q = _short_wav(tmp_path)
+    r = subprocess.run([sys.executable, "examples/stream_playback.py", str(q), "--max-steps", "50"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "XDG_RUNTIME_DIR": pulse_server})
+    assert r.returncode == 0, r.stderr
+    assert "playback underruns" in r.stdout
