@@ -252,6 +252,43 @@ def test_sanitize_layouts_and_usage_clamp(tiny_sd):
     assert tiny_sd[p + "cluster_usage"][5] == 1.0  # input untouched
 
 
+def test_fast_elu_matches_expm1():
+    from engine.models.mimi_modules import _expm1_nonpos, elu
+    x = np.concatenate([-np.logspace(-9, 2.5, 4000), [0.0, -0.0, -18.0, -17.9, -1e-30],
+                        np.random.default_rng(0).normal(0, 3, 12000)]).astype(np.float32)
+    neg = np.minimum(x, 0).astype(np.float64)
+    got = np.array(_expm1_nonpos(mx.array(np.minimum(x, 0))), dtype=np.float64)
+    want = np.expm1(neg)
+    assert np.all(np.abs(got - want) <= 4e-7 * np.abs(want) + 1e-30)
+    y = np.array(elu(mx.array(x)))  # >= 8192 elements: the vectorised path on the CPU
+    assert np.allclose(y, np.where(x > 0, x, np.expm1(neg)), rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,dil", [(1, 8, 7, 1, 1), (6, 5, 3, 1, 2), (6, 5, 1, 1, 1),
+                                                   (4, 6, 8, 4, 1), (5, 3, 4, 2, 1), (4, 6, 5, 3, 1)])
+def test_conv_im2col_matches_conv1d(cin, cout, k, stride, dil):
+    from engine.models.mimi_modules import Conv1d
+    rng = np.random.default_rng(k * 10 + stride)
+    conv = Conv1d("c", cin, cout, k, stride=stride, dilation=dil)
+    conv.weight = mx.array(rng.standard_normal((cout, k, cin)).astype(np.float32))
+    conv.bias = mx.array(rng.standard_normal(cout).astype(np.float32))
+    x = mx.array(rng.standard_normal((2, stride * 12, cin)).astype(np.float32))
+    y = conv(x, {})
+    pad = conv._tail
+    xp = mx.concatenate([mx.zeros((2, pad, cin)), x], axis=1) if pad > 0 else x
+    want = mx.conv1d(xp, conv.weight, stride=stride, dilation=dil) + conv.bias
+    assert y.shape == want.shape == (2, 12, cout)
+    assert np.allclose(np.array(y), np.array(want), rtol=1e-5, atol=1e-5)
+    conv._IM2COL_MAX = 0  # the conv1d fallback for huge inputs gives the same
+    assert np.allclose(np.array(conv(x, {})), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_sanitized_weights_are_row_major(tiny_sd):
+    # A transposed view would make every conv matmul copy its whole weight per call.
+    out = sanitize(tiny_sd, MimiConfig.tiny())
+    assert all(v.flags["C_CONTIGUOUS"] for v in out.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # parity with the reference (moshi 0.2.13 on torch CPU)
 
