@@ -16,6 +16,7 @@ Key names on disk are the reference's (`moshi.models.lm.LMModel` state dict, Per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -222,9 +223,14 @@ class Linear(nn.Module):
         self.weight, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
         self.bits, self.group_size = bits, group_size
 
-    def __call__(self, x):
+    def __call__(self, x, dense: bool = False):
+        """dense=True (prefill chunks on a GPU): dequantize and use the dense matmul instead of
+        `quantized_matmul`, whose M > 1 path is suspected slow on MLX CUDA (bench/gpu_probe.py)."""
         if self.bits is None:
             return x @ self.weight.T
+        if dense:
+            w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+            return x @ w.astype(x.dtype).T
         return _qmm(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
 
 
@@ -396,6 +402,12 @@ class LM(nn.Module):
         # layers. Set it on an uncompiled model; None costs nothing.
         self.stats_hook = None
         self._audio_base = mx.arange(c.n_q, dtype=mx.int32)[:, None] * (c.card + 1)
+        # Prefill chunks of at least this many positions run quantized matmuls as dequantize +
+        # dense matmul (None: never). MLX 0.32's quantized_matmul costs about M times its M=1
+        # cost (measured on the CPU: 64 rows 4-18x slower than dequantize + BLAS; on CUDA the
+        # prime suspect of the 13x slower batched prefill, see bench/gpu_probe.py): MLX CUDA's quantized_matmul with
+        # M > 1 is the prime suspect of the slow batched prefill; on the CPU it is fine.
+        self.dense_prefill_rows = 16
 
     # ---- loading
     @classmethod
@@ -502,41 +514,79 @@ class LM(nn.Module):
         T = x.shape[1]
         if T > c.context:
             raise ConfigError(f"temporal chunk of {T} steps exceeds the context {c.context}")
-        fn = self._compiled["temporal"] if self._compiled else self._temporal
-        h, logits, *state = fn(x.astype(self.dtype), *cache.arrays())
-        L = c.num_layers
+        flags = self.temporal_flags(T, cache.step)
+        if self._compiled:
+            fn = self._compiled["temporal"].get(flags)
+            if fn is None:
+                fn = self._compiled["temporal"][flags] = mx.compile(functools.partial(self._temporal, flags=flags))
+        else:
+            fn = functools.partial(self._temporal, flags=flags)
+        out = fn(x.astype(self.dtype), *cache.arrays())
+        return self.take_temporal_state(out, cache, T)
+
+    def temporal_flags(self, T: int, step: int) -> tuple:
+        """Static (host-known) facts about a chunk of T positions starting at absolute `step`, which
+        pick the cheapest exact graph: (contiguous: the chunk's ring slots do not wrap, so keys go
+        in with one slice update; full: T == 1 and every slot holds a position < C steps old, so
+        no mask is needed; dense: quantized matmuls as dequantize + dense matmul)."""
+        C = self.config.context
+        contiguous = (step % C) + T <= C
+        full = T == 1 and step >= C - 1
+        rows = self.dense_prefill_rows
+        dense = rows is not None and self.quant_plan is not None and T >= rows
+        return contiguous, full, dense
+
+    def take_temporal_state(self, out, cache: LmCache, T: int):
+        h, logits, *state = out
+        L = self.config.num_layers
         cache.keys, cache.values = list(state[:L]), list(state[L:2 * L])
         cache.pos, cache.offset = state[2 * L], state[2 * L + 1]
         cache.step += T
         return h, logits
 
-    def _temporal(self, x, *state):
+    def _temporal(self, x, *state, flags=(False, False, False)):
         c = self.config
         L = c.num_layers
+        contiguous, full, dense = flags
         keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
         t_abs = offset + mx.arange(T, dtype=mx.int32)                     # (T,)
-        slots = t_abs % C
-        pos = _scatter(pos, slots, t_abs, axis=0)
-        delta = t_abs[:, None] - pos[None, :]                               # (T, C)
-        mask = (pos[None, :] >= 0) & (delta >= 0) & (delta < C)
+        if contiguous:
+            start = (offset % C).reshape(1)
+            pos = mx.slice_update(pos, t_abs, start, axes=(0,))
+
+            def write(cache_arr, new):
+                return mx.slice_update(cache_arr, new.astype(cache_arr.dtype), start, axes=(2,))
+        else:
+            slots = t_abs % C
+            pos = _scatter(pos, slots, t_abs, axis=0)
+
+            def write(cache_arr, new):
+                return _scatter(cache_arr, slots, new, axis=2)
+        if full:
+            mask = None
+        elif T == 1:
+            mask = pos >= 0       # every stored position is <= t and > t - C
+        else:
+            delta = t_abs[:, None] - pos[None, :]                           # (T, C)
+            mask = (pos[None, :] >= 0) & (delta >= 0) & (delta < C)
         scale = 1.0 / math.sqrt(hd)
         new_k, new_v = [], []
         group = max(1, len(self.transformer.layers) // 4)
         for li, (layer, k_cache, v_cache) in enumerate(zip(self.transformer.layers, keys, values)):
             y = layer.norm1(x)
-            qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
+            qkv = layer.self_attn.in_proj(y, dense).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
             q = mx.fast.rope(q, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
             k = mx.fast.rope(k, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
-            k_cache = _scatter(k_cache, slots, k, axis=2)
-            v_cache = _scatter(v_cache, slots, v, axis=2)
+            k_cache = write(k_cache, k)
+            v_cache = write(v_cache, v)
             new_k.append(k_cache)
             new_v.append(v_cache)
             a = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale, mask=mask)
-            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
-            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
+            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D), dense)
+            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), dense)), dense)
             if self.stats_hook is not None and (li + 1) % group == 0:
                 self.stats_hook(f"layers {li + 1 - group}-{li}", x)
         h = self.out_norm(x)
@@ -590,7 +640,7 @@ class LM(nn.Module):
     def compile(self) -> "LM":
         """Route temporal/depformer steps through mx.compile (one trace per T / per step s)."""
         self._compiled = {
-            "temporal": mx.compile(self._temporal),
+            "temporal": {},   # one compiled graph per temporal_flags(), traced on first use
             "dep": [mx.compile(lambda *a, s=s: self._depformer(s, *a)) for s in range(self.config.dep_q)],
         }
         return self
