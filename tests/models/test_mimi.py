@@ -300,13 +300,13 @@ def _ref_run(torch, ref, pcm, stream: bool):
             lat = ref._encode_to_unquantized_latent(x).numpy()
             codes = ref.encode(x).numpy()
             return lat, codes
+        # One streaming pass: the reference's encode() is exactly quantizer.encode(latent).
         lats, codes = [], []
         with ref.streaming(pcm.shape[0]):
             for fr in _frames(pcm):
-                lats.append(ref._encode_to_unquantized_latent(torch.from_numpy(fr)).numpy())
-        with ref.streaming(pcm.shape[0]):
-            for fr in _frames(pcm):
-                codes.append(ref.encode(torch.from_numpy(fr)).numpy())
+                lat = ref._encode_to_unquantized_latent(torch.from_numpy(fr))
+                lats.append(lat.numpy())
+                codes.append(ref.quantizer.encode(lat).numpy())
         return np.concatenate(lats, 2), np.concatenate(codes, 2)
 
 
@@ -410,8 +410,9 @@ def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, rec
     """bf16 mode (mixed precision, `Mimi.half_precision_modules`) vs float32: >= 99 % of codes.
 
     Against the reference on the 4 s test audio, and against our float32 model (which equals
-    the reference, see the parity tests) on 12 s more for a tighter rate. The decoded audio of
-    bf16 mode is compared with float32 decoding of the same codes (SNR). bf16 on the encoder
+    the reference, see the parity tests) on 6 s more for a tighter rate. The decoded audio of
+    bf16 mode is compared with float32 decoding of the same codes (SNR; 2 s: bf16 matmuls are
+    slow on the CPU). bf16 on the encoder
     path cannot meet 99 % even with data-like codebooks (docs/performance_mimi.md), so the
     encoder stays float32: this test guards that policy and the bf16 decoder's quality.
     """
@@ -428,16 +429,16 @@ def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, rec
     record_property("7b_bf16_latent_rel_err", err)
     agree_ref = _agreement(codes, codes_r[:, :8])
     _report(record_property, "7b_bf16_agreement_vs_reference", agree_ref)
-    pcm = np.concatenate([speech_like(6.0, seed=s) for s in (41, 42)])[None, None]
+    pcm = speech_like(6.0, seed=41)[None, None]
     codes_h, codes_f = np.array(half.encode(pcm)), np.array(full.encode(pcm))
     assert min(len(np.unique(codes_f[:, k])) for k in range(8)) >= 20
     agree = _agreement(codes_h, codes_f)
-    _report(record_property, "7b_bf16_agreement_vs_fp32_12s", agree)
+    _report(record_property, "7b_bf16_agreement_vs_fp32_6s", agree)
     assert err <= 1e-4
     assert agree_ref.mean() >= 0.99 and agree.mean() >= 0.99, (agree_ref, agree)
-    out = np.array(half.decode(codes_f))
+    out = np.array(half.decode(codes_f[:, :, :25]))
     assert out.dtype == np.float32
-    snr = snr_db(out, np.array(full.decode(codes_f)))
+    snr = snr_db(out, np.array(full.decode(codes_f[:, :, :25])))
     record_property("7b_bf16_decode_snr_db", round(snr, 1))
     print(f"7b_bf16_decode_snr_db: {snr:.1f}")
     assert snr >= 35, snr
