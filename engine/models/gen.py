@@ -22,7 +22,9 @@ so live and exact give the same agent tokens even when sampling, not only when g
 """
 from __future__ import annotations
 
+import functools
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +40,7 @@ TEXT_PAD = 3             # text id fed during every prompt phase except the text
 UNGENERATED = -2         # ring cells not written yet
 SILENCE_FRAMES = 6       # int(0.5 s * 12.5 Hz), as the reference server/offline runner use
 _PREFILL_CHUNK = 64      # temporal prefill chunk (steps)
+_CHUNK_SLOW_S = 0.05     # a prefill chunk faster than this is never judged slow (timer noise)
 
 __all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen",
            "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
@@ -185,6 +188,39 @@ def _as_codes(x, name: str, batch: int, n: int, card: int) -> mx.array:
     return mx.array(a.astype(np.int32))
 
 
+def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple, emit: bool,
+                tokens, in_col, tgt_col, out_idx, key, *cache):
+    """One model call of `LmGen._step` as a pure function (traced by mx.compile).
+
+    tokens (B, streams, CT) ring; in_col (1,) / tgt_col (2,) = [0, target column] / out_idx
+    (streams,) the ring phase; key the RNG key; cache the LmCache arrays. Returns (tokens, key,
+    out (B, streams) or None, *cache). Same draws as the eager path: split the key, one sub-key
+    per sampling site (text, then depformer step s).
+    """
+    c = lm.config
+    B, S, _ = tokens.shape
+    x = lm.embed(mx.slice(tokens, in_col, axes=(2,), slice_size=(B, S, 1)))
+    target = mx.slice(tokens, tgt_col[1:], axes=(2,), slice_size=(B, S, 1))[:, :, 0]
+    h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)
+    h, text_logits = h[:, 0], text_logits[:, 0]
+    key, sub = mx.random.split(key)
+    keys = mx.random.split(sub, 1 + c.dep_q)
+    prev = target[:, 0] if prov[0] else _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, keys[0])
+    new_col, kv = [prev], []
+    for s in range(n_steps):
+        logits, *kv = lm._depformer(s, h, prev, *kv)
+        if prov[s + 1]:
+            prev = target[:, s + 1]
+        else:
+            prev = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, keys[1 + s])
+        new_col.append(prev)
+    new_col.extend(target[:, k] for k in range(n_steps + 1, S))
+    if not all(prov):
+        tokens = mx.slice_update(tokens, mx.stack(new_col, axis=1)[:, :, None], tgt_col, axes=(1, 2))
+    out = tokens[:, mx.arange(S), out_idx] if emit else None
+    return (tokens, key, out, *cache)
+
+
 class LmGen:
     """Generator over an `engine.models.lm.LM`. Holds no per-conversation state: see `new_state`."""
 
@@ -196,6 +232,16 @@ class LmGen:
             raise ConfigError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.lm, self.sampling, self.depformer_mode = lm, sampling, depformer_mode
         self.stats_hook = None      # diagnostics only: fn(name, logits) for text / agent audio logits
+        # With a compiled LM (lm.compile()), one live step is ONE mx.compile'd graph (embedding,
+        # temporal, text sampling, depformer loop, sampling, ring write, output gather): far fewer
+        # host-side ops per step, which is what bounds MLX on a GPU. False: per-stage graphs only.
+        self.whole_step_compile = True
+        # Prompt prefill: chunk length, and a guard that times the first chunk against single steps
+        # once per generator and falls back to T=1 steps if chunks are slower per position (the
+        # MLX CUDA batched-prefill pathology). `chunk_ok` holds the decision (None: not measured).
+        self.prefill_chunk = _PREFILL_CHUNK
+        self.prefill_guard = True
+        self.chunk_ok: bool | None = None
         c = self.config = lm.config
         self.delays = tuple(c.delays)
         self.max_delay = max(self.delays)
@@ -205,6 +251,12 @@ class LmGen:
         self.initial = np.array([c.text_card] + [c.card] * c.n_q, dtype=np.int32)
         # Streams of one side grouped into runs of equal delay, for contiguous ring writes.
         self._runs = {side: self._delay_runs(first) for side, first in (("agent", 1), ("user", 1 + self.n_cb))}
+        # Per ring phase o % ct: (input column, target column, output columns) as device arrays, made
+        # once, so a compiled step is traced once and fed without per-step host->device copies.
+        self._phase_arrays = [
+            (mx.array([(o - 1) % self.ct], dtype=mx.int32), mx.array([0, o % self.ct], dtype=mx.int32),
+             mx.array([(o - self.max_delay + d) % self.ct for d in self.delays], dtype=mx.int32))
+            for o in range(self.ct)]
 
     def _delay_runs(self, first: int) -> list[tuple[int, int, int]]:
         runs, q = [], 0
@@ -313,6 +365,9 @@ class LmGen:
         in_col, tgt_col = (o - 1) % ct, o % ct
         prov = state.provided[:, tgt_col].copy()
         self._check_known(state, in_col)
+        if (embedding is None and probe is None and self.whole_step_compile and self.lm._compiled is not None
+                and self.stats_hook is None and self.lm.stats_hook is None):
+            return self._compiled_step(state, prov, in_col)
         target = state.tokens[:, :, tgt_col]                                # (B, streams)
         if embedding is None:
             x = self.lm.embed(state.tokens[:, :, in_col:in_col + 1])
@@ -331,11 +386,7 @@ class LmGen:
             mx.eval(h, sampled_text)
             probe("temporal")
 
-        n_steps = c.dep_q
-        if self.depformer_mode == "live":
-            # Steps that predict provided streams beyond the agent's codebooks cannot affect anything.
-            while n_steps > self.n_cb and prov[n_steps]:
-                n_steps -= 1
+        n_steps = self._live_steps(prov)
         prev = target[:, 0] if prov[0] else sampled_text
         dc = self.lm.make_depformer_cache(state.batch_size)
         new_col = [target[:, 0] if prov[0] else sampled_text]
@@ -364,6 +415,42 @@ class LmGen:
         res = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
         mx.async_eval(state.tokens, state.key, res.text, res.agent_codes, res.user_codes)
         return res
+
+    def _live_steps(self, prov) -> int:
+        n_steps = self.config.dep_q
+        if self.depformer_mode == "live":
+            # Steps that predict provided streams beyond the agent's codebooks cannot affect anything.
+            while n_steps > self.n_cb and prov[n_steps]:
+                n_steps -= 1
+        return n_steps
+
+    def _compiled_step(self, state: GenState, prov: np.ndarray, in_col: int) -> StepOutput | None:
+        """`_step` after `_prepare` as one compiled graph. Static (part of the trace key): the
+        sampling parameters, which target streams are provided, the depformer step count, the
+        temporal flags and whether a frame is emitted; the ring phase is passed as arrays."""
+        lm, o = self.lm, state.offset
+        emit = o > self.max_delay
+        n_steps = self._live_steps(prov)
+        flags = lm.temporal_flags(1, state.cache.step)
+        trace_key = ("gen_step", self.sampling, tuple(bool(p) for p in prov), n_steps, flags, emit)
+        fns = lm._compiled.setdefault("gen", {})
+        fn = fns.get(trace_key)
+        if fn is None:
+            fn = fns[trace_key] = mx.compile(functools.partial(
+                _step_graph, lm, self.sampling, trace_key[2], n_steps, flags, emit))
+        in_arr, tgt_arr, out_arr = self._phase_arrays[o % self.ct]
+        res = fn(state.tokens, in_arr, tgt_arr, out_arr, state.key, *state.cache.arrays())
+        state.tokens, state.key = res[0], res[1]
+        lm.take_temporal_state((None, None, *res[3:]), state.cache, 1)
+        state.provided[:, in_col] = False
+        state.offset += 1
+        if not emit:
+            mx.async_eval(state.tokens, state.key)
+            return None
+        out = res[2]
+        out = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
+        mx.async_eval(state.tokens, state.key, out.text, out.agent_codes, out.user_codes)
+        return out
 
     def _check_known(self, state: GenState, in_col: int) -> None:
         # With dep_q < n_q the depformer never samples streams dep_q+1.., so they must be supplied.
@@ -499,12 +586,25 @@ class LmGen:
             key, _sub = mx.random.split(key)
         # Chunks must not wrap the KV ring (a chunk may not overwrite keys its first query still sees).
         cache, ctx, start = state.cache, self.config.context, 0
+        chunk = self.prefill_chunk
+        # Guard: 2 single steps (the second is timed), then the first chunk is judged against it.
+        probe_left = 2 if (self.prefill_guard and self.chunk_ok is None and chunk > 1 and len(xs) >= 6) else 0
+        single = None
         while start < len(xs):
             pos = cache.step
-            n = min(_PREFILL_CHUNK, len(xs) - start, ctx - pos) if pos < ctx else 1
+            limit = 1 if (probe_left or self.chunk_ok is False) else chunk
+            n = min(limit, len(xs) - start, ctx - pos) if pos < ctx else 1
             x = mx.stack(xs[start:start + n], axis=1)
-            self.lm.temporal(x, cache)
+            t0 = time.perf_counter()
+            self.lm.temporal(x, cache, compiled=False if n > 1 else None)
             mx.eval(cache.arrays())
+            dt = time.perf_counter() - t0
+            if probe_left:
+                probe_left -= 1
+                single = dt if probe_left == 0 else None
+            elif single is not None and n > 1 and self.chunk_ok is None:
+                self.chunk_ok = dt < _CHUNK_SLOW_S or dt / n <= 2 * single
+                single = None
             start += n
         state.tokens = mx.array(ring.astype(np.int32))
         state.offset, state.key = o, key

@@ -502,11 +502,13 @@ class LM(nn.Module):
         e = mx.where(valid[..., None], e, mx.zeros((), e.dtype))
         return x + e.sum(axis=1)
 
-    def temporal(self, x: mx.array, cache: LmCache):
+    def temporal(self, x: mx.array, cache: LmCache, compiled: bool | None = None):
         """x (B, T, dim) -> (h (B, T, dim) after out_norm, text_logits (B, T, text_out)).
 
         Advances `cache` by T positions. T > 1 (prefill) is exact as long as the chunk does not
         wrap past `context` positions (the reference writes keys before attending, like here).
+        compiled=False runs the eager graph even on a compiled model (prefill chunks of varying
+        length would otherwise trace one graph per length).
         """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != c.dim or x.shape[0] != cache.batch_size:
@@ -515,7 +517,7 @@ class LM(nn.Module):
         if T > c.context:
             raise ConfigError(f"temporal chunk of {T} steps exceeds the context {c.context}")
         flags = self.temporal_flags(T, cache.step)
-        if self._compiled:
+        if self._compiled and compiled is not False:
             fn = self._compiled["temporal"].get(flags)
             if fn is None:
                 fn = self._compiled["temporal"][flags] = mx.compile(functools.partial(self._temporal, flags=flags))

@@ -329,3 +329,66 @@ def test_pypi_moshi_lmgen_dep_q8_greedy(fixture):
     ref_frames = np.stack(ref_out[1:-1])                          # PyPI calls 1..T-2
     np.testing.assert_array_equal(out[2:, :, :9], ref_frames)     # our calls 2..T-1
     assert len(np.unique(ref_frames[:, :, 1])) > 5                # not a degenerate stream
+
+
+# ---------------------------------------------------------------- whole-step compiled graph
+@pytest.mark.parametrize("mode", ["live", "exact"])
+def test_whole_step_compiled_equals_eager(fixture, mode):
+    """With lm.compile() a step is one mx.compile'd graph; tokens (greedy and sampled, batch 2, after
+    prompts, through a KV ring that fills up) must equal the eager path's."""
+    cfg, _, golden = fixture
+    eager_lm, comp_lm = make_lm(fixture, context=16), make_lm(fixture, context=16).compile()
+    voice = VoicePrompt.from_codes(golden["voice_codes"])
+    user = golden["user_plain"][:, :30]
+    for sp in (GREEDY, SamplingParams(temp_text=1.0, temp_audio=1.0, top_k_text=50, top_k_audio=100)):
+        outs = []
+        for lm_ in (eager_lm, comp_lm):
+            gen = LmGen(lm_, sp, depformer_mode=mode)
+            state = gen.new_state(2, seed=4)
+            gen.run_prompts(state, voice, cfg["text_prompt"][:3], batched=False)
+            outs.append((run_live(gen, state, user), np.array(state.tokens), np.array(state.key)))
+        assert ("gen" in comp_lm._compiled) and len(comp_lm._compiled["gen"]) >= 2
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)
+    assert (outs[0][0][2:, :, 1] != outs[0][0][2, :, 1]).any()  # tokens vary over time
+
+
+def test_prefill_guard_falls_back_to_steps_when_chunks_are_slow(lm, fixture, monkeypatch):
+    """The prefill guard times 2 single steps and the first chunk (fake clock here: chunks 'cost' 1 s
+    per position, steps 1 ms); slow chunks switch the rest of the prefill, and later prefills, to
+    T=1 steps. The result equals stepping either way."""
+    import engine.models.gen as gen_mod
+    golden = fixture[2]
+    voice, text = VoicePrompt.from_codes(golden["voice_codes"]), fixture[0]["text_prompt"]
+    clock = [0.0]
+    monkeypatch.setattr(gen_mod, "time", type("T", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    sizes = []
+
+    class SlowChunks:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def temporal(self, x, cache, **kw):
+            sizes.append(x.shape[1])
+            clock[0] += 1.0 * x.shape[1] if x.shape[1] > 1 else 1e-3
+            return self.inner.temporal(x, cache, **kw)
+
+    gen = LmGen(lm, GREEDY)
+    gen.lm, gen.prefill_chunk = SlowChunks(lm), 8
+    a, b = gen.new_state(1), gen.new_state(1)
+    gen.run_prompts(a, voice, text, batched=True)
+    assert gen.chunk_ok is False and sizes[:3] == [1, 1, 8] and set(sizes[3:]) == {1} and len(sizes) > 4
+    sizes.clear()
+    gen.run_prompts(b, voice, text, batched=True)
+    assert set(sizes) == {1}                        # decision kept
+    ref = LmGen(lm, GREEDY)
+    c = ref.new_state(1)
+    ref.run_prompts(c, voice, text, batched=False)
+    for x, y in zip(a.cache.arrays(), c.cache.arrays()):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5)
+    fast = LmGen(lm, GREEDY)
+    fast.run_prompts(fast.new_state(1), voice, text, batched=True)
+    assert fast.chunk_ok is True                     # real clock, tiny model: chunks win
