@@ -17,6 +17,7 @@ The verdict line gives the largest B whose p99 <= 80 ms in the sweep, and the so
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import threading
 import time
@@ -38,10 +39,14 @@ FRAME = 1920
 class BenchModel:
     """The parts of `engine.api.PersonaPlex` the server's loop uses, on random weights."""
 
-    def __init__(self, config: str, dtype, quantize, prompt_len: int, worker: ModelWorker):
+    def __init__(self, config: str, dtype, quantize, prompt_len: int, worker: ModelWorker,
+                 layers: int = 0, dep_layers: int = 0, mimi: str = ""):
         self.worker = worker
         lcfg = LmConfig.tiny() if config == "tiny" else LmConfig.personaplex()
-        mcfg = MimiConfig.tiny() if config == "tiny" else MimiConfig.personaplex()
+        if layers or dep_layers:   # real widths, fewer layers: per-session scaling on a small machine
+            lcfg = LmConfig(**{**lcfg.to_dict(), **({"num_layers": layers} if layers else {}),
+                               **({"depformer_num_layers": dep_layers} if dep_layers else {})})
+        mcfg = MimiConfig.tiny() if (mimi or config) == "tiny" else MimiConfig.personaplex()
         self.lm = LM.random(lcfg, dtype=dtype, seed=0)
         if quantize:
             from engine.models import quant
@@ -82,6 +87,10 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
         be = BatchEngine(model, compiled=compiled, capacity=b)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
@@ -109,12 +118,15 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
                 stages[k].append(v * 1e3)
         row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-               **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()}}
+               **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()},
+               "state_gb": (mx.get_active_memory() - base) / 1e9,
+               "peak_over_weights_gb": (mx.get_peak_memory() - base) / 1e9}
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         out.append(row)
         while be.size:
             be.leave(be.slots[0])
         del be
+        gc.collect()                      # the engine's compiled closures form a reference cycle
         mx.clear_cache()
     return out
 
@@ -175,6 +187,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--config", choices=["tiny", "personaplex"], default="tiny")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--layers", type=int, default=0, help="override the temporal layer count (0 = config's)")
+    ap.add_argument("--dep-layers", type=int, default=0, help="override the depformer layer count")
+    ap.add_argument("--mimi", choices=["", "tiny", "personaplex"], default="", help="Mimi size (default: --config)")
     ap.add_argument("--quantize", default=None, help="4, 8 or a plan name (default: none)")
     ap.add_argument("--sizes", default="1,2,4,8", help="batch sizes of the sweep (comma list; '' = none)")
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
@@ -192,7 +207,8 @@ def main() -> None:
         dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if args.config == "tiny" else mx.bfloat16)
         quant = int(args.quantize) if args.quantize and args.quantize.isdigit() else args.quantize
         t0 = time.perf_counter()
-        model = BenchModel(args.config, dtype, quant, args.prompt_len, worker)
+        model = BenchModel(args.config, dtype, quant, args.prompt_len, worker, args.layers,
+                           args.dep_layers, args.mimi)
         if args.compiled:
             model.lm.compile()              # the depformer steps (BatchEngine compiles the temporal)
         print(f"device={args.device} config={args.config} dtype={dtype} quantize={quant} "

@@ -66,9 +66,10 @@ def _solo(model, voice, prompt, seed, sampling, audio):
     return toks, np.stack(pcm)
 
 
-@pytest.mark.parametrize("greedy,compiled", [(True, False), (False, False), (True, True)],
-                         ids=["greedy", "seeded-sampling", "greedy-compiled"])
-def test_batched_equals_solo(tiny_model, greedy, compiled):
+@pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, False, 1), (True, True, 1),
+                                                      (False, False, 8)],
+                         ids=["greedy", "seeded-sampling", "greedy-compiled", "seeded-padded-rows"])
+def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
     from engine.server.batch import BatchEngine, SlotParams
 
     model = tiny_model
@@ -86,6 +87,7 @@ def test_batched_equals_solo(tiny_model, greedy, compiled):
         solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j])
                 for i, (v, p, s, j, e) in enumerate(plan)]
         be = BatchEngine(model, compiled=compiled)
+        be.min_rows = min_rows          # 8: the GPU's zero-padded linears (rows past B ignored)
         got = [([], []) for _ in plan]
         sizes = []
         for t in range(T):

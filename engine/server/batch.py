@@ -169,6 +169,87 @@ def _dict_arrays(d: dict) -> list:
     return out
 
 
+
+# ----------------------------------------------------------------------------------------------
+# LM step over B rows (activations 2-D: (rows, D))
+# ----------------------------------------------------------------------------------------------
+# Every linear layer sees its input as ONE (rows, D) matrix. With (B, 1, D) inputs MLX's quantized
+# matmul treats B as a batch of 1-row products: on CUDA each batch element re-reads the whole
+# weight matrix (qmm grid (m/tile, n/128, B); qmv likewise per row), so the step cost grew by one
+# full pass over the 4-bit weights per session. As (rows, D) it is one pass with M = rows.
+def _pad_rows(x: mx.array, rows: int) -> mx.array:
+    b = x.shape[0]
+    return x if rows == b else mx.concatenate([x, mx.zeros((rows - b, *x.shape[1:]), x.dtype)])
+
+
+def _temporal_pure(lm, width, rows, full, x, pos, off, *kv):
+    """x (B, D), pos (B, C) slot positions, off (B,) next positions, kv the (cap, H, C, hd) caches
+    -> (h (rows, D), text logits (B, V), pos, off + 1, *keys, *values). Rows >= B of the caches
+    are unused (they get a zero key at slot 0); the linears run on `rows` >= B rows (zero padded).
+    full: every row's ring holds `context` positions, so no mask (the mask-free attention kernel)."""
+    c = lm.config
+    L = c.num_layers
+    ks, vs = list(kv[:L]), list(kv[L:])
+    B, D = x.shape
+    cap = ks[0].shape[0]
+    H, hd, C = c.num_heads, c.head_dim, c.context
+    slots = (off % C)[:, None]                                              # (B, 1)
+    pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)               # (B, C)
+    # A ring slot holds -1 or one of the last C positions (<= now): only empty slots are masked.
+    mask = None if full else (pos >= 0)[:, None, None, :width]              # (B, 1, 1, width)
+    idx = mx.broadcast_to(_pad_rows(slots, cap)[:, None, :, None], (cap, H, 1, hd))
+    scale = 1.0 / math.sqrt(hd)
+    x = _pad_rows(x.astype(lm.dtype), rows)
+    for i, layer in enumerate(lm.transformer.layers):
+        qkv = layer.self_attn.in_proj(layer.norm1(x))
+        qkv = (qkv[:B] if rows > B else qkv).reshape(B, 3 * H, 1, hd)
+        # Slices (views), not integer indexing (a gather kernel); q and k in one rope call.
+        qk = mx.fast.rope(qkv[:, :2 * H], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
+        ks[i] = mx.put_along_axis(ks[i], idx, _pad_rows(k, cap).astype(ks[i].dtype), axis=2)
+        vs[i] = mx.put_along_axis(vs[i], idx, _pad_rows(v, cap).astype(vs[i].dtype), axis=2)
+        kw, vw = ks[i], vs[i]
+        if cap > B or width < C:
+            kw, vw = kw[:B, :, :width], vw[:B, :, :width]
+        a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
+        x = x + layer.self_attn.out_proj(_pad_rows(a.reshape(B, D), rows))
+        x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
+    h = lm.out_norm(x)
+    logits = lm.text_linear(h)
+    return (h, logits[:B] if rows > B else logits, pos, off + 1, *ks, *vs)
+
+
+def _depformer_pure(lm, s, h, prev, *kv):
+    """Depformer step s, as `LM._depformer` with 2-D activations: h (R, D) the temporal output
+    (rows >= B zero padding), prev (B,) the previous token, kv this frame's depformer keys/values
+    so far -> (logits (B, card), *keys, *values)."""
+    c = lm.config
+    L = c.depformer_num_layers
+    keys, values = kv[:L], kv[L:]
+    B, R = prev.shape[0], h.shape[0]
+    H, D = c.depformer_num_heads, c.depformer_dim
+    hd = D // H
+    x = lm.depformer_in(h.astype(lm.dtype), s)
+    prev = _pad_rows(prev.astype(mx.int32), R)
+    x = x + (lm.depformer_text_emb(prev, 0, lm.dtype) if s == 0 else lm.depformer_emb(prev, s - 1, lm.dtype))
+    scale = 1.0 / math.sqrt(hd)
+    new_k, new_v = [], []
+    for i, layer in enumerate(lm.depformer.layers):
+        qkv = layer.self_attn.in_proj(layer.norm1(x), s).reshape(R, 3 * H, 1, hd)
+        q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]
+        if s > 0:
+            k = mx.concatenate([keys[i], k], axis=2)
+            v = mx.concatenate([values[i], v], axis=2)
+            a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            a = v                     # one key: its attention weight is exactly 1
+        new_k.append(k)
+        new_v.append(v)
+        x = x + layer.self_attn.out_proj(a.reshape(R, D), s)
+        x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), s)), s)
+    return (lm.linears(x[:B] if R > B else x, s), *new_k, *new_v)
+
+
 # ----------------------------------------------------------------------------------------------
 # The batch
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +290,11 @@ class BatchEngine:
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self.compiled = compiled
         self._temporal_fns: dict = {}
+        self._dep_fns: dict = {}
+        # Linear layers run on at least `min_rows` rows once B > 1 (zero rows padded): on CUDA a
+        # quantized matmul with fewer than 8 rows is a per-row kernel (one weight pass per row),
+        # from 8 rows on one tiled pass. The CPU has no such cliff.
+        self.min_rows = 8 if mx.default_device() == mx.gpu else 1
         self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
 
     @property
@@ -371,54 +457,41 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
-        """x (B, 1, D) -> (h (B, D), text_logits (B, V)); advances every row by one position."""
+        """x (B, D) -> (h (R, D) with R >= B (rows past B: padding), text_logits (B, V)); advances
+        every row by one position."""
         C = self.lm.config.context
         # Until some row has filled its ring, slots >= max(offset) are empty in every row:
         # attend over the used prefix only (rounded up, so few distinct shapes). Compiled steps
         # keep one shape instead: a retrace every 256 steps would cost a deadline each time.
         width = C if self.compiled else min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
-        fn = self._temporal_fns.get(width)
+        rows = self._rows(x.shape[0])
+        full = bool(self.off_host.min() >= C - 1)
+        fn = self._temporal_fns.get((width, rows, full))
         if fn is None:
-            fn = functools.partial(self._temporal_pure, width)
-            fn = self._temporal_fns[width] = mx.compile(fn) if self.compiled else fn
-        h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *self.k, *self.v)
-        L = len(self.k)
+            fn = functools.partial(_temporal_pure, self.lm, width, rows, full)
+            fn = self._temporal_fns[(width, rows, full)] = mx.compile(fn) if self.compiled else fn
+        # The caches are passed in and replaced by the outputs: no other reference to the old
+        # arrays survives this call, so the per-row scatter updates them in place (donation).
+        kv = self.k + self.v
+        self.k = self.v = None
+        h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *kv)
+        L = len(kv) // 2
         self.k, self.v = list(kv[:L]), list(kv[L:])
         self.off_host += 1
         return h, logits
 
-    def _temporal_pure(self, width, x, pos, off, *kv):
-        lm, c = self.lm, self.lm.config
-        L = c.num_layers
-        ks, vs = list(kv[:L]), list(kv[L:])
-        B, T, D = x.shape
-        cap = ks[0].shape[0]
-        H, hd, C = c.num_heads, c.head_dim, c.context
-        slots = (off % C)[:, None]                                          # (B, 1)
-        pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)           # (B, C)
-        delta = off[:, None] - pos
-        mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :width]  # (B, 1, 1, width)
+    def _rows(self, b: int) -> int:
+        """Rows the linear layers run on: b, padded up to `min_rows` when 1 < b < min_rows."""
+        return max(b, self.min_rows) if b > 1 else b
 
-        def pad(a):  # rows >= B of the KV arrays are unused: they get a zero key at slot 0
-            return mx.concatenate([a, mx.zeros((cap - B, *a.shape[1:]), a.dtype)]) if cap > B else a
-
-        idx = mx.broadcast_to(pad(slots)[:, None, :, None], (cap, H, 1, hd))
-        x = x.astype(lm.dtype)
-        for i, layer in enumerate(lm.transformer.layers):
-            y = layer.norm1(x)
-            qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
-            q = mx.fast.rope(qkv[0], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
-            k = mx.fast.rope(qkv[1], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
-            ks[i] = mx.put_along_axis(ks[i], idx, pad(k).astype(ks[i].dtype), axis=2)
-            vs[i] = mx.put_along_axis(vs[i], idx, pad(qkv[2]).astype(vs[i].dtype), axis=2)
-            kw, vw = ks[i], vs[i]
-            if cap > B or width < C:
-                kw, vw = kw[:B, :, :width], vw[:B, :, :width]
-            a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=self._scale, mask=mask)
-            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
-            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
-        h = lm.out_norm(x)
-        return (h[:, 0], lm.text_linear(h)[:, 0], pos, off + 1, *ks, *vs)
+    def _depformer(self, s: int, h: mx.array, prev: mx.array, kv: list) -> tuple[mx.array, list]:
+        key = (s, h.shape[0], prev.shape[0])
+        fn = self._dep_fns.get(key)
+        if fn is None:
+            fn = functools.partial(_depformer_pure, self.lm, s)
+            fn = self._dep_fns[key] = mx.compile(fn) if self.compiled else fn
+        logits, *kv = fn(h, prev, *kv)
+        return logits, kv
 
     def _lm_step(self, user: mx.array):
         """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame."""
@@ -433,7 +506,7 @@ class BatchEngine:
         in_col, tgt_col = (P - 1) % ct, P % ct
         prov = self.provided[:, :, tgt_col].copy()                          # (B, streams)
         target = tokens[:, :, tgt_col]
-        x = self.lm.embed(tokens[:, :, in_col:in_col + 1])
+        x = self.lm.embed(tokens[:, :, in_col:in_col + 1])[:, 0]             # (B, D)
         h, text_logits = self._temporal(x)
 
         split = _split2(self.keys)                                          # (B, 2, 2)
@@ -454,9 +527,9 @@ class BatchEngine:
 
         prev = pick(0, text)
         new_col = [prev]
-        dc = self.lm.make_depformer_cache(B)
+        kv: list = []
         for s in range(n_steps):
-            logits = self.lm.depformer_step(s, h, prev, dc)
+            logits, kv = self._depformer(s, h, prev, kv)
             tok = sample_rows(logits, self.temp_audio, self.top_k_audio, self.greedy, site[:, 1 + s])
             prev = pick(s + 1, tok)
             new_col.append(prev)
