@@ -159,13 +159,29 @@ def _sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.arr
     """
     if greedy or temp <= 0:
         return mx.argmax(logits, axis=-1).astype(mx.int32)
+    return _sample_with_noise(logits, temp, top_k, mx.random.gumbel(logits.shape, key=key))
+
+
+def _sample_with_noise(logits: mx.array, temp: float, top_k: int, g: mx.array) -> mx.array:
+    """`_sample` (not greedy) with its Gumbel noise `g` (the logits' shape) drawn by the caller."""
     x = logits.astype(mx.float32) / temp
     v = x.shape[-1]
     if 0 < top_k < v:
-        kth = mx.min(mx.topk(x, top_k, axis=-1), axis=-1, keepdims=True)
+        # The k-th largest value: one partition, then a slice (topk + min costs one more kernel).
+        kth = mx.partition(x, v - top_k, axis=-1)[..., v - top_k:v - top_k + 1]
         x = mx.where(x >= kth, x, -mx.inf)
-    g = mx.random.gumbel(x.shape, key=key)
     return mx.argmax(x + g, axis=-1).astype(mx.int32)
+
+
+def _split_key(key: mx.array, n_sites: int):
+    """key -> (next key, n_sites sub-keys (n_sites, 2)): `split(key)`, then `split(sub, n_sites)`.
+    Rows are taken by slicing (integer indexing of an mx array's first axis is a Gather kernel)."""
+    pair = mx.random.split(key)
+    return pair[0:1].reshape(2), mx.random.split(pair[1:2].reshape(2), n_sites)
+
+
+def _site_key(keys: mx.array, i: int) -> mx.array:
+    return keys[i:i + 1].reshape(2)
 
 
 def _as_codes(x, name: str, batch: int, n: int, card: int) -> mx.array:
@@ -203,16 +219,25 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
     target = mx.slice(tokens, tgt_col[1:], axes=(2,), slice_size=(B, S, 1))[:, :, 0]
     h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)
     h, text_logits = h[:, 0], text_logits[:, 0]
-    key, sub = mx.random.split(key)
-    keys = mx.random.split(sub, 1 + c.dep_q)
-    prev = target[:, 0] if prov[0] else _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, keys[0])
+    key, keys = _split_key(key, 1 + c.dep_q)
+    prev = target[:, 0] if prov[0] else _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
+                                                 _site_key(keys, 0))
+    # Every audio site's noise in one draw (bit-identical to one gumbel call per site key).
+    audio_greedy = sp.greedy or sp.temp_audio <= 0
+    noise = None
+    if not audio_greedy and n_steps:
+        g = mx.vmap(lambda k: mx.random.gumbel((B, c.card), key=k))(keys[1:1 + n_steps])
+        noise = [a.squeeze(0) for a in mx.split(g, n_steps, axis=0)] if n_steps > 1 else [g.squeeze(0)]
+    x_in = lm.depformer_inputs(h, n_steps) if n_steps else []
     new_col, kv = [prev], []
     for s in range(n_steps):
-        logits, *kv = lm._depformer(s, h, prev, *kv)
+        logits, *kv = lm._depformer(s, h, prev, *kv, x_in=x_in[s])
         if prov[s + 1]:
             prev = target[:, s + 1]
+        elif audio_greedy:
+            prev = mx.argmax(logits, axis=-1).astype(mx.int32)
         else:
-            prev = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, keys[1 + s])
+            prev = _sample_with_noise(logits, sp.temp_audio, sp.top_k_audio, noise[s])
         new_col.append(prev)
     new_col.extend(target[:, k] for k in range(n_steps + 1, S))
     if not all(prov):
@@ -378,10 +403,9 @@ class LmGen:
         if self.stats_hook is not None:
             self.stats_hook("text_logits", text_logits)
 
-        state.key, sub = mx.random.split(state.key)
-        keys = mx.random.split(sub, 1 + c.dep_q)
+        state.key, keys = _split_key(state.key, 1 + c.dep_q)
         sp = self.sampling
-        sampled_text = _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, keys[0])
+        sampled_text = _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, _site_key(keys, 0))
         if probe is not None:
             mx.eval(h, sampled_text)
             probe("temporal")
@@ -394,7 +418,7 @@ class LmGen:
             logits = self.lm.depformer_step(s, h, prev, dc)
             if self.stats_hook is not None and s < self.n_cb:
                 self.stats_hook("audio_logits", logits)
-            tok = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, keys[1 + s])
+            tok = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, _site_key(keys, 1 + s))
             prev = target[:, s + 1] if prov[s + 1] else tok
             new_col.append(prev)
         new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))

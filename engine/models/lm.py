@@ -578,10 +578,12 @@ class LM(nn.Module):
         group = max(1, len(self.transformer.layers) // 4)
         for li, (layer, k_cache, v_cache) in enumerate(zip(self.transformer.layers, keys, values)):
             y = layer.norm1(x)
-            qkv = layer.self_attn.in_proj(y, dense).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            q = mx.fast.rope(q, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
-            k = mx.fast.rope(k, hd, traditional=True, base=c.max_period, scale=1.0, offset=offset)
+            # Slices, not integer indexing: qkv[0] on the leading axis is a Gather (a GPU kernel).
+            qkv = layer.self_attn.in_proj(y, dense).reshape(B, T, 3, H, hd)
+            qk = mx.fast.rope(qkv[:, :, :2].transpose(2, 0, 3, 1, 4), hd, traditional=True,
+                              base=c.max_period, scale=1.0, offset=offset)     # q and k in one call
+            q, k = (a.squeeze(0) for a in mx.split(qk, 2, axis=0))
+            v = qkv[:, :, 2].transpose(0, 2, 1, 3)
             k_cache = write(k_cache, k)
             v_cache = write(v_cache, v)
             new_k.append(k_cache)
@@ -609,14 +611,26 @@ class LM(nn.Module):
         dc.steps += 1
         return logits
 
-    def _depformer(self, s, h, prev, *kv):
+    def depformer_inputs(self, h: mx.array, n: int) -> list:
+        """h (B, dim) -> [depformer_in(h, s) (B, depformer_dim) for s < n], one matmul for all n."""
+        m = self.depformer_in
+        if m.slots == 1:
+            return [m(h, 0)] * n
+        rows = n * m.out_dim
+        if m.bits is None:
+            y = h @ m.weight[:rows].T
+        else:
+            y = _qmm(h, m.weight[:rows], m.scales[:rows], m.biases[:rows], m.group_size, m.bits)
+        return [a.squeeze(1) for a in mx.split(y.reshape(h.shape[0], n, m.out_dim), n, axis=1)]
+
+    def _depformer(self, s, h, prev, *kv, x_in=None):
         c = self.config
         L = c.depformer_num_layers
         keys, values = kv[:L], kv[L:]
         B = h.shape[0]
         H, D = c.depformer_num_heads, c.depformer_dim
         hd = D // H
-        x = self.depformer_in(h, s)
+        x = self.depformer_in(h, s) if x_in is None else x_in
         if s == 0:
             x = x + self.depformer_text_emb(prev, 0, self.dtype)
         else:
@@ -626,14 +640,16 @@ class LM(nn.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.depformer.layers):
             y = layer.norm1(x)
-            qkv = layer.self_attn.in_proj(y, s).reshape(B, 1, 3, H, hd).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+            qkv = layer.self_attn.in_proj(y, s).reshape(B, 1, 3, H, hd)
+            q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))   # views (no Gather)
             if s > 0:
                 k = mx.concatenate([keys[i], k], axis=2)
                 v = mx.concatenate([values[i], v], axis=2)
+                a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            else:
+                a = v   # one key: its softmax weight is exactly 1
             new_k.append(k)
             new_v.append(v)
-            a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
             x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, 1, D), s)
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), s)), s)
         return (self.linears(x[:, 0], s), *new_k, *new_v)
