@@ -17,10 +17,14 @@ per op). Suspects, at the PersonaPlex 7B shapes (dim 4096, 32 heads x 128, conte
   chunk.*    lm.temporal over 64 positions as ONE T=64 chunk vs 64 T=1 steps, --layers layers
              (default 8: same per-layer structure as 32, 4x cheaper), 4-bit / 8-bit / bf16, with the
              quantized matmuls of the chunk as quantized_matmul or as dequantize + dense matmul
-  ops.*      graph nodes of one LmGen.step (live, top-k sampling) at the 7B widths, --layers layers:
-             eager, per-stage compiled (temporal + 16 depformer graphs), whole-step compiled.
-             `nodes` counts primitives after mx.compile's fusion; `kernels` leaves out views
-             (reshape, slice, transpose, broadcast, ...) that launch nothing on the GPU.
+  prefill.*  LmGen.run_prompts (102 prompt calls) at --step-layers layers, 4-bit / 8-bit: batched with
+             dequantized chunks (the new default; quantized_matmul chunks are in chunk.*),
+             with the chunk guard, and stepwise
+  step.*     one LmGen.step (live; greedy / top-k) at --step-layers (default 32) layers, 4-bit and
+             8-bit: eager, per-stage compiled (temporal + 16 depformer graphs), whole-step compiled
+             (the default with lm.compile()), with the graph's node counts in the note: `nodes`
+             counts primitives after mx.compile's fusion, `non-view` leaves out views (reshape,
+             slice, transpose, broadcast, ...) that launch nothing on the GPU.
 
 Prints one table at the end (and JSON lines with --json FILE).
 """
@@ -65,19 +69,56 @@ def summarize_nodes(counts: dict) -> dict:
     return {"nodes": nodes, "kernels": nodes - views, "fused": counts.get("Compiled(fused)", 0)}
 
 
-def count_gen_step(gen, state, user) -> dict:
-    """Graph node counts of one `gen.step(state, user_codes=user)` (state is advanced)."""
+class gpu_shaped:
+    """On the CPU, mx.fast.rms_norm / rope / scaled_dot_product_attention expand into several
+    primitives; on a GPU each is ONE kernel. Inside this context each becomes one stand-in node
+    (a Softmax; attention also keeps its keys/values alive through Depends), so a CPU-built graph
+    has the GPU's node structure. Values are wrong: use it for counting only."""
+
+    def __enter__(self):
+        f = mx.fast
+        self.saved = (f.rms_norm, f.rope, f.scaled_dot_product_attention)
+        f.rms_norm = lambda x, w, eps, **kw: mx.softmax(x, axis=-1)
+        f.rope = lambda x, dims, **kw: mx.softmax(x, axis=-1)
+
+        def sdpa(q, k, v, *, scale, mask=None, **kw):
+            deps = [k, v] + ([mask] if isinstance(mask, mx.array) else [])
+            return mx.depends([mx.softmax(q, axis=-1)], deps)[0]
+        f.scaled_dot_product_attention = sdpa
+        return self
+
+    def __exit__(self, *exc):
+        mx.fast.rms_norm, mx.fast.rope, mx.fast.scaled_dot_product_attention = self.saved
+
+
+def count_gen_step(gen, state, user, gpu_like: bool | None = None) -> dict:
+    """Graph node counts of one `gen.step(state, user_codes=user)` (state is advanced). gpu_like
+    (default: on the CPU) counts each fused fast op as one node, as on a GPU (`gpu_shaped`);
+    its step then computes wrong values, so use a throw-away state."""
+    if gpu_like is None:
+        gpu_like = mx.default_device().type == mx.cpu
     captured = []
     real_async, real_eval = mx.async_eval, mx.eval
     mx.eval(state.tokens, state.key, *state.cache.arrays())
+    compiled = gen.lm._compiled is not None
+    if compiled and gpu_like:
+        gen.lm.compile()  # fresh traces under the stand-ins
     mx.async_eval = lambda *a: captured.extend(_leaves(a))
     mx.eval = lambda *a: captured.extend(_leaves(a))
     try:
-        gen.step(state, user_codes=user)
+        if gpu_like:
+            with gpu_shaped():
+                gen.step(state, user_codes=user)
+        else:
+            gen.step(state, user_codes=user)
     finally:
         mx.async_eval, mx.eval = real_async, real_eval
+        if compiled and gpu_like:
+            gen.lm.compile()  # drop the stand-in traces
     captured += [state.tokens, state.key, *state.cache.arrays()]
     counts = graph_nodes(captured)
+    if gpu_like and "Softmax" in counts:
+        counts["fast op (rms_norm/rope/sdpa)"] = counts.pop("Softmax")
     mx.eval(captured)
     return counts
 
@@ -225,12 +266,12 @@ def probe_sdpa(tab, args, H, C, hd):
             tab.add(f"sdpa T={T} {name}", cold, warm, n, per=c, note=f"{C} keys")
 
 
-def build_lm(args, bits):
+def build_lm(args, bits, layers):
     from engine.models import quant
     from engine.models.lm import LM, LmConfig
     cfg = LmConfig.personaplex() if not args.small else LmConfig.tiny()
     import dataclasses
-    cfg = dataclasses.replace(cfg, num_layers=args.layers, depformer_num_layers=cfg.depformer_num_layers)
+    cfg = dataclasses.replace(cfg, num_layers=layers)
     lm = LM.random(cfg, mx.bfloat16, seed=0)
     if bits:
         quant.apply(lm, bits)
@@ -272,40 +313,68 @@ def probe_ops(tab, args, lm, label):
     import numpy as np
     from engine.models.gen import LmGen, SamplingParams
     user = np.zeros((1, 8), np.int32)
+    L = lm.config.num_layers
     for mode in ("eager", "stage-compiled", "step-compiled"):
         if mode == "eager":
             lm.uncompile()
         else:
             lm.compile()
-        gen = LmGen(lm, SamplingParams(), depformer_mode="live")
-        if mode == "stage-compiled":
-            gen.whole_step_compile = False
-        state = gen.new_state(1, seed=0)
-        for _ in range(4):
-            gen.step(state, user_codes=user)
-        counts = count_gen_step(gen, state, user)
-        s = summarize_nodes(counts)
+        for sp in (SamplingParams(greedy=True), SamplingParams()):
+            gen = LmGen(lm, sp, depformer_mode="live")
+            gen.whole_step_compile = mode == "step-compiled"
+            scratch = gen.new_state(1, seed=0)
+            for _ in range(4):
+                gen.step(scratch, user_codes=user)
+            counts = count_gen_step(gen, scratch, user)
+            n = summarize_nodes(counts)
+            state = gen.new_state(1, seed=0)
+            for _ in range(4):
+                gen.step(state, user_codes=user)
 
-        def one():
-            o = gen.step(state, user_codes=user)
-            return [o.text, o.agent_codes]
+            def one():
+                o = gen.step(state, user_codes=user)
+                return [o.text, o.agent_codes]
 
-        cold, warm, n = timeit(one, args.reps, args.budget)
-        top = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
-        tab.add(f"ops.{label} LmGen.step live {mode}", cold, warm, n,
-                note=f"nodes {s['nodes']} kernels~{s['kernels']} fused {s['fused']} ({top})")
+            cold, warm, k = timeit(one, args.reps * 4, args.budget)
+            top = ", ".join(f"{a} {b}" for a, b in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
+            tab.add(f"step.{label} L={L} LmGen.step live {'greedy' if sp.greedy else 'top-k'} {mode}", cold, warm, k,
+                    note=f"nodes {n['nodes']}, non-view {n['kernels']}, fused {n['fused']} ({top})")
     lm.uncompile()
+
+
+def probe_prefill(tab, args, lm, label):
+    """The original pathology: LmGen.run_prompts (50-frame wav voice + 40 text tokens = 102 calls)."""
+    import numpy as np
+    from engine.models.gen import LmGen, SamplingParams, VoicePrompt
+    rng = np.random.default_rng(0)
+    voice = VoicePrompt.from_codes(rng.integers(0, lm.config.card, (8, 50)))
+    text = [int(t) for t in rng.integers(0, lm.config.text_card, 40)]
+    for batched, guard, rows in ((True, False, 16), (True, True, 16), (False, False, 16)):
+        gen = LmGen(lm, SamplingParams())
+        gen.prefill_guard = guard
+        lm.dense_prefill_rows = rows
+
+        def run():
+            st = gen.new_state(1, seed=0)
+            gen.run_prompts(st, voice, text, batched=batched)
+            return st.cache.arrays()
+
+        cold, warm, n = timeit(run, 3, args.budget * 2)
+        tab.add(f"prefill.{label} run_prompts batched={batched} guard={guard} dense_rows={rows}", cold, warm, n,
+                note=f"102 calls, {lm.config.num_layers} layers, chunk_ok={gen.chunk_ok}")
+    lm.dense_prefill_rows = 16
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     ap.add_argument("--small", action="store_true", help="tiny widths (CPU smoke test)")
-    ap.add_argument("--layers", type=int, default=8, help="temporal layers of the chunk / op-count model")
+    ap.add_argument("--layers", type=int, default=8, help="temporal layers of the chunk-probe models")
+    ap.add_argument("--step-layers", type=int, default=32, help="temporal layers of the step / prefill models")
     ap.add_argument("--chain", type=int, default=8, help="ops chained per timed call (time is per op)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--budget", type=float, default=4.0, help="seconds per suspect, cold call included")
-    ap.add_argument("--only", default="mm,kv,sdpa,chunk,ops")
+    ap.add_argument("--only", default="mm,kv,sdpa,chunk,prefill,ops")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -323,14 +392,19 @@ def main():
         probe_kv(tab, args, H, C, hd)
     if "sdpa" in only:
         probe_sdpa(tab, args, H, C, hd)
-    if "chunk" in only or "ops" in only:
+    if "chunk" in only:
         for bits in (4, 8, None):
-            lm = build_lm(args, bits)
-            label = f"q{bits}" if bits else "bf16"
-            if "chunk" in only:
-                probe_chunk(tab, args, lm, label)
-            if "ops" in only and bits == 4:
-                probe_ops(tab, args, lm, label)
+            lm = build_lm(args, bits, args.layers)
+            probe_chunk(tab, args, lm, f"q{bits}" if bits else "bf16")
+            del lm
+            mx.clear_cache()
+    if "ops" in only or "prefill" in only:
+        for bits in (4, 8):
+            lm = build_lm(args, bits, args.step_layers)
+            if "prefill" in only:
+                probe_prefill(tab, args, lm, f"q{bits}")
+            if "ops" in only:
+                probe_ops(tab, args, lm, f"q{bits}")
             del lm
             mx.clear_cache()
     tab.print()
