@@ -311,6 +311,25 @@ class BatchEngine:
                 lst[i] = z if self.cap == 0 else mx.concatenate([lst[i], z], axis=0)
                 mx.eval(lst[i])
         self.cap = cap
+        self.warm_kernels(cap)
+
+    def warm_kernels(self, max_rows: int) -> list:
+        """Build the quantized-matmul kernels every batch size up to `max_rows` will use, now
+        rather than mid-conversation: MLX CUDA compiles its tiled kernel (NVRTC, seconds) once per
+        row-tile size (16 / 32 / 64 rows: batches of 8-16, 17-32, 33+ rows). Returns the
+        (rows, bits, group_size) combinations run; cheap on the CPU."""
+        combos = sorted({(m.bits, m.group_size) for m in self.lm.modules()
+                         if isinstance(getattr(m, "bits", None), int) and getattr(m, "group_size", None)})
+        rows = [r for r in (1, self.min_rows, 17, 33) if r <= max(max_rows, self.min_rows)]
+        done = []
+        for bits, gs in combos:
+            k = max(64, gs) * 2
+            w, sc, bi = mx.quantize(mx.zeros((128, k), self.lm.dtype), gs, bits)
+            for r in sorted(set(rows)):
+                mx.eval(mx.quantized_matmul(mx.zeros((r, k), self.lm.dtype), w, sc, bi, transpose=True,
+                                            group_size=gs, bits=bits))
+                done.append((r, bits, gs))
+        return done
 
     # ------------------------------------------------------------------ join / leave
     def join(self, slot, state: GenState, params: SlotParams) -> None:

@@ -1,0 +1,488 @@
+# FROZEN COPY of engine/server/batch.py at c45f0ed (before the one-weight-pass fix), kept only so
+# bench/serve.py --engines new,v1 can time old and new on the same GPU lease. Not used by the
+# server; delete once the GPU comparison is recorded in docs/performance_serve.md.
+"""Slot management for the server: many conversations advanced as one batch.
+
+Each conversation (slot) has its own temporal KV cache, absolute positions, token ring, provided
+flags, RNG key, sampling parameters and Mimi streaming state. `BatchEngine` keeps all of them
+stacked along a batch dimension (row = slot), so one 80 ms step is ONE Mimi encode, ONE temporal
+pass + depformer, and ONE Mimi decode for every active slot. Slots join and leave between steps.
+
+How rows that started at different times share one step:
+- Temporal transformer: per-row RoPE offsets (`mx.fast.rope` takes an offset per batch row) and a
+  per-row slot-position table for the KV ring mask; new keys are scattered at each row's own slot.
+- Token ring: a joining slot's ring (from `LmGen.run_prompts`, B=1) is rotated so that its column
+  for "now" matches the batch's shared phase; every row then reads and writes the same columns.
+  The provided flags are kept per row (a freshly prompted row still forces the last prompt
+  frame's delayed agent codebooks on its first live step, a running row does not).
+- Sampling: per-row temperature / top-k / greedy, and per-row RNG keys split exactly the way
+  `LmGen.step` splits its key, so a seeded slot samples the same tokens in a batch as alone.
+- Mimi: a slot's first frame is encoded/decoded with its own B=1 state (the first call of the
+  replicate-padded downsampling conv depends on the data), then the state is merged into the
+  batched state. Transformer KV windows are kept at their full width (context - 1) per row with
+  a per-row count of valid keys, and per-row offsets.
+
+Worker thread only (every method runs MLX).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import ConfigError
+from ..models.gen import GenState, SamplingParams
+from ..models.lm import _silu_gate
+
+__all__ = ["SlotParams", "BatchEngine"]
+
+_WIDTH_STEP = 256
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """Per-session sampling parameters (validated by SamplingParams) and seed."""
+
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, one row per conversation
+# ----------------------------------------------------------------------------------------------
+_split2 = mx.vmap(lambda k: mx.random.split(k))
+
+
+def _row_keys(keys: mx.array, n: int) -> mx.array:
+    return mx.vmap(lambda k: mx.random.split(k, n))(keys)
+
+
+def _gumbel_rows(keys: mx.array, v: int) -> mx.array:
+    # (1, V) per row, exactly what `gen._sample` draws for a B=1 state with that key.
+    return mx.vmap(lambda k: mx.random.gumbel((1, v), key=k))(keys)[:, 0]
+
+
+def sample_rows(logits: mx.array, temp: np.ndarray, top_k: np.ndarray, greedy: np.ndarray,
+                keys: mx.array) -> mx.array:
+    """logits (B, V) -> (B,) int32, row b as `gen._sample(logits[b:b+1], temp[b], top_k[b], ...)`."""
+    arg = mx.argmax(logits, axis=-1).astype(mx.int32)
+    is_greedy = greedy | (temp <= 0)
+    if is_greedy.all():
+        return arg
+    v = logits.shape[-1]
+    t = np.where(is_greedy, 1.0, temp).astype(np.float32)
+    x = logits.astype(mx.float32) / mx.array(t)[:, None]
+    k = np.where((top_k > 0) & (top_k < v), top_k, v).astype(np.int32)
+    if (k < v).any():
+        kmax = int(k.max())
+        top = mx.topk(x, kmax, axis=-1)                                     # (B, kmax), any order
+        if (k == kmax).all():
+            kth = mx.min(top, axis=-1, keepdims=True)
+        else:  # the k_b-th largest of each row: sort only the kmax candidates
+            kth = mx.take_along_axis(mx.sort(top, axis=-1), mx.array(kmax - k)[:, None], axis=-1)
+        x = mx.where(x >= kth, x, -mx.inf)
+    tok = mx.argmax(x + _gumbel_rows(keys, v), axis=-1).astype(mx.int32)
+    if is_greedy.any():
+        tok = mx.where(mx.array(is_greedy), arg, tok)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Mimi transformer with per-row offsets
+# ----------------------------------------------------------------------------------------------
+def _mimi_attention(att, x, cache: dict, off: mx.array) -> mx.array:
+    b, t, d = x.shape
+    h = att._heads
+    hd = d // h
+    qkv = att.in_proj(x).reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)
+    q = mx.fast.rope(qkv[0], hd, traditional=True, base=att._base, scale=1.0, offset=off)
+    k = mx.fast.rope(qkv[1], hd, traditional=True, base=att._base, scale=1.0, offset=off)
+    kc, vc, n = cache[att._name]
+    w = kc.shape[2]
+    k_all = mx.concatenate([kc, k], axis=2)
+    v_all = mx.concatenate([vc, qkv[2]], axis=2)
+    j = mx.arange(w + t)
+    delta = mx.arange(t)[:, None] + w - j[None, :]                         # (t, w+t)
+    window = (delta >= 0) & (delta < att._context)
+    valid = j[None, :] >= (w - n)[:, None]                                   # (B, w+t)
+    mask = valid[:, None, None, :] & window[None, None]
+    y = mx.fast.scaled_dot_product_attention(q, k_all, v_all, scale=1.0 / math.sqrt(hd), mask=mask)
+    cache[att._name] = (k_all[:, :, -w:], v_all[:, :, -w:], mx.minimum(n + t, w))
+    return att.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+def _mimi_transformer(tr, x, cache: dict) -> mx.array:
+    # Same computation as mimi_modules.Transformer.__call__, with per-row offsets and windows.
+    dt = tr.layers[0].linear1.weight.dtype
+    if x.dtype != dt:
+        x = x.astype(dt)
+    off = cache[tr._name]
+    for layer in tr.layers:
+        x = x + layer.layer_scale_1(_mimi_attention(layer.self_attn, layer.norm1(x), cache, off))
+        x = x + layer.layer_scale_2(layer.linear2(nn.gelu(layer.linear1(layer.norm2(x)))))
+    cache[tr._name] = off + x.shape[1]
+    return x
+
+
+def _to_batched(d: dict, mimi) -> dict:
+    """A B=1 MimiState dict (after one call) -> the batched layout (KV padded to the full window)."""
+    out = {}
+    for name, v in d.items():
+        if isinstance(v, tuple):
+            k, val = v
+            w = mimi.config.context - 1
+            n = k.shape[2]
+            if n < w:
+                pad = mx.zeros((k.shape[0], k.shape[1], w - n, k.shape[3]), k.dtype)
+                k, val = mx.concatenate([pad, k], axis=2), mx.concatenate([pad, val], axis=2)
+            out[name] = (k, val, mx.array([n], mx.int32))
+        elif isinstance(v, int):
+            out[name] = mx.array([v], mx.int32)
+        else:
+            out[name] = v
+    return out
+
+
+def _concat_dicts(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    out = {}
+    for name, v in a.items():
+        w = b[name]
+        if isinstance(v, tuple):
+            out[name] = tuple(mx.concatenate([x, y], axis=0) for x, y in zip(v, w))
+        else:
+            out[name] = mx.concatenate([v, w], axis=0)
+    return out
+
+
+def _take_dict(d: dict, idx: mx.array) -> dict:
+    return {name: (tuple(mx.take(x, idx, axis=0) for x in v) if isinstance(v, tuple)
+                   else mx.take(v, idx, axis=0)) for name, v in d.items()}
+
+
+def _dict_arrays(d: dict) -> list:
+    out = []
+    for v in d.values():
+        out.extend(v if isinstance(v, tuple) else [v])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch
+# ----------------------------------------------------------------------------------------------
+class BatchEngine:
+    """Active slots stacked on the batch dimension. Row order = `self.slots`.
+
+    `model` is a loaded `engine.api.PersonaPlex` (its mimi, lm and gen are used; never modified).
+    """
+
+    def __init__(self, model, compiled: bool = False, capacity: int | None = None):
+        self.model = model
+        self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
+        c = self.lm.config
+        self.n_cb, self.ct, self.max_delay = self.gen.n_cb, self.gen.ct, self.gen.max_delay
+        self.num_streams = self.gen.num_streams
+        self.phase = 0
+        self.slots: list = []
+        # LM state. Temporal KV: `cap` preallocated rows (active rows first), so joins and leaves
+        # copy one row, not the batch; the small per-row arrays are rebuilt (None while empty).
+        self.capacity = capacity
+        self.cap = 0
+        self.k: list = [None] * c.num_layers
+        self.v: list = [None] * c.num_layers
+        self.pos = self.offset = self.tokens = self.keys = None
+        self.provided = np.zeros((0, self.num_streams, self.ct), dtype=bool)
+        self.temp_text = np.zeros(0, np.float32)
+        self.top_k_text = np.zeros(0, np.int32)
+        self.temp_audio = np.zeros(0, np.float32)
+        self.top_k_audio = np.zeros(0, np.int32)
+        self.greedy = np.zeros(0, bool)
+        # Mimi: warm rows are merged; a new slot keeps its own B=1 state for its first frame.
+        self.enc_rows: list = []
+        self.dec_rows: list = []
+        self.enc: dict | None = None
+        self.dec: dict | None = None
+        self._pending_enc: dict = {}
+        self._pending_dec: dict = {}
+        self._scale = 1.0 / math.sqrt(c.head_dim)
+        self.compiled = compiled
+        self._temporal_fns: dict = {}
+        self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def _grow(self, cap: int) -> None:
+        """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
+        c = self.lm.config
+        shape = (cap - self.cap, c.num_heads, c.context, c.head_dim)
+        for lst in (self.k, self.v):
+            for i in range(c.num_layers):
+                z = mx.zeros(shape, self.lm.dtype)
+                lst[i] = z if self.cap == 0 else mx.concatenate([lst[i], z], axis=0)
+                mx.eval(lst[i])
+        self.cap = cap
+
+    # ------------------------------------------------------------------ join / leave
+    def join(self, slot, state: GenState, params: SlotParams) -> None:
+        """Add `slot` (any hashable id) with its prompted B=1 generator state as a new last row."""
+        if slot in self.slots:
+            raise ConfigError(f"slot {slot!r} is already in the batch")
+        if not isinstance(state, GenState) or state.batch_size != 1:
+            raise ConfigError("join needs a B=1 GenState after the prompt phases")
+        if state.offset <= self.max_delay:
+            raise ConfigError("join needs a state after the prompt phases (offset > max delay)")
+        sp = params.sampling
+        shift = (self.phase - state.offset) % self.ct
+        tokens = mx.roll(state.tokens, shift, axis=2)
+        prov = np.roll(state.provided, shift, axis=1)[None]
+        cache = state.cache
+        pos = cache.pos[None]
+        off = cache.offset.reshape(1)
+        key = state.key[None]
+        B = self.size
+        if B == self.cap:
+            if self.capacity is not None and self.cap >= self.capacity:
+                raise ConfigError(f"the batch is full ({self.capacity} rows)")
+            self._grow(self.capacity or max(1, 2 * self.cap))
+        at = mx.array([B, 0, 0, 0], mx.int32)
+        for i in range(len(self.k)):              # write the new row in place (one row copied)
+            kd = self.k[i].dtype
+            self.k[i] = mx.slice_update(self.k[i], cache.keys[i].astype(kd), at, axes=(0, 1, 2, 3))
+            self.v[i] = mx.slice_update(self.v[i], cache.values[i].astype(kd), at, axes=(0, 1, 2, 3))
+            mx.eval(self.k[i], self.v[i])
+        if B == 0:
+            self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
+        else:
+            self.pos = mx.concatenate([self.pos, pos], axis=0)
+            self.offset = mx.concatenate([self.offset, off], axis=0)
+            self.tokens = mx.concatenate([self.tokens, tokens], axis=0)
+            self.keys = mx.concatenate([self.keys, key], axis=0)
+        self.provided = np.concatenate([self.provided, prov], axis=0)
+        self.off_host = np.append(self.off_host, np.int64(cache.step))
+        self.temp_text = np.append(self.temp_text, np.float32(sp.temp_text))
+        self.top_k_text = np.append(self.top_k_text, np.int32(sp.top_k_text))
+        self.temp_audio = np.append(self.temp_audio, np.float32(sp.temp_audio))
+        self.top_k_audio = np.append(self.top_k_audio, np.int32(sp.top_k_audio))
+        self.greedy = np.append(self.greedy, bool(sp.greedy))
+        self.slots.append(slot)
+        self._pending_enc[slot] = self.mimi.make_state(1)
+        self._pending_dec[slot] = self.mimi.make_state(1)
+        mx.eval(self.pos, self.offset, self.tokens, self.keys)
+
+    def leave(self, slot) -> None:
+        """Remove `slot`'s row; the other rows keep their state untouched."""
+        if slot not in self.slots:
+            return
+        r = self.slots.index(slot)
+        last = len(self.slots) - 1
+        # Swap-remove: the last row moves into the freed one (KV: one row copied, in place).
+        order = list(range(last + 1))
+        order[r] = last
+        order.pop()
+        self.slots[r] = self.slots[last]
+        self.slots.pop()
+        self._pending_enc.pop(slot, None)
+        self._pending_dec.pop(slot, None)
+        if r != last:
+            at = mx.array([r, 0, 0, 0], mx.int32)
+            zero = mx.array(0, self.k[0].dtype)
+            for i in range(len(self.k)):
+                rk, rv = self.k[i][last:last + 1] + zero, self.v[i][last:last + 1] + zero
+                mx.eval(rk, rv)                   # own buffers, so the big arrays can be donated
+                self.k[i] = mx.slice_update(self.k[i], rk, at, axes=(0, 1, 2, 3))
+                self.v[i] = mx.slice_update(self.v[i], rv, at, axes=(0, 1, 2, 3))
+                mx.eval(self.k[i], self.v[i])
+        if not order:
+            self.pos = self.offset = self.tokens = self.keys = None
+        else:
+            idx = mx.array(order, mx.int32)
+            self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
+            self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
+            mx.eval(self.pos, self.offset, self.tokens, self.keys)
+        for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
+            setattr(self, a, getattr(self, a)[order])
+        for rows, attr in ((self.enc_rows, "enc"), (self.dec_rows, "dec")):
+            if slot in rows:
+                i = rows.index(slot)
+                rows.pop(i)
+                left = [j for j in range(len(rows) + 1) if j != i]
+                d = getattr(self, attr)
+                setattr(self, attr, _take_dict(d, mx.array(left, mx.int32)) if left else None)
+                if left:
+                    mx.eval(_dict_arrays(getattr(self, attr)))
+
+    # ------------------------------------------------------------------ Mimi
+    def _encode(self, frames: np.ndarray) -> mx.array:
+        """frames (B, 1920) float32 in row order -> user codes (B, n_cb) int32."""
+        mimi = self.mimi
+        row = {s: i for i, s in enumerate(self.slots)}
+        parts, order = [], []
+        if self.enc_rows:
+            x = mx.array(frames[[row[s] for s in self.enc_rows]])[:, :, None]   # (Bw, 1920, 1)
+            y = mimi.encoder(x.astype(mimi.dtype), self.enc)
+            y = _mimi_transformer(mimi.encoder_transformer, y, self.enc)
+            lat = mimi.downsample(y, self.enc).astype(mx.float32)
+            parts.append(mimi.quantizer.encode(lat, mimi.num_codebooks)[:, :self.n_cb, 0])
+            order += self.enc_rows
+        new = [s for s in self.slots if s in self._pending_enc]
+        for s in new:
+            st = self._pending_enc.pop(s)
+            codes = mimi.encode_step(frames[row[s]].reshape(1, 1, -1), st)
+            parts.append(codes[:, :self.n_cb, 0])
+            self.enc = _concat_dicts(self.enc, _to_batched(st.encoder, mimi))
+            self.enc_rows.append(s)
+        order += new
+        codes = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        if order != self.slots:
+            pos = {s: i for i, s in enumerate(order)}
+            codes = mx.take(codes, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
+        return codes
+
+    def _decode(self, agent: mx.array) -> mx.array:
+        """agent codes (B, n_cb) in row order -> pcm (B, 1920) float32."""
+        mimi = self.mimi
+        row = {s: i for i, s in enumerate(self.slots)}
+        parts, order = [], []
+        if self.dec_rows:
+            c = mx.take(agent, mx.array([row[s] for s in self.dec_rows], mx.int32), axis=0)[:, :, None]
+            z = mimi.quantizer.decode(c).astype(mimi.dtype)
+            z = mimi.upsample(z, self.dec)
+            z = _mimi_transformer(mimi.decoder_transformer, z, self.dec)
+            parts.append(mimi.decoder(z, self.dec).astype(mx.float32)[:, :, 0])
+            order += self.dec_rows
+        new = [s for s in self.slots if s in self._pending_dec]
+        for s in new:
+            st = self._pending_dec.pop(s)
+            r = row[s]
+            pcm = mimi.decode_step(agent[r:r + 1, :, None], st)
+            parts.append(pcm[:, 0])
+            self.dec = _concat_dicts(self.dec, _to_batched(st.decoder, mimi))
+            self.dec_rows.append(s)
+        order += new
+        pcm = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        if order != self.slots:
+            pos = {s: i for i, s in enumerate(order)}
+            pcm = mx.take(pcm, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
+        return pcm
+
+    # ------------------------------------------------------------------ LM
+    def _temporal(self, x: mx.array):
+        """x (B, 1, D) -> (h (B, D), text_logits (B, V)); advances every row by one position."""
+        C = self.lm.config.context
+        # Until some row has filled its ring, slots >= max(offset) are empty in every row:
+        # attend over the used prefix only (rounded up, so few distinct shapes). Compiled steps
+        # keep one shape instead: a retrace every 256 steps would cost a deadline each time.
+        width = C if self.compiled else min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
+        fn = self._temporal_fns.get(width)
+        if fn is None:
+            fn = functools.partial(self._temporal_pure, width)
+            fn = self._temporal_fns[width] = mx.compile(fn) if self.compiled else fn
+        h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *self.k, *self.v)
+        L = len(self.k)
+        self.k, self.v = list(kv[:L]), list(kv[L:])
+        self.off_host += 1
+        return h, logits
+
+    def _temporal_pure(self, width, x, pos, off, *kv):
+        lm, c = self.lm, self.lm.config
+        L = c.num_layers
+        ks, vs = list(kv[:L]), list(kv[L:])
+        B, T, D = x.shape
+        cap = ks[0].shape[0]
+        H, hd, C = c.num_heads, c.head_dim, c.context
+        slots = (off % C)[:, None]                                          # (B, 1)
+        pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)           # (B, C)
+        delta = off[:, None] - pos
+        mask = ((pos >= 0) & (delta >= 0) & (delta < C))[:, None, None, :width]  # (B, 1, 1, width)
+
+        def pad(a):  # rows >= B of the KV arrays are unused: they get a zero key at slot 0
+            return mx.concatenate([a, mx.zeros((cap - B, *a.shape[1:]), a.dtype)]) if cap > B else a
+
+        idx = mx.broadcast_to(pad(slots)[:, None, :, None], (cap, H, 1, hd))
+        x = x.astype(lm.dtype)
+        for i, layer in enumerate(lm.transformer.layers):
+            y = layer.norm1(x)
+            qkv = layer.self_attn.in_proj(y).reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
+            q = mx.fast.rope(qkv[0], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
+            k = mx.fast.rope(qkv[1], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
+            ks[i] = mx.put_along_axis(ks[i], idx, pad(k).astype(ks[i].dtype), axis=2)
+            vs[i] = mx.put_along_axis(vs[i], idx, pad(qkv[2]).astype(vs[i].dtype), axis=2)
+            kw, vw = ks[i], vs[i]
+            if cap > B or width < C:
+                kw, vw = kw[:B, :, :width], vw[:B, :, :width]
+            a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=self._scale, mask=mask)
+            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D))
+            x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
+        h = lm.out_norm(x)
+        return (h[:, 0], lm.text_linear(h)[:, 0], pos, off + 1, *ks, *vs)
+
+    def _lm_step(self, user: mx.array):
+        """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame."""
+        gen, c, ct, P = self.gen, self.lm.config, self.ct, self.phase
+        B = self.size
+        first = 1 + self.n_cb
+        tokens = self.tokens
+        for q0, q1, d in gen._runs["user"]:
+            col = (P + d) % ct
+            tokens = gen._put(tokens, user[:, q0:q1], first + q0, col)
+            self.provided[:, first + q0:first + q1, col] = True
+        in_col, tgt_col = (P - 1) % ct, P % ct
+        prov = self.provided[:, :, tgt_col].copy()                          # (B, streams)
+        target = tokens[:, :, tgt_col]
+        x = self.lm.embed(tokens[:, :, in_col:in_col + 1])
+        h, text_logits = self._temporal(x)
+
+        split = _split2(self.keys)                                          # (B, 2, 2)
+        self.keys = split[:, 0]
+        site = _row_keys(split[:, 1], 1 + c.dep_q)                          # (B, 1+dep_q, 2)
+        text = sample_rows(text_logits, self.temp_text, self.top_k_text, self.greedy, site[:, 0])
+        n_steps = c.dep_q
+        if gen.depformer_mode == "live":
+            while n_steps > self.n_cb and prov[:, n_steps].all():
+                n_steps -= 1
+
+        def pick(k, sampled):
+            if prov[:, k].all():
+                return target[:, k]
+            if not prov[:, k].any():
+                return sampled
+            return mx.where(mx.array(prov[:, k]), target[:, k], sampled)
+
+        prev = pick(0, text)
+        new_col = [prev]
+        dc = self.lm.make_depformer_cache(B)
+        for s in range(n_steps):
+            logits = self.lm.depformer_step(s, h, prev, dc)
+            tok = sample_rows(logits, self.temp_audio, self.top_k_audio, self.greedy, site[:, 1 + s])
+            prev = pick(s + 1, tok)
+            new_col.append(prev)
+        new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
+        self.provided[:, :, in_col] = False
+        tokens = gen._put(tokens, mx.stack(new_col, axis=1), 0, tgt_col)
+        idx = [(P - self.max_delay + d) % ct for d in gen.delays]
+        out = tokens[:, mx.arange(self.num_streams), mx.array(idx)]
+        self.tokens = tokens
+        self.phase += 1
+        return out[:, 0], out[:, 1:1 + self.n_cb]
+
+    # ------------------------------------------------------------------ one step
+    def step(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """frames (B, 1920) float32 mic audio in row order -> (agent pcm (B, 1920), text ids (B,))."""
+        B = self.size
+        frames = np.ascontiguousarray(frames, dtype=np.float32)
+        if B == 0 or frames.shape != (B, self.mimi.frame_size):
+            raise ConfigError(f"step expects frames ({B}, {self.mimi.frame_size}), got {frames.shape}")
+        user = self._encode(frames)
+        text, agent = self._lm_step(user)
+        pcm = self._decode(agent)
+        state = [pcm, text, self.tokens, self.keys, self.pos, self.offset, *self.k, *self.v]
+        state += _dict_arrays(self.enc) + _dict_arrays(self.dec)
+        mx.eval(state)
+        return np.array(pcm, dtype=np.float32), np.array(text, dtype=np.int64)
