@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the engine needs on a fresh Debian/Ubuntu machine into ./.venv.
 #   bash scripts/setup.sh          runtime + audio extras
-#   bash scripts/setup.sh --test   also the test extras and the reference oracle (moshi 0.2.13 + torch CPU)
+#   bash scripts/setup.sh --test   also the test extras, the reference oracle (moshi 0.2.13 + torch CPU),
+#                                  the server extra and headless Chromium (web page test)
 # macOS: `brew install portaudio speexdsp` then the same pip steps (no apt, no OpenBLAS needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 if command -v apt-get >/dev/null; then
     pkgs="build-essential python3-dev python3-venv portaudio19-dev libspeexdsp1 libopenblas0-pthread"
-    [ $WITH_TEST = 1 ] && pkgs="$pkgs pulseaudio pulseaudio-utils libasound2-plugins espeak-ng"
+    [ $WITH_TEST = 1 ] && pkgs="$pkgs pulseaudio pulseaudio-utils libasound2-plugins espeak-ng chromium"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then
@@ -28,7 +29,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 if [ $WITH_TEST = 1 ]; then
     # torch 2.13.0 CPU (the oracle's backend); moshi itself without its stale version pins.
-    .venv/bin/pip install -q -e ".[audio,test,plot]"
+    .venv/bin/pip install -q -e ".[audio,test,plot,serve]"
     .venv/bin/pip install -q --no-deps "moshi==0.2.13"
 else
     .venv/bin/pip install -q -e ".[audio]"
