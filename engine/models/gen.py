@@ -157,20 +157,30 @@ def _sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.arr
     p = softmax(logits / temp); written as the equivalent Gumbel-max argmax(logits / temp + G), which
     needs no softmax. Greedy (or temp 0) is argmax of the raw logits.
     """
+    return _as_int32(_sample_u32(logits, temp, top_k, greedy, key))
+
+
+def _as_int32(tok: mx.array) -> mx.array:
+    return tok.astype(mx.int32)
+
+
+def _sample_u32(logits, temp: float, top_k: int, greedy: bool, key) -> mx.array:
+    """`_sample` without the final cast: argmax's uint32 (the cast is a kernel per site; the compiled
+    step casts all sampled tokens of a frame at once)."""
     if greedy or temp <= 0:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
+        return mx.argmax(logits, axis=-1)
     return _sample_with_noise(logits, temp, top_k, mx.random.gumbel(logits.shape, key=key))
 
 
 def _sample_with_noise(logits: mx.array, temp: float, top_k: int, g: mx.array) -> mx.array:
-    """`_sample` (not greedy) with its Gumbel noise `g` (the logits' shape) drawn by the caller."""
+    """`_sample_u32` (not greedy) with its Gumbel noise `g` (the logits' shape) drawn by the caller."""
     x = logits.astype(mx.float32) / temp
     v = x.shape[-1]
     if 0 < top_k < v:
         # The k-th largest value: one partition, then a slice (topk + min costs one more kernel).
         kth = mx.partition(x, v - top_k, axis=-1)[..., v - top_k:v - top_k + 1]
         x = mx.where(x >= kth, x, -mx.inf)
-    return mx.argmax(x + g, axis=-1).astype(mx.int32)
+    return mx.argmax(x + g, axis=-1)
 
 
 def _split_key(key: mx.array, n_sites: int):
@@ -220,8 +230,10 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
     h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)
     h, text_logits = h[:, 0], text_logits[:, 0]
     key, keys = _split_key(key, 1 + c.dep_q)
-    prev = target[:, 0] if prov[0] else _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
-                                                 _site_key(keys, 0))
+    # Sampled tokens stay uint32 (argmax's type) inside the graph: the embedding lookups take them
+    # as they are, and `_column` casts each run of sampled streams once.
+    prev = target[:, 0] if prov[0] else _sample_u32(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
+                                                     _site_key(keys, 0))
     # Every audio site's noise in one draw (bit-identical to one gumbel call per site key).
     audio_greedy = sp.greedy or sp.temp_audio <= 0
     noise = None
@@ -235,15 +247,33 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
         if prov[s + 1]:
             prev = target[:, s + 1]
         elif audio_greedy:
-            prev = mx.argmax(logits, axis=-1).astype(mx.int32)
+            prev = mx.argmax(logits, axis=-1)
         else:
             prev = _sample_with_noise(logits, sp.temp_audio, sp.top_k_audio, noise[s])
         new_col.append(prev)
-    new_col.extend(target[:, k] for k in range(n_steps + 1, S))
     if not all(prov):
-        tokens = mx.slice_update(tokens, mx.stack(new_col, axis=1)[:, :, None], tgt_col, axes=(1, 2))
-    out = tokens[:, mx.arange(S), out_idx] if emit else None
+        col = _column(new_col, target, n_steps, prov)
+        tokens = mx.slice_update(tokens, col[:, :, None], tgt_col, axes=(1, 2))
+    out = mx.take_along_axis(tokens, mx.broadcast_to(out_idx[None, :, None], (B, S, 1)), axis=2)[:, :, 0] if emit else None
     return (tokens, key, out, *cache)
+
+
+def _column(new_col: list, target: mx.array, n_steps: int, prov: tuple) -> mx.array:
+    """The target column (B, streams) int32: new_col[k] for k <= n_steps (uint32 where sampled,
+    int32 where provided), target's own value after. Runs of one kind become one slice/stack."""
+    parts, k = [], 0
+    S = target.shape[1]
+    while k < S:
+        sampled = k <= n_steps and not prov[k]
+        end = k + 1
+        while end < S and (end <= n_steps and not prov[end]) == sampled:
+            end += 1
+        if sampled:
+            parts.append(_as_int32(mx.stack(new_col[k:end], axis=1)))
+        else:
+            parts.append(target[:, k:end])
+        k = end
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
 class LmGen:

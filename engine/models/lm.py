@@ -553,7 +553,7 @@ class LM(nn.Module):
         keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
-        t_abs = offset + mx.arange(T, dtype=mx.int32)                     # (T,)
+        t_abs = offset.reshape(1) if T == 1 else offset + mx.arange(T, dtype=mx.int32)   # (T,)
         if contiguous:
             start = (offset % C).reshape(1)
             pos = mx.slice_update(pos, t_abs, start, axes=(0,))
