@@ -529,14 +529,14 @@ class LM(nn.Module):
     def temporal_flags(self, T: int, step: int) -> tuple:
         """Static (host-known) facts about a chunk of T positions starting at absolute `step`, which
         pick the cheapest exact graph: (contiguous: the chunk's ring slots do not wrap, so keys go
-        in with one slice update; full: T == 1 and every slot holds a position < C steps old, so
-        no mask is needed; dense: quantized matmuls as dequantize + dense matmul)."""
+        in with one slice update; dense: quantized matmuls as dequantize + dense matmul). A single
+        step (T=1) always gets the same flags, so a compiled live step is traced once (no retrace
+        when the ring fills up mid-conversation)."""
         C = self.config.context
         contiguous = (step % C) + T <= C
-        full = T == 1 and step >= C - 1
         rows = self.dense_prefill_rows
         dense = rows is not None and self.quant_plan is not None and T >= rows
-        return contiguous, full, dense
+        return contiguous, dense
 
     def take_temporal_state(self, out, cache: LmCache, T: int):
         h, logits, *state = out
@@ -546,10 +546,10 @@ class LM(nn.Module):
         cache.step += T
         return h, logits
 
-    def _temporal(self, x, *state, flags=(False, False, False)):
+    def _temporal(self, x, *state, flags=(False, False)):
         c = self.config
         L = c.num_layers
-        contiguous, full, dense = flags
+        contiguous, dense = flags
         keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
@@ -566,9 +566,7 @@ class LM(nn.Module):
 
             def write(cache_arr, new):
                 return _scatter(cache_arr, slots, new, axis=2)
-        if full:
-            mask = None
-        elif T == 1:
+        if T == 1:
             mask = pos >= 0       # every stored position is <= t and > t - C
         else:
             delta = t_abs[:, None] - pos[None, :]                           # (T, C)
