@@ -23,8 +23,8 @@ from ..errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotF
 from .mimi_modules import (ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, check_weights,
                             normalize_keys, reference_shapes, sanitize)
 
-__all__ = ["Mimi", "MimiConfig", "MimiState", "MimiStream", "check_weights", "normalize_keys",
-           "reference_shapes", "sanitize", "tiny_state_dict"]
+__all__ = ["Mimi", "MimiConfig", "MimiState", "MimiStream", "STEP_MODES", "check_weights",
+           "normalize_keys", "reference_shapes", "sanitize", "tiny_state_dict"]
 
 
 @dataclass
@@ -115,21 +115,64 @@ class MimiConfig:
 # ---------------------------------------------------------------------------------------------
 # State
 
-class MimiState:
-    """Per-stream state: conv tails, transposed-conv overlaps, transformer KV windows."""
+STEP_MODES = ("eager", "fixed", "compiled")
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.encoder: dict = {}
-        self.decoder: dict = {}
+
+class MimiState:
+    """Per-stream state: conv tails, transposed-conv overlaps, transformer KV windows.
+
+    `mode` picks the step implementation (`Mimi.make_state`):
+    - "eager": dicts keyed by layer name, KV windows growing to context-1 keys (the reference's
+      layout; `engine/server/batch.py` builds on it).
+    - "fixed": flat lists of fixed-shape arrays (full-width KV windows + an offset array, conv
+      tails, a first-frame flag), so every step runs the same graph.
+    - "compiled": "fixed" with each step one `mx.compile`d graph (the default; few host-side
+      ops per frame matters on MLX CUDA, which is host-bound).
+    In the fixed modes `encoder` / `decoder` are read-only views in the eager layout.
+    """
+
+    def __init__(self, batch_size: int, mode: str = "eager", mimi: "Mimi | None" = None):
+        self.batch_size, self.mode, self._mimi = batch_size, mode, mimi
+        self.reset()
 
     def reset(self) -> None:
-        self.encoder, self.decoder = {}, {}
+        self.enc_frames = self.dec_frames = 0
+        if self.mode == "eager":
+            self._encoder, self._decoder = {}, {}
+        else:
+            self.enc_flat = self._mimi._init_flat("enc", self.batch_size)
+            self.dec_flat = self._mimi._init_flat("dec", self.batch_size)
+
+    @property
+    def encoder(self) -> dict:
+        if self.mode == "eager":
+            return self._encoder
+        return self._mimi._view("enc", self.enc_flat, self.enc_frames)
+
+    @encoder.setter
+    def encoder(self, d: dict) -> None:
+        if self.mode != "eager":
+            raise ConfigError(f"MimiState: the encoder state of a {self.mode!r} state is read-only")
+        self._encoder = d
+
+    @property
+    def decoder(self) -> dict:
+        if self.mode == "eager":
+            return self._decoder
+        return self._mimi._view("dec", self.dec_flat, self.dec_frames)
+
+    @decoder.setter
+    def decoder(self, d: dict) -> None:
+        if self.mode != "eager":
+            raise ConfigError(f"MimiState: the decoder state of a {self.mode!r} state is read-only")
+        self._decoder = d
 
     def arrays(self) -> list:
         """All arrays held (to `mx.eval` them with the outputs)."""
+        if self.mode != "eager":
+            return [*self.enc_flat, *self.dec_flat]
         out = []
-        for d in (self.encoder, self.decoder):
+        for d in (self._encoder, self._decoder):
             for v in d.values():
                 if isinstance(v, tuple):
                     out.extend(v)
@@ -178,6 +221,8 @@ class Mimi(nn.Module):
                                  depthwise=True)
         self.quantizer = SplitRVQ(cfg.n_q, cfg.bins, cfg.quantizer_dimension, cfg.dimension,
                                   cfg.n_q_semantic)
+        self.step_mode = "compiled"
+        self._clear_compiled()
 
     # -- properties
     config = property(lambda self: self._cfg)
@@ -187,6 +232,17 @@ class Mimi(nn.Module):
     num_codebooks = property(lambda self: self._k)
     cardinality = property(lambda self: self._cfg.bins)
     dtype = property(lambda self: self._dtype)
+
+    @property
+    def step_mode(self) -> str:
+        """The default `mode` of new states (`make_state`): "compiled", "fixed" or "eager"."""
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, mode: str) -> None:
+        if mode not in STEP_MODES:
+            raise ConfigError(f"Mimi step_mode must be one of {STEP_MODES}, got {mode!r}")
+        self._step_mode = mode
 
     # -- precision
     def half_precision_modules(self) -> list:
@@ -214,6 +270,7 @@ class Mimi(nn.Module):
                 mod.set_dtype(self._dtype)
         for r in (self.quantizer.rvq_first, self.quantizer.rvq_rest):
             r.clear_cache()
+        self._clear_compiled()  # compiled steps captured the old weights as constants
         mx.eval(self.parameters())
         return self
 
@@ -234,13 +291,92 @@ class Mimi(nn.Module):
         return model.load_reference_weights(weights, source=f"checkpoint {p.name!r}")
 
     # -- state
-    def make_state(self, batch_size: int = 1) -> MimiState:
+    def make_state(self, batch_size: int = 1, mode: str | None = None) -> MimiState:
+        """Streaming state for `batch_size` rows; `mode` defaults to `self.step_mode`
+        ("compiled"; see `MimiState` for "fixed" and "eager")."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        return MimiState(batch_size)
+        mode = self._step_mode if mode is None else mode
+        if mode not in STEP_MODES:
+            raise ConfigError(f"Mimi state mode must be one of {STEP_MODES}, got {mode!r}")
+        return MimiState(batch_size, mode, self)
 
     def streaming(self, batch_size: int = 1) -> MimiStream:
         return MimiStream(self, batch_size)
+
+    # -- fixed-shape streaming state (flat lists of arrays; see MimiState)
+    def _parts(self, which: str) -> list:
+        if which == "enc":
+            return [self.encoder, self.encoder_transformer, self.downsample]
+        return [self.upsample, self.decoder_transformer, self.decoder]
+
+    def _spec(self, which: str) -> list:
+        head = [("first_frame", "flag")] if which == "enc" else []
+        return head + [e for m in self._parts(which) for e in m.state_spec()]
+
+    def _init_flat(self, which: str, batch: int) -> list:
+        head = [mx.ones((batch, 1, 1), mx.bool_)] if which == "enc" else []
+        return head + [a for m in self._parts(which) for a in m.init_state(batch)]
+
+    def _view(self, which: str, flat: list, frames: int) -> dict:
+        """A fixed-mode state in the eager layout (what an eager state holds after `frames`
+        steps): KV windows trimmed to their valid keys, offsets as ints."""
+        if frames == 0:
+            return {}
+        tokens = frames * (self.frame_size // math.prod(self._cfg.ratios))
+        w = self._cfg.context - 1
+        n = min(tokens, w)
+        out: dict = {}
+        for (name, kind), a in zip(self._spec(which), flat):
+            if kind == "tail":
+                out[name] = a
+            elif kind == "offset":
+                out[name] = tokens
+            elif kind == "k":
+                out[name] = a[:, :, w - n:]
+            elif kind == "v":
+                out[name] = (out[name], a[:, :, w - n:])
+        return out
+
+    def _split(self, which: str, st: list) -> list:
+        out, i = [], 1 if which == "enc" else 0
+        for m in self._parts(which):
+            n = len(m.state_spec())
+            out.append(st[i:i + n])
+            i += n
+        return out
+
+    def _enc_fn(self, x: mx.array, st: list):
+        """One step, pure: pcm (B, T, 1) float32, state -> (latent (B, T', D), codes, state)."""
+        first = st[0]
+        s_enc, s_tr, s_down = self._split("enc", st)
+        y, n1 = self.encoder.step(x, s_enc)
+        y, n2 = self.encoder_transformer.step(y, s_tr)
+        lat, n3 = self.downsample.step(y, s_down, fresh=first)
+        lat = lat.astype(mx.float32)
+        codes = self.quantizer.encode(lat, self._k)
+        return lat, codes, [mx.zeros_like(first)] + n1 + n2 + n3
+
+    def _dec_fn(self, codes: mx.array, st: list):
+        """One step, pure: codes (B, K, T) int32, state -> (pcm (B, T*frame, 1) float32, state)."""
+        s_up, s_tr, s_dec = self._split("dec", st)
+        z = self.quantizer.decode(mx.clip(codes, 0, self._cfg.bins - 1)).astype(self._dtype)
+        z, n1 = self.upsample.step(z, s_up)
+        z, n2 = self.decoder_transformer.step(z, s_tr)
+        y, n3 = self.decoder.step(z, s_dec)
+        return y.astype(mx.float32), n1 + n2 + n3
+
+    def _clear_compiled(self) -> None:
+        self._enc_compiled = self._dec_compiled = None
+
+    def _step_fns(self, mode: str):
+        if mode == "fixed":
+            return self._enc_fn, self._dec_fn
+        if self._enc_compiled is None:
+            self.quantizer.prepare(self._k)  # before tracing (see RVQ.prepare)
+            self._enc_compiled = mx.compile(self._enc_fn)
+            self._dec_compiled = mx.compile(self._dec_fn)
+        return self._enc_compiled, self._dec_compiled
 
     # -- core (channels-last; cache dicts from a MimiState)
     def _latent(self, x: mx.array, cache: dict) -> mx.array:
@@ -257,7 +393,10 @@ class Mimi(nn.Module):
         return self.decoder(z, cache).astype(mx.float32)
 
     # -- input checks
-    def _pcm(self, pcm, what: str, frame: bool, batch: int | None = None) -> mx.array:
+    def _pcm(self, pcm, what: str, frame: bool, batch: int | None = None,
+             check_values: bool = True) -> mx.array:
+        """Validated pcm as float32. numpy input is checked for NaN/inf in numpy; an mx array
+        only if `check_values` (a device sync: the streaming steps skip it)."""
         if not isinstance(pcm, (np.ndarray, mx.array)):
             raise AudioFormatError(f"{what}: expected a numpy or mx array, got {type(pcm).__name__}")
         if pcm.ndim != 3 or pcm.shape[1] != self._cfg.channels:
@@ -282,12 +421,15 @@ class Mimi(nn.Module):
             x = mx.array(pcm, dtype=mx.float32)
         else:
             x = pcm.astype(mx.float32)
-            finite = mx.all(mx.isfinite(x)).item()
+            finite = mx.all(mx.isfinite(x)).item() if check_values else True
         if not finite:
             raise AudioFormatError(f"{what}: input contains NaN or inf samples")
         return x
 
-    def _codes(self, codes, what: str, batch: int | None = None, steps: int | None = None):
+    def _codes(self, codes, what: str, batch: int | None = None, steps: int | None = None,
+               check_values: bool = True):
+        """Validated codes as int32. numpy input is range-checked in numpy; an mx array only if
+        `check_values` (a device sync: the decode step clips instead)."""
         if not isinstance(codes, (np.ndarray, mx.array)):
             raise AudioFormatError(f"{what}: expected a numpy or mx array of codes, got "
                                    f"{type(codes).__name__}")
@@ -310,6 +452,8 @@ class Mimi(nn.Module):
             c = mx.array(codes.astype(np.int32, copy=False))
         else:
             c = codes.astype(mx.int32)
+            if not check_values:
+                return c
             lo, hi = mx.min(c).item(), mx.max(c).item()
         if lo < 0 or hi >= self._cfg.bins:
             raise AudioFormatError(f"{what}: codes must be in 0..{self._cfg.bins - 1}, got "
@@ -342,24 +486,46 @@ class Mimi(nn.Module):
         return self._synth(c, {}).transpose(0, 2, 1)
 
     # -- streaming
-    def encode_step_latent(self, frame, state: MimiState) -> mx.array:
+    def _encode_step(self, frame, state: MimiState):
         self._check_state(state, "Mimi.encode_step")
-        x = self._pcm(frame, "Mimi.encode_step", frame=True, batch=state.batch_size)
-        return self._latent(x.transpose(0, 2, 1), state.encoder).transpose(0, 2, 1)
+        x = self._pcm(frame, "Mimi.encode_step", frame=True, batch=state.batch_size,
+                      check_values=False).transpose(0, 2, 1)
+        if state.mode == "eager":
+            lat, codes = self._latent(x, state.encoder), None
+        else:
+            fn = self._step_fns(state.mode)[0]
+            lat, codes, state.enc_flat = fn(x, state.enc_flat)
+        state.enc_frames += 1
+        return lat, codes
+
+    def encode_step_latent(self, frame, state: MimiState) -> mx.array:
+        """One frame -> unquantized latent (B, dim, 1) float32 (parity tests); updates `state`."""
+        return self._encode_step(frame, state)[0].transpose(0, 2, 1)
 
     def encode_step(self, frame, state: MimiState) -> mx.array:
-        """One (B, 1, 1920) frame -> codes (B, K, 1) int32; updates `state`."""
-        lat = self.encode_step_latent(frame, state)
-        codes = self.quantizer.encode(lat.transpose(0, 2, 1), self._k)
-        mx.eval(codes, *state.arrays())
+        """One (B, 1, 1920) frame -> codes (B, K, 1) int32; updates `state`.
+
+        No host sync: the work is queued (`mx.async_eval`) and the codes are ready when read.
+        """
+        lat, codes = self._encode_step(frame, state)
+        if codes is None:
+            codes = self.quantizer.encode(lat, self._k)
+        mx.async_eval(codes, *state.arrays())
         return codes
 
     def decode_step(self, codes, state: MimiState) -> mx.array:
-        """Codes (B, K, 1) -> pcm (B, 1, 1920) float32; updates `state`."""
+        """Codes (B, K, 1) -> pcm (B, 1, 1920) float32; updates `state`. Codes given as an mx
+        array are not range-checked (a device sync); out-of-range ones are clipped."""
         self._check_state(state, "Mimi.decode_step")
-        c = self._codes(codes, "Mimi.decode_step", batch=state.batch_size, steps=1)
-        pcm = self._synth(c, state.decoder).transpose(0, 2, 1)
-        mx.eval(pcm, *state.arrays())
+        c = self._codes(codes, "Mimi.decode_step", batch=state.batch_size, steps=1,
+                        check_values=False)
+        if state.mode == "eager":
+            pcm = self._synth(mx.clip(c, 0, self._cfg.bins - 1), state.decoder)
+        else:
+            pcm, state.dec_flat = self._step_fns(state.mode)[1](c, state.dec_flat)
+        state.dec_frames += 1
+        pcm = pcm.transpose(0, 2, 1)
+        mx.async_eval(pcm, *state.arrays())
         return pcm
 
 

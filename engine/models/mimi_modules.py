@@ -55,6 +55,12 @@ class ELU(nn.Module):
     def __call__(self, x, cache=None):
         return elu(x)
 
+    def state_spec(self) -> list:
+        return []
+
+    def step(self, x, st):
+        return elu(x), []
+
 
 class Conv1d(nn.Module):
     """Causal conv with the reference's streaming padding.
@@ -90,6 +96,30 @@ class Conv1d(nn.Module):
                     prev = mx.zeros((x.shape[0], tp, x.shape[2]), dtype=x.dtype)
             x = mx.concatenate([prev, x], axis=1)
             cache[self._name] = x[:, -tp:]
+        return self._conv(x)
+
+    # -- fixed-shape streaming (Mimi's "fixed"/"compiled" step modes): state in, state out
+    def state_spec(self) -> list:
+        return [(self._name, "tail")] if self._tail > 0 else []
+
+    def init_state(self, batch: int) -> list:
+        w = self.weight
+        return [mx.zeros((batch, self._tail, w.shape[2]), w.dtype)] if self._tail > 0 else []
+
+    def step(self, x: mx.array, st: list, fresh: mx.array | None = None):
+        """x (B, T, C) -> (y, [new tail]). `fresh` (B, 1, 1) bool: rows at their first frame,
+        whose tail is the replicated first sample (pad_mode "replicate") instead of `st`."""
+        if x.dtype != self.weight.dtype:
+            x = x.astype(self.weight.dtype)
+        if self._tail <= 0:
+            return self._conv(x), []
+        prev = st[0]
+        if fresh is not None:
+            prev = mx.where(fresh, x[:, :1], prev)
+        x = mx.concatenate([prev, x], axis=1)
+        return self._conv(x), [x[:, -self._tail:]]
+
+    def _conv(self, x: mx.array) -> mx.array:
         w = self.weight
         cout, k, cin = w.shape
         s, d = self._stride, self._dilation
@@ -136,6 +166,20 @@ class ConvTr1d(nn.Module):
         self._name, self._stride, self._depthwise, self._cout = name, stride, depthwise, cout
 
     def __call__(self, x: mx.array, cache: dict) -> mx.array:
+        prev = cache.get(self._name)
+        if prev is None:
+            prev = mx.zeros((x.shape[0], 1, self._stride, self._cout), dtype=self.weight.dtype)
+        out, (cache[self._name],) = self.step(x, [prev])
+        return out
+
+    def state_spec(self) -> list:
+        return [(self._name, "tail")]
+
+    def init_state(self, batch: int) -> list:
+        return [mx.zeros((batch, 1, self._stride, self._cout), self.weight.dtype)]
+
+    def step(self, x: mx.array, st: list):
+        """x (B, T, Cin) -> (y (B, T*stride, Cout), [overlap (B, 1, stride, Cout)])."""
         if x.dtype != self.weight.dtype:
             x = x.astype(self.weight.dtype)
         b, t, _ = x.shape
@@ -145,14 +189,13 @@ class ConvTr1d(nn.Module):
         else:
             y = (x @ self.weight.reshape(x.shape[2], -1)).reshape(b, t, 2 * s, c)
         head, over = y[:, :, :s], y[:, :, s:]
-        prev = cache.get(self._name)
-        if prev is None:
-            prev = mx.zeros((b, 1, s, c), dtype=y.dtype)
-        cache[self._name] = over[:, -1:]
-        out = (head + mx.concatenate([prev, over[:, :-1]], axis=1)).reshape(b, t * s, c)
+        if t == 1:
+            out = (head + st[0]).reshape(b, s, c)
+        else:
+            out = (head + mx.concatenate([st[0], over[:, :-1]], axis=1)).reshape(b, t * s, c)
         if "bias" in self:
             out = out + self.bias
-        return out
+        return out, [over[:, -1:]]
 
 
 class ResBlock(nn.Module):
@@ -169,6 +212,35 @@ class ResBlock(nn.Module):
         for m in self.block:
             y = m(y, cache)
         return x + y
+
+    def state_spec(self) -> list:
+        return _specs(self.block)
+
+    def init_state(self, batch: int) -> list:
+        return _inits(self.block, batch)
+
+    def step(self, x, st):
+        y, new = _steps(self.block, x, st)
+        return x + y, new
+
+
+def _specs(mods) -> list:
+    return [e for m in mods for e in m.state_spec()]
+
+
+def _inits(mods, batch) -> list:
+    return [a for m in mods if m.state_spec() for a in m.init_state(batch)]
+
+
+def _steps(mods, x, st):
+    """Chain `step` through `mods`, each taking its own slice of the flat state list."""
+    new, i = [], 0
+    for m in mods:
+        n = len(m.state_spec())
+        x, s = m.step(x, st[i:i + n])
+        new += s
+        i += n
+    return x, new
 
 
 def seanet_layout(cfg, decoder: bool) -> list[tuple]:
@@ -217,6 +289,15 @@ class SEANet(nn.Module):
             x = m(x, cache)
         return x
 
+    def state_spec(self) -> list:
+        return _specs(self.model)
+
+    def init_state(self, batch: int) -> list:
+        return _inits(self.model, batch)
+
+    def step(self, x, st):
+        return _steps(self.model, x, st)
+
 
 class Attention(nn.Module):
     def __init__(self, name: str, dim: int, heads: int, context: int, max_period: float):
@@ -245,6 +326,21 @@ class Attention(nn.Module):
         keep = self._context - 1
         cache[self._name] = (k[:, :, -keep:], v[:, :, -keep:])
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+    def step(self, x: mx.array, offset: mx.array, mask: mx.array, kc: mx.array, vc: mx.array):
+        """Fixed-window attention: `kc`/`vc` (B, H, context-1, hd) hold the last context-1 keys
+        right-aligned (zeros before the stream has that many; `mask` hides them). Returns
+        (y, new kc, new vc) of the same shapes, so every step has the same graph."""
+        b, t, d = x.shape
+        h = self._heads
+        qkv = self.in_proj(x).reshape(b, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
+        qk = mx.fast.rope(qkv[:2], d // h, traditional=True, base=self._base, scale=1.0,
+                          offset=offset)
+        k = mx.concatenate([kc, qk[1]], axis=2)
+        v = mx.concatenate([vc, qkv[2]], axis=2)
+        y = mx.fast.scaled_dot_product_attention(qk[0], k, v, scale=1.0 / math.sqrt(d // h),
+                                                 mask=mask)
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d)), k[:, :, t:], v[:, :, t:]
 
 
 def window_mask(t: int, n: int, context: int):
@@ -284,6 +380,11 @@ class TransformerLayer(nn.Module):
         # Exact (erf) GELU, as torch's F.gelu; moshi_mlx's tanh approximation would drift.
         return x + self.layer_scale_2(self.linear2(nn.gelu(self.linear1(self.norm2(x)))))
 
+    def step(self, x, offset, mask, kc, vc):
+        a, kc, vc = self.self_attn.step(self.norm1(x), offset, mask, kc, vc)
+        x = x + self.layer_scale_1(a)
+        return x + self.layer_scale_2(self.linear2(nn.gelu(self.linear1(self.norm2(x))))), kc, vc
+
 
 class Transformer(nn.Module):
     """Causal transformer with a bounded (context) window; positions continue across calls."""
@@ -305,6 +406,40 @@ class Transformer(nn.Module):
             x = layer(x, cache, offset, mask)
         cache[self._name] = offset + x.shape[1]
         return x
+
+    # -- fixed-shape streaming: state = [offset int32 (), K0, V0, K1, V1, ...], K/V (B, H, W, hd)
+    # with W = context - 1, the newest key last.
+    def state_spec(self) -> list:
+        out = [(self._name, "offset")]
+        for layer in self.layers:
+            out += [(layer.self_attn._name, "k"), (layer.self_attn._name, "v")]
+        return out
+
+    def init_state(self, batch: int) -> list:
+        att = self.layers[0].self_attn
+        d = att.in_proj.weight.shape[1]
+        shape = (batch, att._heads, att._context - 1, d // att._heads)
+        dt = self.layers[0].linear1.weight.dtype
+        return [mx.array(0, mx.int32)] + [mx.zeros(shape, dt) for _ in range(2 * len(self.layers))]
+
+    def step(self, x, st):
+        dt = self.layers[0].linear1.weight.dtype
+        if x.dtype != dt:
+            x = x.astype(dt)
+        offset, t = st[0], x.shape[1]
+        ctx = self.layers[0].self_attn._context
+        w = ctx - 1
+        # Key j sits at position offset-w+j (the t new ones last), query i at offset+i:
+        # visible iff the key exists (j >= w - offset) and 0 <= i+w-j < context.
+        # The static parts are numpy constants: no arange/compare kernels in the step graph.
+        j = np.arange(w + t)
+        delta = np.arange(t)[:, None] + w - j[None, :]
+        mask = (mx.array(j[None, :]) >= w - offset) & mx.array((delta >= 0) & (delta < ctx))
+        new = [offset + t]
+        for i, layer in enumerate(self.layers):
+            x, kc, vc = layer.step(x, offset, mask, st[1 + 2 * i], st[2 + 2 * i])
+            new += [kc, vc]
+        return x, new
 
 
 class RVQ(nn.Module):
@@ -334,6 +469,11 @@ class RVQ(nn.Module):
             self._norms[lvl] = (e, mx.sum(e * e, axis=-1))
         return self._norms[lvl]
 
+    def prepare(self, n: int) -> None:
+        """Build (and evaluate) the first `n` levels' copies now: inside an `mx.compile` trace
+        they would become graph nodes recomputed on every call."""
+        mx.eval([a for lvl in range(n) for a in self._level(lvl)])
+
     def encode(self, x: mx.array, n: int) -> mx.array:
         """x (B, T, latent) float32 -> codes (B, n, T) int32."""
         r = self.input_proj(x)
@@ -362,6 +502,10 @@ class SplitRVQ(nn.Module):
         self.rvq_first = RVQ(n_semantic, bins, dim, latent_dim)
         self.rvq_rest = RVQ(n_q - n_semantic, bins, dim, latent_dim)
         self._ns = n_semantic
+
+    def prepare(self, n: int) -> None:
+        self.rvq_first.prepare(min(n, self._ns))
+        self.rvq_rest.prepare(max(n - self._ns, 0))
 
     def encode(self, x, n):
         codes = self.rvq_first.encode(x, self._ns)
