@@ -258,8 +258,13 @@ def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
 def _bare_step_p99(model, n: int) -> float:
     """p99 of the batched step alone (no server, no clients) for n rows, in ms."""
     from engine.server.batch import BatchEngine, SlotParams
+    from engine.server.loop import blas_threads
 
     def run():
+        with blas_threads(1):          # as the loop runs it
+            return bare()
+
+    def bare():
         be = BatchEngine(model)
         for i in range(n):
             be.join(i, model._prompted_state("NATF0", None, i), SlotParams())

@@ -301,6 +301,11 @@ class BatchEngine:
     def size(self) -> int:
         return len(self.slots)
 
+    def reserve(self) -> None:
+        """Allocate the KV rows of `capacity` sessions (and build their kernels) now."""
+        if self.capacity and self.cap < self.capacity:
+            self._grow(self.capacity)
+
     def _grow(self, cap: int) -> None:
         """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
         c = self.lm.config
