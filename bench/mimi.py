@@ -3,14 +3,26 @@
     PYTHONPATH=. python bench/mimi.py                       # 7B-size Mimi, CPU, ours and torch
     PYTHONPATH=. python bench/mimi.py --config tiny          # the embedded tiny model
     PYTHONPATH=. python bench/mimi.py --device gpu --dtype bfloat16   # MLX CUDA (+ torch CUDA)
+    PYTHONPATH=. python bench/mimi.py --modes compiled,fixed,eager --count-ops --no-ref
 
 Random weights at the config's shapes (the timing does not depend on their values). Prints
 p50 / p99 / max in ms per frame for encode, decode and both, for each implementation.
+`--modes` lists our step modes to time (`Mimi.make_state(mode=...)`): "compiled" (one
+mx.compile'd graph per step, fixed-shape state; the default), "fixed" (same state, uncompiled),
+"eager" (growing KV windows; the pre-compile path). `--compiled` = `--modes compiled`. The KV
+windows fill after 125 frames: `--warmup 130` times the steady state only.
+`--count-ops` prints the graph nodes of one encode and one decode step per mode (from
+`mx.export_to_dot`; "kernels" excludes views such as reshape/transpose/slice).
+`--no-cudnn-sdpa` sets MLX_CUDA_USE_CUDNN_SDPA=0 (MLX CUDA's bf16/fp16 attention with 2 queries
+goes to cuDNN, which builds a graph per new K/V shape).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import io
 import os
+import re
 import sys
 import time
 
@@ -35,16 +47,17 @@ def _signal(n_frames: int) -> np.ndarray:
             + 0.01 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
 
 
-def bench_ours(cfg, dtype, n: int, warmup: int):
-    sd = tiny_state_dict(cfg, seed=0)
-    mimi = Mimi(cfg, 8, dtype=dtype).load_reference_weights(sd)
-    st = mimi.make_state(1)
+def bench_ours(cfg, dtype, n: int, warmup: int, mode: str, mimi=None):
+    if mimi is None:
+        mimi = _ours(cfg, dtype)
+    st = mimi.make_state(1, mode=mode)
     pcm = _signal(n + warmup)[None, None]
     enc, dec, both, cpu = [], [], [], []
     for i in range(n + warmup):
         fr = pcm[:, :, i * FRAME:(i + 1) * FRAME]
         c0, t0 = time.process_time(), time.perf_counter()
         codes = mimi.encode_step(fr, st)
+        mx.eval(codes)  # the step is asynchronous: wait, to time encode alone
         t1 = time.perf_counter()
         out = mimi.decode_step(codes, st)
         np.asarray(out)
@@ -52,6 +65,47 @@ def bench_ours(cfg, dtype, n: int, warmup: int):
         if i >= warmup:
             enc.append(t1 - t0), dec.append(t2 - t1), both.append(t2 - t0), cpu.append(c2 - c0)
     return enc, dec, both, cpu
+
+
+def _ours(cfg, dtype):
+    return Mimi(cfg, 8, dtype=dtype).load_reference_weights(tiny_state_dict(cfg, seed=0))
+
+
+_VIEWS = {"Reshape", "Transpose", "Slice", "Broadcast", "AsStrided", "ExpandDims", "Squeeze",
+          "Flatten", "Unflatten", "StopGradient", "Depends"}
+
+
+def _count(*outs) -> tuple[int, int, collections.Counter]:
+    f = io.StringIO()
+    mx.export_to_dot(f, *outs)
+    c = collections.Counter(re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue()))
+    return sum(c.values()), sum(v for k, v in c.items() if k not in _VIEWS), c
+
+
+def count_ops(mimi, mode: str, frames: int = 3) -> str:
+    """Graph nodes of one encode and one decode step (after `frames` steps), not evaluated."""
+    st = mimi.make_state(1, mode=mode)
+    x = mx.array(_signal(frames + 1)[None, None])
+    for i in range(frames):
+        mimi.decode_step(mimi.encode_step(x[:, :, i * FRAME:(i + 1) * FRAME], st), st)
+    mx.eval(st.arrays())
+    fr = x[:, :, frames * FRAME:].transpose(0, 2, 1)
+    if mode == "eager":
+        lat = mimi._latent(fr, st.encoder)
+        codes = mimi.quantizer.encode(lat, mimi.num_codebooks)
+        e = _count(codes, *st.arrays())
+        mx.eval(codes, *st.arrays())
+        d = _count(mimi._synth(codes, st.decoder), *st.arrays())
+    else:
+        fe, fd = mimi._step_fns(mode)
+        lat, codes, ne = fe(fr, st.enc_flat)
+        e = _count(lat, codes, *ne)
+        mx.eval(codes)
+        pcm, nd = fd(codes, st.dec_flat)
+        d = _count(pcm, *nd)
+    top = lambda c: ", ".join(f"{k[:40]} {v}" for k, v in c.most_common(8))
+    return (f"  encode step: {e[0]} nodes, {e[1]} kernels ({top(e[2])})\n"
+            f"  decode step: {d[0]} nodes, {d[1]} kernels ({top(d[2])})")
 
 
 def bench_ref(cfg, device: str, n: int, warmup: int):
@@ -88,14 +142,32 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--modes", default="compiled,eager",
+                    help="comma-separated step modes of ours: compiled, fixed, eager")
+    ap.add_argument("--compiled", action="store_true", help="only the compiled step (--modes compiled)")
+    ap.add_argument("--count-ops", action="store_true", help="print graph node counts per mode")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="MLX_CUDA_USE_CUDNN_SDPA=0 (diagnostic for bf16 attention on CUDA)")
     ap.add_argument("--no-ref", action="store_true", help="skip the torch reference")
     args = ap.parse_args()
+    if args.no_cudnn_sdpa:
+        os.environ["MLX_CUDA_USE_CUDNN_SDPA"] = "0"  # read at the first attention call
+    modes = ["compiled"] if args.compiled else [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("compiled", "fixed", "eager")]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; choose from compiled, fixed, eager")
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     cfg = MimiConfig.personaplex() if args.config == "personaplex" else MimiConfig.tiny()
     dtype = mx.bfloat16 if args.dtype == "bfloat16" else mx.float32
-    print(f"Mimi {args.config}, {args.device}, {args.dtype}, {args.frames} frames "
-          f"(BLAS: {engine._blas.BLAS_IN_USE}; mlx {mx.__version__}; {mx.default_device()})")
-    rows = [("ours (MLX)", bench_ours(cfg, dtype, args.frames, args.warmup))]
+    print(f"Mimi {args.config}, {args.device}, {args.dtype}, {args.frames} frames after "
+          f"{args.warmup} warm-up (BLAS: {engine._blas.BLAS_IN_USE}; mlx {mx.__version__}; "
+          f"{mx.default_device()}; cuDNN SDPA {'off' if args.no_cudnn_sdpa else 'default'})")
+    mimi = _ours(cfg, dtype)
+    if args.count_ops:
+        for m in modes:
+            print(f"ops, mode {m}:\n{count_ops(mimi, m)}")
+    rows = [(f"ours (MLX, {m})", bench_ours(cfg, dtype, args.frames, args.warmup, m, mimi))
+            for m in modes]
     if not args.no_ref:
         try:
             import torch

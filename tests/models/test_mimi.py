@@ -442,3 +442,118 @@ def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, rec
     record_property("7b_bf16_decode_snr_db", round(snr, 1))
     print(f"7b_bf16_decode_snr_db: {snr:.1f}")
     assert snr >= 35, snr
+
+
+# ---------------------------------------------------------------------------------------------
+# step modes: compiled / fixed-shape state vs the eager (growing-window) step
+
+def _run_modes(m, pcm, reset_at: int, modes=("eager", "compiled")):
+    """Stream `pcm` through one state per mode (reset at frame `reset_at`); per mode: latents,
+    codes, and pcm decoded from the eager codes, each (B, ., frames)."""
+    frames = _frames(pcm)
+    states = {md: m.make_state(pcm.shape[0], mode=md) for md in modes}
+    out = {md: ([], [], []) for md in modes}
+    for i, fr in enumerate(frames):
+        if i == reset_at:
+            for st in states.values():
+                st.reset()
+        ref_codes = None
+        for md in modes:
+            lat, codes = m._encode_step(fr, states[md])
+            if codes is None:
+                codes = m.quantizer.encode(lat, m.num_codebooks)
+            ref_codes = codes if ref_codes is None else ref_codes
+            out[md][0].append(np.array(lat.transpose(0, 2, 1)))
+            out[md][1].append(np.array(codes))
+            out[md][2].append(np.array(m.decode_step(ref_codes, states[md])))
+    return {md: tuple(np.concatenate(a, axis=2) for a in v) for md, v in out.items()}, states
+
+
+def test_compiled_step_equals_eager_step(tiny):
+    # 150 frames: the 249-key windows fill after 125 frames; reset at 130, then the first 20
+    # frames again.
+    pcm = np.stack([speech_like(10.4, seed=51), speech_like(10.4, seed=52)])[:, None]
+    pcm = np.concatenate([pcm, pcm[:, :, :20 * FRAME]], axis=2)
+    res, states = _run_modes(tiny, pcm, reset_at=130, modes=("eager", "fixed", "compiled"))
+    lat_e, codes_e, pcm_e = res["eager"]
+    assert codes_e.shape == (2, 8, 150)
+    assert min(len(np.unique(codes_e[:, k])) for k in range(8)) >= 20
+    for md in ("fixed", "compiled"):
+        lat, codes, out = res[md]
+        assert rel_err(lat, lat_e) < 1e-5, md
+        assert _agreement(codes, codes_e).mean() >= 0.999, md
+        assert snr_db(out, pcm_e) > 100, md
+        # After the reset the stream restarts exactly like a fresh one.
+        assert rel_err(lat[:, :, 130:], lat_e[:, :, :20]) < 1e-5, md
+        assert np.array_equal(codes[:, :, 130:], codes[:, :, :20]), md
+    # The fixed-shape state read in the eager layout (what engine/server/batch.py merges).
+    e, c = states["eager"], states["compiled"]
+    for de, dc in ((e.encoder, c.encoder), (e.decoder, c.decoder)):
+        assert set(de) == set(dc) and len(de) > 10
+        for k, v in de.items():
+            if isinstance(v, int):
+                assert dc[k] == v == 40, k  # 20 frames of 2 tokens since the reset
+            else:
+                pairs = zip(v, dc[k]) if isinstance(v, tuple) else [(v, dc[k])]
+                for a, b in pairs:
+                    assert a.shape == b.shape and a.dtype == b.dtype, k
+                    assert np.allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5), k
+
+
+def test_compiled_step_traces_once_per_batch_size(tiny_sd, audio2):
+    m = Mimi(MimiConfig.tiny(), 8).load_reference_weights(tiny_sd)
+    calls = {"enc": 0, "dec": 0}
+    enc_fn, dec_fn = m._enc_fn, m._dec_fn
+
+    def enc(*a):
+        calls["enc"] += 1
+        return enc_fn(*a)
+
+    def dec(*a):
+        calls["dec"] += 1
+        return dec_fn(*a)
+
+    m._enc_fn, m._dec_fn = enc, dec
+    assert m.step_mode == "compiled"
+    st = m.make_state(1)
+    for i, fr in enumerate(_frames(audio2[:1])[:12]):
+        if i == 6:
+            st.reset()
+        np.array(m.decode_step(m.encode_step(fr, st), st))
+    assert calls == {"enc": 1, "dec": 1}  # one trace; later steps replay the graph
+    st2 = m.make_state(2)
+    np.array(m.decode_step(m.encode_step(audio2[:, :, :FRAME], st2), st2))
+    assert calls == {"enc": 2, "dec": 2}  # a new batch size is a new graph
+    with pytest.raises(ConfigError, match="mode"):
+        m.make_state(1, mode="jit")
+    with pytest.raises(ConfigError, match="step_mode"):
+        m.step_mode = "fast"
+    with pytest.raises(ConfigError, match="read-only"):
+        st.encoder = {}
+
+
+def test_step_codes_mx_input_no_sync_clipped(tiny):
+    # mx codes are not range-checked (that would sync the device every step): they are clipped.
+    codes = np.array([[[5], [2047], [0], [1], [2], [3], [4], [6]]], np.int32)
+    for mode in ("eager", "compiled"):
+        a, b = tiny.make_state(1, mode=mode), tiny.make_state(1, mode=mode)
+        wild = codes.copy()
+        wild[0, 1, 0], wild[0, 2, 0] = 9999, -3
+        clipped = np.clip(wild, 0, 2047)
+        out = np.array(tiny.decode_step(mx.array(wild), a))
+        assert np.array_equal(out, np.array(tiny.decode_step(clipped, b))), mode
+        with pytest.raises(AudioFormatError, match="0..2047"):  # numpy input is still checked
+            tiny.decode_step(wild, a)
+
+
+def test_compiled_bf16_matches_eager_bf16(tiny_sd, audio2):
+    half = Mimi(MimiConfig.tiny(), 8, dtype=mx.bfloat16).load_reference_weights(tiny_sd)
+    res, states = _run_modes(half, audio2[:1, :, :FRAME * 20], reset_at=-1)
+    lat_e, codes_e, pcm_e = res["eager"]
+    lat, codes, out = res["compiled"]
+    # Decoder state (overlaps, tails, KV) in bf16, apart from the int32 offset.
+    assert {a.dtype for a in states["compiled"].dec_flat} == {mx.bfloat16, mx.int32}
+    assert {a.dtype for a in states["compiled"].enc_flat} == {mx.float32, mx.int32, mx.bool_}
+    assert rel_err(lat, lat_e) < 1e-5  # float32 encoder
+    assert _agreement(codes, codes_e).mean() >= 0.99
+    assert out.dtype == np.float32 and snr_db(out, pcm_e) > 30
