@@ -98,18 +98,17 @@ class ModelWorker:
         q: "queue.Queue[Any]" = queue.Queue(maxsize=maxsize)
         cancel = threading.Event()
 
-        def produce() -> None:
-            try:
-                for item in gen_fn(*args, **kwargs):
-                    q.put(("item", item))
-                    if cancel.is_set():
-                        break
-            except BaseException as exc:  # noqa: BLE001
-                q.put(("error", exc))
-                return
-            q.put(("end", None))
+        def put(msg) -> bool:
+            # Bounded queue: never block the worker forever on a consumer that went away.
+            while not cancel.is_set():
+                try:
+                    q.put(msg, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-        self.submit(produce)
+        self.submit(_pump, gen_fn, args, kwargs, put, cancel)
         try:
             while True:
                 kind, value = q.get()
@@ -133,18 +132,14 @@ class ModelWorker:
         q: "asyncio.Queue[Any]" = asyncio.Queue()
         cancel = threading.Event()
 
-        def produce() -> None:
+        def put(msg) -> bool:
             try:
-                for item in gen_fn(*args, **kwargs):
-                    loop.call_soon_threadsafe(q.put_nowait, ("item", item))
-                    if cancel.is_set():
-                        break
-            except BaseException as exc:  # noqa: BLE001
-                loop.call_soon_threadsafe(q.put_nowait, ("error", exc))
-                return
-            loop.call_soon_threadsafe(q.put_nowait, ("end", None))
+                loop.call_soon_threadsafe(q.put_nowait, msg)
+                return True
+            except RuntimeError:      # the event loop is closed: nobody is listening
+                return False
 
-        self.submit(produce)
+        self.submit(_pump, gen_fn, args, kwargs, put, cancel)
         try:
             while True:
                 kind, value = await q.get()
@@ -167,3 +162,16 @@ class ModelWorker:
             self._queue.put(_STOP)
         if wait and not self.on_worker():
             self._parked.wait()
+
+
+def _pump(gen_fn, args, kwargs, put: Callable[[tuple], bool], cancel: threading.Event) -> None:
+    """Worker side of stream()/astream(): run the generator, hand over ("item" | "error" | "end", value)
+    messages; stop early when the consumer cancelled or `put` reports it is gone."""
+    try:
+        for item in gen_fn(*args, **kwargs):
+            if not put(("item", item)) or cancel.is_set():
+                return
+    except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's side
+        put(("error", exc))
+        return
+    put(("end", None))

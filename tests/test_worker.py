@@ -72,3 +72,19 @@ def test_load_use_close_exits_cleanly():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "closed" in r.stdout and "terminate called" not in r.stderr
+
+
+def test_abandoned_bounded_stream_does_not_block_the_worker():
+    w = ModelWorker()
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    it = w.stream(endless, maxsize=2)
+    assert next(it) == 0
+    it.close()                                   # consumer walks away with the queue full
+    assert w.submit(lambda: "still alive").result(timeout=5) == "still alive"
+    w.shutdown()
