@@ -487,15 +487,19 @@ class RVQ(nn.Module):
 
     def encode(self, x: mx.array, n: int) -> mx.array:
         """x (B, T, latent) float32 -> codes (B, n, T) int32."""
+        return mx.stack(self.encode_levels(x, n), axis=1).astype(mx.int32)
+
+    def encode_levels(self, x: mx.array, n: int) -> list:
+        """x (B, T, latent) -> n arrays (B, T) of uint32 codes (argmin's type: no cast per level)."""
         r = self.input_proj(x)
         codes = []
         for lvl in range(n):
             e, norms = self._level(lvl)
             # argmin ||r - e||^2 = argmin (|e|^2 - 2 r.e); |r|^2 is constant per row.
-            idx = mx.argmin(norms - 2.0 * (r @ e.T), axis=-1).astype(mx.int32)
+            idx = mx.argmin(norms - 2.0 * (r @ e.T), axis=-1)
             r = r - e[idx]
             codes.append(idx)
-        return mx.stack(codes, axis=1)
+        return codes
 
     def _stacked(self, n: int) -> mx.array:
         # The first n levels as one contiguous (n * bins, dim) table: decoding gathers all
@@ -531,10 +535,11 @@ class SplitRVQ(nn.Module):
         self.rvq_rest.prepare(max(n - self._ns, 0))
 
     def encode(self, x, n):
-        codes = self.rvq_first.encode(x, self._ns)
+        """x (B, T, latent) -> codes (B, n, T) int32 (one stack and one cast for all levels)."""
+        codes = self.rvq_first.encode_levels(x, min(n, self._ns))
         if n > self._ns:
-            codes = mx.concatenate([codes, self.rvq_rest.encode(x, n - self._ns)], axis=1)
-        return codes
+            codes += self.rvq_rest.encode_levels(x, n - self._ns)
+        return mx.stack(codes, axis=1).astype(mx.int32)
 
     def decode(self, codes):
         q = self.rvq_first.decode(codes[:, :self._ns])
