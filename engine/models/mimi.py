@@ -11,6 +11,7 @@ API (see docs/interfaces.md):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 from ..errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotFound
 from .mimi_modules import (ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, check_weights,
                             normalize_keys, reference_shapes, sanitize)
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Mimi", "MimiConfig", "MimiState", "MimiStream", "STEP_MODES", "check_weights",
            "normalize_keys", "reference_shapes", "sanitize", "tiny_state_dict"]
@@ -368,6 +371,19 @@ class Mimi(nn.Module):
 
     def _clear_compiled(self) -> None:
         self._enc_compiled = self._dec_compiled = None
+        self._compile_failed = False
+
+    def _step(self, which: str, mode: str, *args):
+        """Run one fixed-shape step; if tracing the compiled graph fails (a backend without
+        support for one of its ops), warn once and use the uncompiled step (same state)."""
+        if mode == "compiled" and not self._compile_failed:
+            fn = self._step_fns("compiled")[0 if which == "enc" else 1]
+            try:
+                return fn(*args)
+            except (RuntimeError, ValueError) as e:
+                self._compile_failed = True
+                _log.warning("Mimi: compiled step failed (%s); using the uncompiled step", e)
+        return (self._enc_fn if which == "enc" else self._dec_fn)(*args)
 
     def _step_fns(self, mode: str):
         if mode == "fixed":
@@ -493,8 +509,7 @@ class Mimi(nn.Module):
         if state.mode == "eager":
             lat, codes = self._latent(x, state.encoder), None
         else:
-            fn = self._step_fns(state.mode)[0]
-            lat, codes, state.enc_flat = fn(x, state.enc_flat)
+            lat, codes, state.enc_flat = self._step("enc", state.mode, x, state.enc_flat)
         state.enc_frames += 1
         return lat, codes
 
@@ -522,7 +537,7 @@ class Mimi(nn.Module):
         if state.mode == "eager":
             pcm = self._synth(mx.clip(c, 0, self._cfg.bins - 1), state.decoder)
         else:
-            pcm, state.dec_flat = self._step_fns(state.mode)[1](c, state.dec_flat)
+            pcm, state.dec_flat = self._step("dec", state.mode, c, state.dec_flat)
         state.dec_frames += 1
         pcm = pcm.transpose(0, 2, 1)
         mx.async_eval(pcm, *state.arrays())

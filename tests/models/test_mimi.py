@@ -557,3 +557,20 @@ def test_compiled_bf16_matches_eager_bf16(tiny_sd, audio2):
     assert rel_err(lat, lat_e) < 1e-5  # float32 encoder
     assert _agreement(codes, codes_e).mean() >= 0.99
     assert out.dtype == np.float32 and snr_db(out, pcm_e) > 30
+
+
+def test_compiled_step_falls_back_when_tracing_fails(tiny_sd, audio2, caplog):
+    m = Mimi(MimiConfig.tiny(), 8).load_reference_weights(tiny_sd)
+    m._step_fns("compiled")
+
+    def broken(*a):
+        raise RuntimeError("no compile for this primitive")
+
+    m._enc_compiled = broken
+    st, ref = m.make_state(1), m.make_state(1, mode="fixed")
+    fr = audio2[:1, :, :FRAME]
+    with caplog.at_level("WARNING", logger="engine.models.mimi"):
+        codes = np.array(m.encode_step(fr, st))
+    assert "uncompiled" in caplog.text
+    assert np.array_equal(codes, np.array(m.encode_step(fr, ref)))
+    assert m._compile_failed and np.array(m.decode_step(codes, st)).shape == (1, 1, FRAME)
