@@ -113,6 +113,51 @@ def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
         assert np.abs(solo[i][1]).max() > 1e-3
 
 
+def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
+    """Once every row's ring holds `context` positions the step attends without a mask (the fused
+    kernel on CUDA); it must give what the masked step gives on the same state. Also: rows padded
+    for the GPU's tiled matmul change nothing, and an engine is freed as soon as it is dropped."""
+    import gc
+    import weakref
+
+    import mlx.core as mx
+
+    from engine.server.batch import BatchEngine, SlotParams, _temporal_pure
+
+    def run():
+        be = BatchEngine(tiny_model, capacity=3)
+        for i in range(3):
+            be.join(i, tiny_model._prompted_state("NATF0", None, i), SlotParams())
+        C = tiny_model.lm.config.context
+        o = 2 * C + np.arange(3) * 5                        # long sessions: every slot in use
+        j = np.arange(C)
+        pos = mx.array((o[:, None] - 1 - ((o[:, None] - 1 - j[None, :]) % C)).astype(np.int32))
+        off = mx.array(o.astype(np.int32))
+        rng = np.random.default_rng(0)
+        kv = [mx.array(rng.standard_normal(a.shape).astype(np.float32)) for a in be.k + be.v]
+        x = mx.array(rng.standard_normal((3, tiny_model.lm.config.dim)).astype(np.float32))
+        outs = [_temporal_pure(tiny_model.lm, C, rows, full, x, pos, off, *kv)
+                for rows, full in ((3, False), (3, True), (8, True))]
+        mx.eval(outs)
+        ref = outs[0]
+        for out in outs[1:]:
+            np.testing.assert_allclose(np.array(out[1]), np.array(ref[1]), atol=1e-4)      # logits
+            np.testing.assert_allclose(np.array(out[0][:3]), np.array(ref[0]), atol=1e-4)  # h
+            for a, b in zip(out[4:], ref[4:]):                                           # caches
+                np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+        assert outs[2][0].shape[0] == 8 and outs[2][1].shape[0] == 3
+        be.step(np.zeros((3, FRAME), np.float32))
+        ref_be = weakref.ref(be)
+        gc.disable()
+        try:
+            del be
+            return ref_be() is None
+        finally:
+            gc.enable()
+
+    assert tiny_model.worker.call(run), "BatchEngine not freed when dropped (reference cycle)"
+
+
 def test_batch_errors(tiny_model):
     from engine.server.batch import BatchEngine, SlotParams
 
