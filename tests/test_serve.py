@@ -158,6 +158,37 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
     assert tiny_model.worker.call(run), "BatchEngine not freed when dropped (reference cycle)"
 
 
+def test_compiled_reserve_prewarms_every_size(tiny_model):
+    """A compiled engine with a capacity traces its step graphs for every batch size at reserve();
+    joins then add no new graph, and the dummy pre-runs leave no trace in the sessions' output."""
+    from engine.server.batch import BatchEngine, SlotParams
+
+    def run():
+        out = []
+        for warm in (True, False):
+            be = BatchEngine(tiny_model, compiled=True, capacity=3)
+            if warm:
+                be.reserve()
+                fns = (set(be._temporal_fns), set(be._dep_fns))
+                assert len(fns[0]) == 2 * len({be._rows(b) for b in (1, 2, 3)})   # fresh / full ring
+                assert len(fns[1]) == 3 * tiny_model.lm.config.dep_q
+            texts = []
+            for t in range(6):
+                if t < 3:
+                    be.join(t, tiny_model._prompted_state("NATF0", None, t), SlotParams(SamplingParams(greedy=True)))
+                pcm, text = be.step(np.full((be.size, FRAME), 0.01 * t, np.float32))
+                texts.append((text.tolist(), pcm))
+            if warm:
+                assert (set(be._temporal_fns), set(be._dep_fns)) == fns
+            out.append(texts)
+        return out
+
+    warm, cold = tiny_model.worker.call(run)
+    for (tw, pw), (tc, pc) in zip(warm, cold):
+        assert tw == tc
+        np.testing.assert_allclose(pw, pc, atol=1e-5)
+
+
 def test_batch_errors(tiny_model):
     from engine.server.batch import BatchEngine, SlotParams
 

@@ -302,9 +302,37 @@ class BatchEngine:
         return len(self.slots)
 
     def reserve(self) -> None:
-        """Allocate the KV rows of `capacity` sessions (and build their kernels) now."""
+        """Allocate the KV rows of `capacity` sessions (and build their kernels) now; compiled:
+        also trace the step graphs of every batch size, so a join or leave never waits for a
+        trace (a whole temporal graph per new size) while the other sessions are live."""
         if self.capacity and self.cap < self.capacity:
             self._grow(self.capacity)
+        if self.compiled and self.size == 0:
+            for b in range(1, self.cap + 1):
+                self._prewarm(b)
+
+    def _prewarm(self, b: int) -> None:
+        """Run the compiled temporal (fresh and full-ring variants) and depformer steps once for
+        b rows of dummy input. Only while no session is active: it writes slot 0 of unused rows."""
+        c = self.lm.config
+        C, L = c.context, c.num_layers
+        x = mx.zeros((b, c.dim), self.lm.dtype)
+        for off in (0, C):
+            pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
+            full = off >= C - 1
+            rows = self._rows(b)
+            fn = self._temporal_fns.get((C, rows, full))
+            if fn is None:
+                fn = self._temporal_fns[(C, rows, full)] = mx.compile(
+                    functools.partial(_temporal_pure, self.lm, C, rows, full))
+            kv = self.k + self.v
+            self.k = self.v = None
+            h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
+            self.k, self.v = list(kv[:L]), list(kv[L:])
+            prev, dkv = mx.zeros((b,), mx.int32), []
+            for s in range(c.dep_q):
+                _, dkv = self._depformer(s, h, prev, dkv)
+            mx.eval(logits, dkv, self.k, self.v)
 
     def _grow(self, cap: int) -> None:
         """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
