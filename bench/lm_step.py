@@ -71,6 +71,9 @@ def mlx_main(args):
         build_s = time.perf_counter() - t0
         for mode in args.modes.split(","):
             lm.uncompile() if mode == "eager" else lm.compile()
+            if mode == "gen":
+                emit(args, gen_mode(args, lm, plan, dev, build_s))
+                continue
             cache = lm.make_cache(B)
             key = mx.random.key(0)
             user = mx.random.randint(0, config.card, (B, 8, args.warmup + args.steps + 1)).astype(mx.int32)
@@ -102,6 +105,33 @@ def mlx_main(args):
         del lm, cache
         gc.collect()
         mx.clear_cache()
+
+
+def gen_mode(args, lm, plan, dev, build_s):
+    """mode "gen": engine.models.gen.LmGen.step on a compiled LM (the whole step is ONE compiled
+    graph), live depformer mode (8 steps; --dep-steps 16 = exact), same sampling as above."""
+    import mlx.core as mx
+    import numpy as np
+    from engine.models.gen import LmGen, SamplingParams
+    sp = SamplingParams(greedy=True) if args.greedy else SamplingParams()
+    gen = LmGen(lm, sp, depformer_mode="exact" if args.dep_steps > 8 else "live")
+    state = gen.new_state(args.batch, seed=0)
+    user = np.random.default_rng(0).integers(0, lm.config.card, (args.warmup + args.steps, args.batch, 8))
+    user = [mx.array(u.astype(np.int32)) for u in user]
+    if hasattr(mx, "reset_peak_memory"):
+        mx.reset_peak_memory()
+    ts = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        o = gen.step(state, user_codes=user[i])
+        mx.eval(state.tokens, *state.cache.arrays(), *([] if o is None else [o.text, o.agent_codes]))
+        if i >= args.warmup:
+            ts.append(time.perf_counter() - t)
+    peak = mx.get_peak_memory() / 2**30 if hasattr(mx, "get_peak_memory") else None
+    return dict(impl="engine LmGen.step (MLX, whole-step compiled)", device=str(dev), tiny=args.tiny,
+                quant=plan.name if plan else args.dtype, mode="gen", sampling="greedy" if args.greedy else "top-k",
+                batch=args.batch, dep_steps=args.dep_steps, build_s=round(build_s, 1),
+                weights_gib=lm.nbytes / 2**30, peak_gib=peak, **stats(ts))
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -180,7 +210,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny config instead of the 7B shapes")
     ap.add_argument("--quant", default="bf16,8,4", help="comma list: bf16, 8, 4, or plans like t8d4")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="float dtype")
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--modes", default="eager,compiled,gen",
+                    help="eager / compiled (this file's loop over lm stages) / gen (LmGen.step, one graph)")
     ap.add_argument("--dep-steps", type=int, default=8, help="8 = live mode, 16 = exact (reference) mode")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--greedy", action="store_true", help="argmax instead of top-k sampling (MLX side)")
