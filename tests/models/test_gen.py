@@ -392,3 +392,20 @@ def test_prefill_guard_falls_back_to_steps_when_chunks_are_slow(lm, fixture, mon
     fast = LmGen(lm, GREEDY)
     fast.run_prompts(fast.new_state(1), voice, text, batched=True)
     assert fast.chunk_ok is True                     # real clock, tiny model: chunks win
+
+
+def test_whole_step_traces_once_in_a_live_session(fixture):
+    """Steady live stepping (user codes only) reuses one compiled graph, also when the KV ring fills
+    up and wraps (context 16, 40 steps); per-call retracing would cost a GPU session dearly."""
+    lm = make_lm(fixture, context=16).compile()
+    gen = LmGen(lm, SamplingParams())
+    state = gen.new_state(1, seed=1)
+    user = fixture[2]["user_plain"][:1, :40]
+    for i in range(6):
+        gen.step(state, user_codes=user[:, i])
+    traces = dict(lm._compiled["gen"])
+    for i in range(6, 40):
+        out = gen.step(state, user_codes=user[:, i])
+    mx.eval(out.text)
+    assert state.cache.step > 2 * lm.config.context
+    assert lm._compiled["gen"] == traces and 1 <= len(traces) <= 3
