@@ -9,7 +9,8 @@ plan building for a new shape), `warm` = median of the following calls (each cal
 mx.eval; a call chains `--chain` identical ops, like the 32 layers of one step, and the time is
 per op). Suspects, at the PersonaPlex 7B shapes (dim 4096, 32 heads x 128, context 3000):
 
-  mm.*       x (M, K) @ W.T for the temporal projections, M = 1 (a step) vs 64 (a prefill chunk):
+  mm.*       x (M, K) @ W.T for the temporal projections, M = 1 (a step), 8 / 16 (a server batch of
+             sessions), 64 (a prefill chunk):
              bf16 dense, 8-bit and 4-bit `quantized_matmul`, and 4-bit dequantize-then-matmul
   kv.*       writing T = 1 / 64 new keys into a (1, 32, 3000, 128) bf16 ring: scatter (what
              lm._temporal did), dynamic `slice_update` (what it does for non-wrapping chunks)
@@ -178,7 +179,7 @@ def probe_matmul(tab, args, D, H3, Hin, Hid):
         q8 = mx.quantize(w, 64, 8)
         q4 = mx.quantize(w, 64, 4)
         mx.eval(w, *q8, *q4)
-        for M in (1, 64):
+        for M in args.rows:
             x = mx.random.normal((M, K), key=key).astype(mx.bfloat16)
             mx.eval(x)
             c = args.chain
@@ -373,10 +374,12 @@ def main():
     ap.add_argument("--step-layers", type=int, default=32, help="temporal layers of the step / prefill models")
     ap.add_argument("--chain", type=int, default=4, help="ops chained per timed call (time is per op)")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--rows", default="1,8,16,64", help="matmul M values (8/16: a server batch of sessions)")
     ap.add_argument("--budget", type=float, default=2.5, help="seconds per suspect, cold call included")
     ap.add_argument("--only", default="mm,kv,sdpa,chunk,prefill,ops")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.rows = [int(m) for m in args.rows.split(",")]
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     t0 = time.perf_counter()
     if args.small:
