@@ -185,8 +185,10 @@ def probe_matmul(tab, args, D, H3, Hin, Hid):
             c = args.chain
             variants = {
                 "bf16": lambda x=x: [x @ w.T for _ in range(c)],
-                "q8": lambda x=x: [mx.quantized_matmul(x, *q8, transpose=True, group_size=64, bits=8) for _ in range(c)],
-                "q4": lambda x=x: [mx.quantized_matmul(x, *q4, transpose=True, group_size=64, bits=4) for _ in range(c)],
+                "q8": lambda x=x: [mx.quantized_matmul(x, *q8, transpose=True, group_size=64, bits=8)
+                                   for _ in range(c)],
+                "q4": lambda x=x: [mx.quantized_matmul(x, *q4, transpose=True, group_size=64, bits=4)
+                                   for _ in range(c)],
             }
             if M > 1:
                 variants["q4 dequant+mm"] = lambda x=x: [x @ mx.dequantize(*q4, group_size=64, bits=4).T

@@ -254,7 +254,9 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
     if not all(prov):
         col = _column(new_col, target, n_steps, prov)
         tokens = mx.slice_update(tokens, col[:, :, None], tgt_col, axes=(1, 2))
-    out = mx.take_along_axis(tokens, mx.broadcast_to(out_idx[None, :, None], (B, S, 1)), axis=2)[:, :, 0] if emit else None
+    out = None
+    if emit:  # stream k read at its own delayed column: one gather, no arange
+        out = mx.take_along_axis(tokens, mx.broadcast_to(out_idx[None, :, None], (B, S, 1)), axis=2)[:, :, 0]
     return (tokens, key, out, *cache)
 
 
