@@ -210,6 +210,8 @@ def main() -> None:
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
     ap.add_argument("--engines", default="new",
                     help="comma list: new (engine.server.batch) and/or v1 (the pre-fix copy), same sweep")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="OpenBLAS threads for the CPU sweep (the loop's setting; 0 = leave as is)")
     ap.add_argument("--soak-sessions", type=int, default=0, help="run the paced StepLoop with N sessions")
     ap.add_argument("--soak-seconds", type=float, default=300.0)
     args = ap.parse_args()
@@ -238,7 +240,15 @@ def main() -> None:
                     mx.clear_cache()
         return model, rows
 
-    model, rows = worker.call(run)
+    from engine.server.loop import blas_threads
+
+    def run_cpu_threads():
+        if args.device != "cpu" or not args.blas_threads:
+            return run()
+        with blas_threads(args.blas_threads):     # what the server's loop uses on the CPU
+            return run()
+
+    model, rows = worker.call(run_cpu_threads)
     ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0 and r["engine"] == "new"]
     if rows:
         print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
