@@ -26,6 +26,8 @@ per op). Suspects, at the PersonaPlex 7B shapes (dim 4096, 32 heads x 128, conte
              (the default with lm.compile()), with the graph's node counts in the note: `nodes`
              counts primitives after mx.compile's fusion, `non-view` leaves out views (reshape,
              slice, transpose, broadcast, ...) that launch nothing on the GPU.
+  fused.*    (experimental, last) residual add + RMSNorm as one mx.fast.cuda_kernel vs the two MLX
+             ops: max difference and time per pair in a chain of 32 (the step has ~161 such adds).
 
 Prints one table at the end (and JSON lines with --json FILE).
 """
@@ -368,6 +370,82 @@ def probe_prefill(tab, args, lm, label):
     lm.dense_prefill_rows = 16
 
 
+_ADD_NORM_SRC = """
+    unsigned int row = blockIdx.x;
+    unsigned int tid = threadIdx.x;
+    const T* xr = x + (size_t)row * DIM;
+    const T* rr = r + (size_t)row * DIM;
+    T* sr = s + (size_t)row * DIM;
+    T* yr = y + (size_t)row * DIM;
+    __shared__ float part[NT];
+    float acc = 0.0f;
+    for (unsigned int i = tid; i < DIM; i += NT) {
+        T v = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+        sr[i] = v;
+        float f = static_cast<float>(v);
+        acc += f * f;
+    }
+    part[tid] = acc;
+    __syncthreads();
+    for (unsigned int half = NT / 2; half > 0; half >>= 1) {
+        if (tid < half) part[tid] += part[tid + half];
+        __syncthreads();
+    }
+    float inv = rsqrtf(part[0] / DIM + eps[0]);
+    for (unsigned int i = tid; i < DIM; i += NT) {
+        yr[i] = static_cast<T>(static_cast<float>(sr[i]) * inv * static_cast<float>(w[i]));
+    }
+"""
+
+
+def probe_fused(tab, args):
+    """Experimental, GPU only, run last: residual add + RMSNorm as ONE custom CUDA kernel (would
+    remove the ~161 lone residual Adds of a step). Reports correctness vs the MLX ops and time per
+    pair in a chain of 32. One block of NT threads per row; every access is row < grid rows,
+    i < DIM, so a wrong result cannot write out of bounds."""
+    if not hasattr(mx.fast, "cuda_kernel") or mx.default_device().type != mx.gpu:
+        print("  fused: skipped (needs mx.fast.cuda_kernel on a GPU)")
+        return
+    kernel = mx.fast.cuda_kernel(name="add_rms_norm", input_names=["x", "r", "w", "eps"],
+                                 output_names=["s", "y"], source=_ADD_NORM_SRC)
+    NT = 256
+    for D in (4096, 1024):
+        key = mx.random.key(5)
+        x = mx.random.normal((1, D), key=key).astype(mx.bfloat16)
+        r = mx.random.normal((1, D), key=mx.random.key(6)).astype(mx.bfloat16)
+        w = (1 + 0.1 * mx.random.normal((D,), key=mx.random.key(7))).astype(mx.bfloat16)
+        eps = mx.array([1e-8], mx.float32)
+        mx.eval(x, r, w, eps)
+
+        def fused(a, b):
+            return kernel(inputs=[a, b, w, eps], template=[("T", mx.bfloat16), ("DIM", D), ("NT", NT)],
+                          grid=(a.shape[0] * NT, 1, 1), threadgroup=(NT, 1, 1),
+                          output_shapes=[a.shape, a.shape], output_dtypes=[a.dtype, a.dtype])
+
+        def plain(a, b):
+            s_ = a + b
+            return s_, mx.fast.rms_norm(s_, w, 1e-8)
+
+        try:
+            s1, y1 = fused(x, r)
+            s2, y2 = plain(x, r)
+            err = float(mx.max(mx.abs(y1.astype(mx.float32) - y2.astype(mx.float32))))
+            same_s = bool(mx.array_equal(s1, s2))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  fused D={D}: kernel failed: {e}")
+            return
+        for name, f in (("fused kernel", fused), ("add + fast.rms_norm", plain)):
+            def chain(f=f):
+                a, outs = x, []
+                for _ in range(32):
+                    a, yy = f(a, r)
+                    outs.append(yy)
+                return outs
+            cold, warm, n = timeit(chain, args.reps, args.budget)
+            tab.add(f"fused.add_rms_norm D={D} {name}", cold, warm, n, per=32,
+                    note=f"max |y diff| {err:.2e}, sum equal {same_s}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
@@ -378,7 +456,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rows", default="1,8,16,64", help="matmul M values (8/16: a server batch of sessions)")
     ap.add_argument("--budget", type=float, default=2.5, help="seconds per suspect, cold call included")
-    ap.add_argument("--only", default="mm,kv,sdpa,chunk,prefill,ops")
+    ap.add_argument("--only", default="mm,kv,sdpa,chunk,prefill,ops,fused")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.rows = [int(m) for m in args.rows.split(",")]
@@ -412,6 +490,8 @@ def main():
                 probe_ops(tab, args, lm, f"q{bits}")
             del lm
             mx.clear_cache()
+    if "fused" in only:
+        probe_fused(tab, args)
     tab.print()
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
 
