@@ -16,9 +16,9 @@ per op). Suspects, at the PersonaPlex 7B shapes (dim 4096, 32 heads x 128, conte
              lm._temporal did), dynamic `slice_update` (what it does for non-wrapping chunks)
   sdpa.*     q (1, 32, T, 128) against 3000 keys: no mask, bool (T, 3000) mask, additive mask
   chunk.*    lm.temporal over 64 positions as ONE T=64 chunk vs 64 T=1 steps, --layers layers
-             (default 8: same per-layer structure as 32, 4x cheaper), 4-bit / 8-bit / bf16, with the
+             (default 8: same per-layer structure as 32, 4x cheaper), 4-bit / 8-bit, with the
              quantized matmuls of the chunk as quantized_matmul or as dequantize + dense matmul
-  prefill.*  LmGen.run_prompts (102 prompt calls) at --step-layers layers, 4-bit / 8-bit: batched with
+  prefill.*  LmGen.run_prompts (102 prompt calls) at --step-layers layers, 4-bit: batched with
              dequantized chunks (the new default; quantized_matmul chunks are in chunk.*),
              with the chunk guard, and stepwise
   step.*     one LmGen.step (live; greedy / top-k) at --step-layers (default 32) layers, 4-bit and
@@ -476,7 +476,7 @@ def main():
     if "sdpa" in only:
         probe_sdpa(tab, args, H, C, hd)
     if "chunk" in only:
-        for bits in (4, 8, None):
+        for bits in (4, 8):
             lm = build_lm(args, bits, args.layers)
             probe_chunk(tab, args, lm, f"q{bits}" if bits else "bf16")
             del lm
@@ -484,7 +484,7 @@ def main():
     if "ops" in only or "prefill" in only:
         for bits in (4, 8):
             lm = build_lm(args, bits, args.step_layers)
-            if "prefill" in only:
+            if "prefill" in only and bits == 4:
                 probe_prefill(tab, args, lm, f"q{bits}")
             if "ops" in only:
                 probe_ops(tab, args, lm, f"q{bits}")
