@@ -308,6 +308,7 @@ class LmGen:
         self.initial = np.array([c.text_card] + [c.card] * c.n_q, dtype=np.int32)
         # Streams of one side grouped into runs of equal delay, for contiguous ring writes.
         self._runs = {side: self._delay_runs(first) for side, first in (("agent", 1), ("user", 1 + self.n_cb))}
+        self._starts: dict = {}
         # Per ring phase o % ct: (input column, target column, output columns) as device arrays, made
         # once, so a compiled step is traced once and fed without per-step host->device copies.
         self._phase_arrays = [
@@ -343,7 +344,10 @@ class LmGen:
     def _put(self, tokens: mx.array, values: mx.array, stream: int, col: int) -> mx.array:
         """tokens[:, stream:stream+n, col] = values (B or 1, n)."""
         values = mx.broadcast_to(values, (tokens.shape[0], values.shape[1]))
-        return mx.slice_update(tokens, values[:, :, None], mx.array([stream, col], dtype=mx.int32), axes=(1, 2))
+        start = self._starts.get((stream, col))
+        if start is None:  # made once per (stream, column): no host->device array per step
+            start = self._starts[(stream, col)] = mx.array([stream, col], dtype=mx.int32)
+        return mx.slice_update(tokens, values[:, :, None], start, axes=(1, 2))
 
     def _prepare(self, state: GenState, user, agent, text) -> bool:
         """Reference `prepare_step_input` on the state: write supplied tokens at offset + delay, force the
