@@ -512,6 +512,16 @@ class LmGen:
         mx.async_eval(state.tokens, state.key, out.text, out.agent_codes, out.user_codes)
         return out
 
+    def warmup(self, state: GenState, steps: int = 3) -> None:
+        """Trace (and JIT) the live step on a throw-away copy of `state`, so the first real frames
+        are not late: with a compiled LM the first call of a step pattern traces the whole graph.
+        `state` is left untouched (mx arrays are values; the copy never donates shared buffers)."""
+        scratch = state.copy()
+        user = np.broadcast_to(np.array(SINE_TOKENS, dtype=np.int32), (state.batch_size, self.n_cb))
+        for _ in range(steps):
+            self.step(scratch, user_codes=user)
+        mx.eval(scratch.tokens, scratch.key, *scratch.cache.arrays())
+
     def _check_known(self, state: GenState, in_col: int) -> None:
         # With dep_q < n_q the depformer never samples streams dep_q+1.., so they must be supplied.
         c = self.config

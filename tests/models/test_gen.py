@@ -409,3 +409,28 @@ def test_whole_step_traces_once_in_a_live_session(fixture):
     mx.eval(out.text)
     assert state.cache.step > 2 * lm.config.context
     assert lm._compiled["gen"] == traces and 1 <= len(traces) <= 3
+
+
+def test_warmup_traces_without_touching_the_state(fixture):
+    cfg, _, golden = fixture
+    lm = make_lm(fixture).compile()
+    gen = LmGen(lm, SamplingParams())
+    state = gen.new_state(1, seed=2)
+    gen.run_prompts(state, None, cfg["text_prompt"][:2])
+    before = (np.array(state.tokens), state.provided.copy(), state.offset, np.array(state.key),
+              [np.array(a) for a in state.cache.arrays()])
+    gen.warmup(state)
+    traces = dict(lm._compiled["gen"])
+    assert traces
+    np.testing.assert_array_equal(np.array(state.tokens), before[0])
+    np.testing.assert_array_equal(state.provided, before[1])
+    assert state.offset == before[2] and np.array_equal(np.array(state.key), before[3])
+    for a, b in zip(state.cache.arrays(), before[4]):
+        np.testing.assert_array_equal(np.array(a), b)
+    user = golden["user_plain"][:1, :5]
+    out = run_live(gen, state, user)
+    assert lm._compiled["gen"] == traces  # the live steps reuse the warmed-up graph
+    fresh = LmGen(make_lm(fixture), SamplingParams())
+    ref = fresh.new_state(1, seed=2)
+    fresh.run_prompts(ref, None, cfg["text_prompt"][:2])
+    np.testing.assert_array_equal(out, run_live(fresh, ref, user))
