@@ -24,13 +24,14 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
   case $s in
     ref)     PYTHONPATH=$PWD/.ref/moshi:/tmp/site:$PWD/.device/b/stub N=100 WARM=10 timeout $T python3 .device/b/peers_gpu.py ref "$OUT/ref.jsonl" ;;
     lm)      timeout $T python3 bench/lm_step.py --device gpu --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
+    lm2)     timeout $T python3 bench/lm_step.py --device gpu --quant 8,4 --modes compiled,gen --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
+    probe)   timeout 150 python3 bench/gpu_probe.py --device gpu --json "$OUT/gpu_probe.jsonl" ;;
     gen)     for q in 4 8; do timeout 120 python3 bench/gen_step.py --device gpu --config personaplex --dtype bfloat16 --quantize $q --steps 100; done ;;
-    mimi)    timeout 150 python3 bench/mimi.py --device gpu --frames 100
-             timeout 150 python3 bench/mimi.py --device gpu --frames 100 --dtype bfloat16 --no-ref ;;
+    mimi)    timeout 150 python3 bench/mimi.py --device gpu --modes compiled,fixed,eager --count-ops --warmup 130 --frames 200
+             timeout 100 python3 bench/mimi.py --device gpu --dtype bfloat16 --modes compiled,eager --no-ref --frames 100 ;;
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
-             timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds 600 --json "$OUT/duplex.jsonl"
-             timeout 150 python3 bench/duplex.py --model random:personaplex --quantize 8 --device gpu --seconds 60 --json "$OUT/duplex.jsonl" ;;
-    serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --sizes 1,8,16,32 --steps 50 --soak-sessions 16 --soak-seconds 120 --compiled ;;
+             timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} --json "$OUT/duplex.jsonl" ;;
+    serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
     respond) timeout 200 python3 bench/respond.py --model random:personaplex --quantize 4 --device gpu ;;
     profile) DEST=$OUT STEPS=300 timeout $T bash bench/profile_gpu.sh ;;
   esac 2>&1 | tee "$OUT/$s.log"

@@ -167,6 +167,9 @@ class PersonaPlex:
             tokens = persona.encode_system_prompt(text, self.sp) if text.strip() else []
             self.gen.run_prompts(state, voice=self._voice(voice), text_tokens=tokens)
             mx.eval(state.tokens)
+            # Trace/JIT the live step now (on a copy), not during the conversation's first frames:
+            # on MLX CUDA a kernel's first use can cost seconds.
+            self.gen.warmup(state)
             self._prompt_cache[key] = state
         state = self._prompt_cache[key].copy()
         if seed is None:
@@ -351,7 +354,17 @@ def _load_on_worker(files, quantize, dtype, depformer_mode, sampling):
     lm.compile()   # mx.compile'd steps: fewer host ops per step (tested equal to eager)
     gen = LmGen(lm, sampling=sampling or SamplingParams(), depformer_mode=depformer_mode)
     sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
+    _warm_mimi(mimi)
     return mimi, lm, gen, sp
+
+
+def _warm_mimi(mimi) -> None:
+    """One streaming encode + decode on a throw-away state: compiles the step graphs and JITs their
+    kernels at load time instead of in the first live frame."""
+    import mlx.core as mx
+    st = mimi.make_state(1)
+    codes = mimi.encode_step(mx.zeros((1, 1, mimi.frame_size)), st)
+    mx.eval(mimi.decode_step(codes, st))
 
 
 class _capture_stats:

@@ -200,6 +200,8 @@ def _build_random(files, q, small: bool, seed: int):
         sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))
     else:
         sp = _WordTokenizer(lm.config.text_card)
+    from .api import _warm_mimi
+    _warm_mimi(mimi)
     return mimi, lm, LmGen(lm, sampling=SamplingParams()), sp
 
 
