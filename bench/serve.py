@@ -83,18 +83,7 @@ def fill_context(be: BatchEngine) -> None:
     mx.eval(be.pos, be.offset)
 
 
-def engine_class(name: str):
-    """'new': engine.server.batch; 'v1': the frozen pre-fix copy (A/B timing on one GPU lease)."""
-    if name == "v1":
-        from engine.server import _batch_v1
-        return _batch_v1.BatchEngine
-    if name != "new":
-        raise SystemExit(f"--engines: unknown engine {name!r} (new, v1)")
-    return BatchEngine
-
-
-def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True,
-          engine: str = "new") -> list[dict]:
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True) -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
@@ -102,7 +91,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        be = engine_class(engine)(model, compiled=compiled, capacity=b)
+        be = BatchEngine(model, compiled=compiled, capacity=b)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
         if full:
@@ -128,7 +117,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t3 = time.perf_counter()
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
                 stages[k].append(v * 1e3)
-        row = {"engine": engine, "batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+        row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
                **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()},
                "state_gb": (mx.get_active_memory() - base) / 1e9,
                "peak_over_weights_gb": (mx.get_peak_memory() - base) / 1e9}
@@ -208,8 +197,6 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
-    ap.add_argument("--engines", default="new",
-                    help="comma list: new (engine.server.batch) and/or v1 (the pre-fix copy), same sweep")
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="OpenBLAS threads for the CPU sweep (the loop's setting; 0 = leave as is)")
     ap.add_argument("--soak-sessions", type=int, default=0, help="run the paced StepLoop with N sessions")
@@ -230,14 +217,13 @@ def main() -> None:
               f"compiled={args.compiled} load {time.perf_counter() - t0:.1f} s", flush=True)
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         rows = []
-        for eng in args.engines.split(","):
-            if sizes:
-                try:
-                    rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh, eng.strip())
-                except RuntimeError as e:       # e.g. out of memory: report it, go on
-                    print(json.dumps({"engine": eng, "error": str(e)[:300]}), flush=True)
-                    gc.collect()
-                    mx.clear_cache()
+        if sizes:
+            try:
+                rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh)
+            except RuntimeError as e:       # e.g. out of memory: report it, go on
+                print(json.dumps({"error": str(e)[:300]}), flush=True)
+                gc.collect()
+                mx.clear_cache()
         return model, rows
 
     from engine.server.loop import blas_threads
@@ -249,7 +235,7 @@ def main() -> None:
             return run()
 
     model, rows = worker.call(run_cpu_threads)
-    ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0 and r["engine"] == "new"]
+    ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0]
     if rows:
         print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
     if args.soak_sessions:
