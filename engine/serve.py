@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 = any free port)")
     p.add_argument("--model", default="nvidia/personaplex-7b-v1",
                    help='"tiny", a Hugging Face repo id or a local model directory')
-    p.add_argument("--model-dir", default=None, help="download/cache directory for the model")
+    p.add_argument("--model-dir", default=None, help="local directory with the model files (used instead of --model)")
     p.add_argument("--offline", action="store_true", help="never touch the network")
     p.add_argument("--quantize", default=None, help="4, 8 or none (default: none)")
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions (default 8)")
