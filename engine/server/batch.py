@@ -474,11 +474,7 @@ class BatchEngine:
             self.enc = _concat_dicts(self.enc, _to_batched(st.encoder, mimi))
             self.enc_rows.append(s)
         order += new
-        codes = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-        if order != self.slots:
-            pos = {s: i for i, s in enumerate(order)}
-            codes = mx.take(codes, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
-        return codes
+        return self._in_slot_order(parts, order)
 
     def _decode(self, agent: mx.array) -> mx.array:
         """agent codes (B, n_cb) in row order -> pcm (B, 1920) float32."""
@@ -501,11 +497,15 @@ class BatchEngine:
             self.dec = _concat_dicts(self.dec, _to_batched(st.decoder, mimi))
             self.dec_rows.append(s)
         order += new
-        pcm = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        return self._in_slot_order(parts, order)
+
+    def _in_slot_order(self, parts: list, order: list) -> mx.array:
+        """Concatenate per-group results (rows listed in `order`) and put them in slot order."""
+        out = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         if order != self.slots:
             pos = {s: i for i, s in enumerate(order)}
-            pcm = mx.take(pcm, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
-        return pcm
+            out = mx.take(out, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
+        return out
 
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
