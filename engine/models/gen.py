@@ -278,10 +278,41 @@ def _column(new_col: list, target: mx.array, n_steps: int, prov: tuple) -> mx.ar
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
+def _fused_graph(lm, fused, sp: SamplingParams, prov0: bool, n_steps: int, emit: bool,
+                 tokens, in_col, tgt_col, out_idx, key, kv, pos, offset):
+    """`_step_graph` for the fused CUDA kernels (engine/models/fused.py): batch 1, no agent stream
+    provided. Same inputs, key splits and noise draws; the model part is two kernel launches."""
+    from .fused import FusedCache
+    c = lm.config
+    B, S, _ = tokens.shape
+    x = lm.embed(mx.slice(tokens, in_col, axes=(2,), slice_size=(B, S, 1)))
+    target = mx.slice(tokens, tgt_col[1:], axes=(2,), slice_size=(B, S, 1))[:, :, 0]
+    cache = FusedCache(kv, pos, offset)
+    h, text_logits, scr = fused.temporal(x.reshape(-1), cache)
+    cache = fused.advance(cache, scr)
+    key, keys = _split_key(key, 1 + c.dep_q)
+    if prov0:
+        text = target[:, 0]
+    else:
+        text = _as_int32(_sample_u32(text_logits[None].astype(lm.dtype), sp.temp_text, sp.top_k_text,
+                                     sp.greedy, _site_key(keys, 0)))
+    noise = None
+    if not (sp.greedy or sp.temp_audio <= 0):
+        noise = mx.vmap(lambda k: mx.random.gumbel((B, c.card), key=k))(keys[1:1 + n_steps])
+    toks, _ = fused.depformer(h, text, noise, n_steps, sp)
+    col = mx.concatenate([text.reshape(1, 1), toks.reshape(1, n_steps), target[:, n_steps + 1:]], axis=1)
+    tokens = mx.slice_update(tokens, col[:, :, None], tgt_col, axes=(1, 2))
+    out = None
+    if emit:
+        out = mx.take_along_axis(tokens, mx.broadcast_to(out_idx[None, :, None], (B, S, 1)), axis=2)[:, :, 0]
+    return (tokens, key, out, cache.kv, cache.pos, cache.offset)
+
+
 class LmGen:
     """Generator over an `engine.models.lm.LM`. Holds no per-conversation state: see `new_state`."""
 
-    def __init__(self, lm, sampling: SamplingParams | None = None, depformer_mode: str = "live"):
+    def __init__(self, lm, sampling: SamplingParams | None = None, depformer_mode: str = "live",
+                 fused: bool | str = "auto"):
         if depformer_mode not in ("live", "exact"):
             raise ConfigError(f"depformer_mode={depformer_mode!r} must be 'live' or 'exact'")
         sampling = SamplingParams() if sampling is None else sampling
@@ -293,6 +324,14 @@ class LmGen:
         # temporal, text sampling, depformer loop, sampling, ring write, output gather): far fewer
         # host-side ops per step, which is what bounds MLX on a GPU. False: per-stage graphs only.
         self.whole_step_compile = True
+        # Fused CUDA step (engine/models/fused.py): "auto" uses it for batch-1 live steps when MLX
+        # runs on CUDA and the model fits the kernels (env PERSONAPLEX_FUSED=0 turns it off);
+        # True insists (error if unavailable); False never.
+        if fused not in ("auto", True, False):
+            raise ConfigError(f"fused={fused!r} must be 'auto', True or False")
+        self.fused_mode = fused
+        self._fused = None
+        self._fused_fns: dict = {}
         # Prompt prefill: chunk length, and a guard that times the first chunk against single steps
         # once per generator and falls back to T=1 steps if chunks are slower per position (the
         # MLX CUDA batched-prefill pathology). `chunk_ok` holds the decision (None: not measured).
@@ -426,8 +465,13 @@ class LmGen:
         in_col, tgt_col = (o - 1) % ct, o % ct
         prov = state.provided[:, tgt_col].copy()
         self._check_known(state, in_col)
-        if (embedding is None and probe is None and self.whole_step_compile and self.lm._compiled is not None
-                and self.stats_hook is None and self.lm.stats_hook is None):
+        plain = embedding is None and probe is None and self.stats_hook is None and self.lm.stats_hook is None
+        if plain and state.batch_size == 1 and not prov[1:1 + self._live_steps(prov)].any():
+            fused = self.fused_engine()
+            if fused is not None:
+                return self._fused_step(state, fused, prov, in_col)
+        self._mlx_cache(state)
+        if plain and self.whole_step_compile and self.lm._compiled is not None:
             return self._compiled_step(state, prov, in_col)
         target = state.tokens[:, :, tgt_col]                                # (B, streams)
         if embedding is None:
@@ -512,6 +556,68 @@ class LmGen:
         mx.async_eval(state.tokens, state.key, out.text, out.agent_codes, out.user_codes)
         return out
 
+    def fused_engine(self):
+        """The `FusedLM` for this model, or None where the fused step is off or unavailable."""
+        if self._fused is None:
+            import os
+            from .fused import FusedLM, FusedUnavailable
+            off = self.fused_mode is False or (self.fused_mode == "auto"
+                                               and os.environ.get("PERSONAPLEX_FUSED", "1") == "0")
+            if off:
+                self._fused = False
+            else:
+                fused = getattr(self.lm, "_fused_lm", None)
+                if fused is None:
+                    try:
+                        fused = FusedLM(self.lm)
+                    except FusedUnavailable:
+                        if self.fused_mode is True:
+                            raise
+                        fused = False
+                    self.lm._fused_lm = fused
+                self._fused = fused
+        return self._fused or None
+
+    @staticmethod
+    def _mlx_cache(state: GenState) -> None:
+        """Make sure `state.cache` is an `LmCache` (the MLX path's layout)."""
+        from .fused import FusedCache
+        if isinstance(state.cache, FusedCache):
+            state.cache = state.cache.to_lm_cache()
+
+    def _fused_step(self, state: GenState, fused, prov: np.ndarray, in_col: int) -> StepOutput | None:
+        from .fused import FusedCache
+        if not isinstance(state.cache, FusedCache):
+            state.cache = FusedCache.from_lm_cache(state.cache)
+        o = state.offset
+        emit = o > self.max_delay
+        n_steps = self._live_steps(prov)
+        trace_key = (self.sampling, bool(prov[0]), n_steps, emit)
+        fn = self._fused_fns.get(trace_key)
+        if fn is None:
+            fn = functools.partial(_fused_graph, self.lm, fused, self.sampling, bool(prov[0]), n_steps, emit)
+            if self.whole_step_compile:
+                fn = mx.compile(fn)
+            self._fused_fns[trace_key] = fn
+        in_arr, tgt_arr, out_arr = self._phase_arrays[o % self.ct]
+        c = state.cache
+        step = c.step
+        res = fn(state.tokens, in_arr, tgt_arr, out_arr, state.key, c.kv, c.pos, c.offset)
+        # Drop every reference to the old ring before evaluating, so the KV write happens in place
+        # (a shared ring would be copied: 1.5 GB per step at the 7B shapes).
+        del c
+        state.tokens, state.key = res[0], res[1]
+        state.cache = FusedCache(res[3], res[4], res[5], step + 1)
+        state.provided[:, in_col] = False
+        state.offset += 1
+        if not emit:
+            mx.async_eval(state.tokens, state.key, *state.cache.arrays())
+            return None
+        out = res[2]
+        out = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
+        mx.async_eval(state.tokens, state.key, out.text, out.agent_codes, out.user_codes, *state.cache.arrays())
+        return out
+
     def warmup(self, state: GenState, steps: int = 3) -> None:
         """Trace (and JIT) the live step on a throw-away copy of `state`, so the first real frames
         are not late: with a compiled LM the first call of a step pattern traces the whole graph.
@@ -580,6 +686,7 @@ class LmGen:
         phase 3 (the reference crashes there).
         """
         text_tokens = self._validate_prompts(state, voice, text_tokens, silence_frames)
+        self._mlx_cache(state)
         calls = self._prompt_calls(voice, text_tokens, silence_frames)
         emb = None if voice is None or voice.embeddings is None else mx.array(voice.embeddings)
         n_voice_calls = voice.num_frames if voice is not None else 0

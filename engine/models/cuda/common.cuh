@@ -1,0 +1,484 @@
+// Device helpers shared by the fused LM step kernels (engine/models/fused.py).
+//
+// The kernels are "persistent": one launch of G blocks (G <= what the GPU keeps resident at once)
+// walks through every stage of a step, with a software grid barrier between stages. That turns the
+// ~1100 MLX kernel launches of one LM step into two launches, which is what bounds MLX on CUDA
+// (the host spends ~7 us per launch; the GPU work itself is ~1-3 ms).
+//
+// Conventions
+// - Matrices are MLX layouts: y = W x with W (rows, K) row-major; either dense (float / bf16) or
+//   MLX affine-quantized (uint32 words holding 32/BITS values, lowest bits first; per group of GS
+//   values along K a scale and a bias: w = scale * q + bias).
+// - Vectors travel between blocks through a float32 scratch buffer (global memory). A stage reads
+//   them only after the grid barrier that follows the stage that wrote them.
+// - Every value the MLX graph would round to the model dtype T is rounded here too (rt<T>), so the
+//   fused step tracks the MLX step closely in bf16 and matches it in float32.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace ppx {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float tof(float v) { return v; }
+__device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float tof(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T fromf(float v);
+template <> __device__ __forceinline__ float fromf<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half fromf<__half>(float v) { return __float2half(v); }
+
+// Round a float to the precision of T (identity for float).
+template <typename T> __device__ __forceinline__ float rt(float v) { return tof(fromf<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Grid-wide barrier for a launch whose blocks are all resident. `sync` points at two zeroed
+// uint32 words: [0] arrival counter, [1] error flag. `epoch` counts the barriers this block has
+// passed (the same in every block). A barrier that waits over 2 s sets the error flag and lets
+// the block go on (garbage out, flagged) instead of hanging the GPU.
+__device__ __forceinline__ void grid_sync(unsigned int* sync, unsigned int& epoch) {
+  __syncthreads();
+  epoch += 1;
+  if (threadIdx.x == 0) {
+    const unsigned int target = epoch * gridDim.x;
+    __threadfence();
+    atomicAdd(sync, 1u);
+    const unsigned long long t0 = global_ns();
+    while (true) {
+      unsigned int v = *((volatile unsigned int*)sync);
+      if (v >= target) break;
+      if (*((volatile unsigned int*)(sync + 1))) break;
+      if (global_ns() - t0 > 2000000000ull) {
+        atomicExch(sync + 1, 1u);
+        break;
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Block-wide sum (every thread gets the result). `red` is >= 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : 0.f;
+  t = warp_sum(t);
+  return t;
+}
+
+// ---------------------------------------------------------------- matrices
+// One matrix: BITS 4 / 8 = MLX affine quantized (ST = scale/bias dtype), 16 / 32 = dense ST.
+template <int BITS, typename ST>
+struct Mat {
+  const uint32_t* w;   // row-major words
+  const ST* s;         // (rows, K / GS) scales (quantized only)
+  const ST* b;         // (rows, K / GS) biases (quantized only)
+  int K;               // input width
+};
+
+template <int BITS> struct Bits {
+  static constexpr int per_word = 32 / BITS;   // values per uint32 word
+};
+
+// Index of vector element i in shared memory: 4 floats of padding after every 32, so that the
+// 16-byte x fragments the lanes of a warp read (32, 16, 8 or 4 floats apart) hit distinct banks.
+__device__ __forceinline__ int xi(int i) { return i + ((i >> 5) << 2); }
+
+// Shared-memory floats needed for an n-element vector in that layout.
+__host__ __device__ constexpr int xs_size(int n) { return n + ((n + 31) / 32) * 4; }
+
+// Value k (0..3) of the byte lanes of `bytes` as a float: 0x4B0000bb is 2^23 + bb exactly, so one
+// byte permute and one add replace the (quarter-rate) integer-to-float conversion.
+__device__ __forceinline__ float byte_f(uint32_t bytes, int k) {
+  return __uint_as_float(__byte_perm(bytes, 0x4B000000u, 0x7440u | (unsigned)k)) - 8388608.0f;
+}
+
+// Decode one word into per_word floats (the integer codes for quantized formats).
+template <int BITS, typename ST>
+__device__ __forceinline__ void decode(uint32_t w, float* out) {
+  if constexpr (BITS == 4) {
+    const uint32_t lo = w & 0x0F0F0F0Fu, hi = (w >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = byte_f(lo, k);
+      out[2 * k + 1] = byte_f(hi, k);
+    }
+  } else if constexpr (BITS == 8) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = byte_f(w, k);
+  } else if constexpr (BITS == 16) {
+    const ST* p = reinterpret_cast<const ST*>(&w);
+    out[0] = tof(p[0]);
+    out[1] = tof(p[1]);
+  } else {
+    out[0] = __uint_as_float(w);
+  }
+}
+
+// acc[r] = dot(W[rows[r], :], x) for a group of R rows, x in shared memory (float, `xi` layout).
+// Lane l reads 16-byte vectors l, l+32, ... of each row (coalesced, R x 16 bytes in flight per
+// lane) and the matching x fragment once for all R rows. Every lane gets the full sums.
+template <int BITS, int GS, typename ST, int R>
+__device__ __forceinline__ void dot_rows(const Mat<BITS, ST>& m, const int* rows, const float* xs,
+                                         float* acc) {
+  constexpr int PW = Bits<BITS>::per_word;
+  constexpr int VV = 4 * PW;                 // values per 16-byte vector
+  constexpr bool quant = BITS == 4 || BITS == 8;
+  const int lane = threadIdx.x & 31;
+  const int nvec = m.K / VV;
+  const int words = m.K / PW;
+  const int groups = m.K / GS;
+  float a[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) a[r] = 0.f;
+  for (int v = lane; v < nvec; v += kWarp) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = __ldg(reinterpret_cast<const uint4*>(m.w + (size_t)rows[r] * words) + v);
+    const int base = v * VV;
+    const float* xp = xs + xi(base);
+    float xv[VV];
+#pragma unroll
+    for (int i = 0; i < VV; i += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(xp + i);
+      xv[i] = f.x;
+      xv[i + 1] = f.y;
+      xv[i + 2] = f.z;
+      xv[i + 3] = f.w;
+    }
+    float xsum = 0.f;
+    if constexpr (quant) {
+#pragma unroll
+      for (int i = 0; i < VV; ++i) xsum += xv[i];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint32_t ws[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
+      float d = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float q[PW];
+        decode<BITS, ST>(ws[k], q);
+#pragma unroll
+        for (int i = 0; i < PW; ++i) d = fmaf(q[i], xv[k * PW + i], d);
+      }
+      if constexpr (quant) {
+        const int g = base / GS;               // a vector never straddles a group (GS >= 32)
+        const float sc = tof(m.s[(size_t)rows[r] * groups + g]);
+        const float bi = tof(m.b[(size_t)rows[r] * groups + g]);
+        a[r] = fmaf(sc, d, fmaf(bi, xsum, a[r]));
+      } else {
+        a[r] += d;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(a[r]);
+}
+
+// One matrix-vector stage over the whole grid: for row groups g < ngroups (R rows each, row
+// indices from rowmap(g, rows)), acc = W[rows] . x, then epi(g, acc) in lanes 0..R-1 of one warp.
+// The 16-byte vectors of a row are split over KS warps of a block (KS chosen so every lane loads
+// about one vector per row per round), which keeps ~32 KB of loads in flight per SM whatever the
+// matrix shape; the KS partial sums meet in shared memory.
+template <int BITS, int GS, typename ST, int R, typename RowMap, typename Epi>
+__device__ __forceinline__ void mv_stage(const Mat<BITS, ST>& m, int ngroups, const float* xs, RowMap rowmap,
+                                         Epi epi) {
+  constexpr int PW = Bits<BITS>::per_word;
+  constexpr int VV = 4 * PW;
+  constexpr bool quant = BITS == 4 || BITS == 8;
+  __shared__ float part_sums[32 * R];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int nvec = m.K / VV;
+  int ks = 1;
+  while (ks < nw && ks * 32 * 2 <= nvec) ks <<= 1;      // warps per row group
+  const int gpr = nw / ks;                               // row groups per block round
+  const int gi = warp / ks, kk = warp % ks;
+  const int words = m.K / PW, groups = m.K / GS;
+  for (int base = blockIdx.x * gpr; base < ngroups; base += gridDim.x * gpr) {
+    const int g = base + gi;
+    float a[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[r] = 0.f;
+    if (g < ngroups) {
+      int rows[R];
+      rowmap(g, rows);
+      for (int v = kk * 32 + lane; v < nvec; v += ks * 32) {
+        uint4 wv[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[r] = __ldg(reinterpret_cast<const uint4*>(m.w + (size_t)rows[r] * words) + v);
+        const int b0 = v * VV;
+        const float* xp = xs + xi(b0);
+        float xsum = 0.f;
+        if constexpr (quant) {
+#pragma unroll
+          for (int i = 0; i < VV; i += 4) {
+            const float4 f = *reinterpret_cast<const float4*>(xp + i);
+            xsum += (f.x + f.y) + (f.z + f.w);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t ws[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
+          float d = 0.f;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            float q[PW];
+            decode<BITS, ST>(ws[k], q);
+#pragma unroll
+            for (int i = 0; i < PW; i += 4 > PW ? PW : 4) {
+              if constexpr (PW >= 4) {
+                const float4 f = *reinterpret_cast<const float4*>(xp + k * PW + i);
+                d = fmaf(q[i], f.x, d);
+                d = fmaf(q[i + 1], f.y, d);
+                d = fmaf(q[i + 2], f.z, d);
+                d = fmaf(q[i + 3], f.w, d);
+              } else {
+#pragma unroll
+                for (int j = 0; j < PW; ++j) d = fmaf(q[j], xp[k * PW + j], d);
+              }
+            }
+          }
+          if constexpr (quant) {
+            const int gq = b0 / GS;
+            const float sc = tof(m.s[(size_t)rows[r] * groups + gq]);
+            const float bi = tof(m.b[(size_t)rows[r] * groups + gq]);
+            a[r] = fmaf(sc, d, fmaf(bi, xsum, a[r]));
+          } else {
+            a[r] += d;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[r] = warp_sum(a[r]);
+    if (ks > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) part_sums[warp * R + r] = a[r];
+      }
+      __syncthreads();
+      if (kk == 0 && g < ngroups && lane < R) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float t = 0.f;
+          for (int k = 0; k < ks; ++k) t += part_sums[(warp + k) * R + r];
+          a[r] = t;
+        }
+      }
+    }
+    if (kk == 0 && g < ngroups && lane < R) epi(g, a);
+    if (ks > 1) __syncthreads();
+  }
+}
+
+// Rows g*R .. g*R+R-1.
+struct Consecutive {
+  __device__ __forceinline__ void operator()(int g, int* rows) const {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) rows[r] = g * 4 + r;
+  }
+};
+
+// SiLU-gate pairs: rows 2g, 2g+1 (gate) and hidden+2g, hidden+2g+1 (up).
+struct GatePairs {
+  int hidden;
+  __device__ __forceinline__ void operator()(int g, int* rows) const {
+    rows[0] = 2 * g;
+    rows[1] = 2 * g + 1;
+    rows[2] = hidden + 2 * g;
+    rows[3] = hidden + 2 * g + 1;
+  }
+};
+
+// q . row for one attention key: q in shared memory (float, HD), row HD values of T in global memory
+// (16-byte loads, all issued before use).
+template <typename T, int HD>
+__device__ __forceinline__ float dot_q(const float* qs, const T* row) {
+  float p = 0.f;
+  if constexpr (sizeof(T) == 2) {
+    uint4 raw[HD / 8];
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) raw[i] = __ldcg(reinterpret_cast<const uint4*>(row) + i);
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) {
+      const T* h = reinterpret_cast<const T*>(&raw[i]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) p = fmaf(qs[8 * i + k], tof(h[k]), p);
+    }
+  } else {
+    float4 raw[HD / 4];
+#pragma unroll
+    for (int i = 0; i < HD / 4; ++i) raw[i] = __ldcg(reinterpret_cast<const float4*>(row) + i);
+#pragma unroll
+    for (int i = 0; i < HD / 4; ++i) {
+      p = fmaf(qs[4 * i], tof(raw[i].x), p);
+      p = fmaf(qs[4 * i + 1], tof(raw[i].y), p);
+      p = fmaf(qs[4 * i + 2], tof(raw[i].z), p);
+      p = fmaf(qs[4 * i + 3], tof(raw[i].w), p);
+    }
+  }
+  return p;
+}
+
+// Dequantize/convert row `row` (K values) of a table into float out[] (block-cooperative).
+template <int BITS, int GS, typename ST>
+__device__ __forceinline__ float table_value(const Mat<BITS, ST>& m, int row, int j) {
+  constexpr int PW = Bits<BITS>::per_word;
+  const int words = m.K / PW;
+  const uint32_t w = __ldg(m.w + (size_t)row * words + j / PW);
+  float q[PW];
+  decode<BITS, ST>(w, q);
+  float v = q[j % PW];
+  if constexpr (BITS == 4 || BITS == 8) {
+    const int g = j / GS;
+    v = tof(m.s[(size_t)row * (m.K / GS) + g]) * v + tof(m.b[(size_t)row * (m.K / GS) + g]);
+  }
+  return v;
+}
+
+// a[i] for a 4-element register array and a runtime i (no local-memory indexing).
+__device__ __forceinline__ float sel4(const float* a, int i) {
+  return i == 0 ? a[0] : (i == 1 ? a[1] : (i == 2 ? a[2] : a[3]));
+}
+
+// Global warp index / count over the whole grid.
+__device__ __forceinline__ int gwarp() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+__device__ __forceinline__ int nwarps() { return gridDim.x * (blockDim.x >> 5); }
+
+// Copy n floats (n % 4 == 0) from global scratch into shared memory, `xi` layout (block-cooperative,
+// 16-byte L2 reads, all issued before any is used).
+__device__ __forceinline__ void load_vec(float* dst, const float* src, int n) {
+  for (int i = 4 * threadIdx.x; i < n; i += 4 * blockDim.x) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(src + i));
+    *reinterpret_cast<float4*>(dst + xi(i)) = v;
+  }
+  __syncthreads();
+}
+
+// dst = rt<T>(rms_norm(src) * w) in the `xi` layout: src global float (n, n % 4 == 0), w (n) of
+// dtype WT. `red` >= 32 floats.
+template <typename T, typename WT>
+__device__ __forceinline__ void rms_to_smem(float* dst, const float* src, const WT* w, int n, float eps,
+                                            float* red) {
+  float ss = 0.f;
+  for (int i = 4 * threadIdx.x; i < n; i += 4 * blockDim.x) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(src + i));
+    *reinterpret_cast<float4*>(dst + xi(i)) = v;
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  const float tot = block_sum(ss, red);
+  const float inv = rsqrtf(tot / (float)n + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[xi(i)] = rt<T>(dst[xi(i)] * inv * tof(w[i]));
+  __syncthreads();
+}
+
+// Sampling of one row of logits by one block (the reference's top-k + Gumbel race, as MLX's
+// `_sample_with_noise`): x = logits / temp; keep x >= the k-th largest; argmax(x + g), first index
+// on ties. greedy: argmax(logits). `buf` >= 2 * N floats of shared memory, N a power of two >= n.
+template <int N>
+__device__ int sample_row(const float* logits, const float* noise, int n, bool greedy, float temp, int top_k,
+                          float* buf) {
+  float* srt = buf;
+  __shared__ float bv[32];
+  __shared__ int bi[32];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  float kth = -INFINITY;
+  if (!greedy && top_k > 0 && top_k < n) {
+    for (int i = tid; i < N; i += nt) srt[i] = i < n ? __ldcg(logits + i) / temp : -INFINITY;
+    __syncthreads();
+    // Bitonic sort, descending.
+    for (int k = 2; k <= N; k <<= 1) {
+      for (int j = k >> 1; j > 0; j >>= 1) {
+        for (int i = tid; i < N; i += nt) {
+          const int p = i ^ j;
+          if (p > i) {
+            const bool desc = (i & k) == 0;
+            const float a = srt[i], b = srt[p];
+            if (desc ? (a < b) : (a > b)) {
+              srt[i] = b;
+              srt[p] = a;
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+    kth = srt[top_k - 1];
+    __syncthreads();
+  }
+  float best = -INFINITY;
+  int best_i = 0x7fffffff;
+  for (int i = tid; i < n; i += nt) {
+    float v;
+    if (greedy) {
+      v = __ldcg(logits + i);
+    } else {
+      const float x = __ldcg(logits + i) / temp;
+      v = x >= kth ? x + __ldg(noise + i) : -INFINITY;
+    }
+    if (v > best || (v == best && i < best_i)) {
+      best = v;
+      best_i = i;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (ov > best || (ov == best && oi < best_i)) {
+      best = ov;
+      best_i = oi;
+    }
+  }
+  const int lane = tid & 31, warp = tid >> 5;
+  if (lane == 0) {
+    bv[warp] = best;
+    bi[warp] = best_i;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = nt >> 5;
+    best = lane < nw ? bv[lane] : -INFINITY;
+    best_i = lane < nw ? bi[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+      if (ov > best || (ov == best && oi < best_i)) {
+        best = ov;
+        best_i = oi;
+      }
+    }
+    if (lane == 0) bi[0] = best_i == 0x7fffffff ? 0 : best_i;
+  }
+  __syncthreads();
+  const int r = bi[0];
+  __syncthreads();
+  return r;
+}
+
+}  // namespace ppx

@@ -1,0 +1,238 @@
+// Body of the fused temporal step (one 12.5 Hz position, batch 1). See engine/models/fused.py.
+//
+// Template constants: T (model dtype), D, H, HD, L, C (context), HID (gating hidden), TXT (text
+// logits), BT / BH (bits of the temporal matrices / text head: 4, 8, 16 = bf16/f16, 32 = float),
+// GS (quantization group), NCH (attention chunks per head), NT (threads per block).
+// Inputs: x0 (D) T, kv (L, 2, H, C, HD) T, pos (C) int32, offs (1) int32, weights stacked over
+// layers (wq/sq/bq: in_proj, wo/so/bo: out_proj, wi/si/bi_: linear_in, wd/sd/bd: linear_out),
+// n1 / n2 (L, D), onorm (D), wt/st/bt (text head), fp (eps, rope base).
+// Outputs: h (D) float, logits (TXT) float, scratch float (zeroed). This step's K/V rows are written
+// straight into kv at slot offs % C (the caller owns kv exclusively: see FusedCache); the attention
+// takes them from scratch and skips that slot's old contents.
+// Each stage ends with a grid barrier; 5 per layer.
+using namespace ppx;
+constexpr int R = 4;
+extern __shared__ float xs[];
+__shared__ float red[32];
+unsigned int* sync = reinterpret_cast<unsigned int*>(scratch);
+float* resid = scratch + 32;
+float* qv = resid + D;
+float* kc = qv + D;
+float* vc = kc + D;
+float* part = vc + D;
+float* hid = part + H * NCH * (HD + 2);
+unsigned int epoch = 0;
+const int t = offs[0];
+const int slot = t % C;
+const float eps = fp[0];
+const float log2_base = log2f(fp[1]);
+const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+constexpr int CH = (C + 1 + NCH - 1) / NCH;   // keys per attention chunk (index C = this step's key)
+const float scale = rsqrtf((float)HD);
+using ST_T = T;
+T* kvw = const_cast<T*>(kv);   // written in place at this step's slot only
+
+for (int l = 0; l < L; ++l) {
+  // ---- S1: norm1 + QKV (+ RoPE on q and k), rows in groups of 4 (two rotation pairs)
+  {
+    const T* w1 = n1 + (size_t)l * D;
+    if (l == 0) {
+      float ss = 0.f;
+      for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const float v = tof(x0[i]);
+        xs[xi(i)] = v;
+        ss += v * v;
+        if (blockIdx.x == 0) resid[i] = v;
+      }
+      const float inv = rsqrtf(block_sum(ss, red) / (float)D + eps);
+      for (int i = threadIdx.x; i < D; i += blockDim.x) xs[xi(i)] = rt<T>(xs[xi(i)] * inv * tof(w1[i]));
+      __syncthreads();
+    } else {
+      rms_to_smem<T>(xs, resid, w1, D, eps, red);
+    }
+    constexpr int PW = Bits<BT>::per_word;
+    const size_t lrow = (size_t)l * 3 * D;
+    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wq) + lrow * (D / PW), sq + lrow * (D / GS),
+                    bq + lrow * (D / GS), D};
+    mv_stage<BT, GS, ST_T, R>(m, 3 * D / R, xs, Consecutive{}, [&](int g, const float* acc) {
+      const int row = g * R + lane;
+      const int which = row / D, e = row % D;
+      float v = rt<T>(sel4(acc, lane));
+      if (which < 2) {
+        const float other = rt<T>(sel4(acc, lane ^ 1));
+        const int d = e % HD;
+        const float inv_freq = exp2f(-(float)(d & ~1) / (float)HD * log2_base);
+        float sn, cs;
+        sincosf((float)t * inv_freq, &sn, &cs);
+        v = (d & 1) ? rt<T>(other * sn + v * cs) : rt<T>(v * cs - other * sn);
+      }
+      if (which == 0) {
+        __stcg(qv + e, v);
+      } else if (which == 1) {
+        __stcg(kc + e, v);
+        kvw[(((size_t)(l * 2 + 0) * H + e / HD) * C + slot) * HD + e % HD] = fromf<T>(v);
+      } else {
+        __stcg(vc + e, v);
+        kvw[(((size_t)(l * 2 + 1) * H + e / HD) * C + slot) * HD + e % HD] = fromf<T>(v);
+      }
+    });
+  }
+  grid_sync(sync, epoch);
+
+  // ---- S2: attention partials, one (head, chunk of keys) per block iteration. Each warp takes 32
+  // keys at a time, one per lane (all key rows load at once), then accumulates their values with
+  // lanes over the head dims.
+  {
+    float* qs = xs;                       // HD
+    float* wm = xs + HD;                  // nw (max) + nw (sum)
+    float* wacc = wm + 2 * 32;            // nw * HD
+    const T* kbase = kv + (size_t)(l * 2 + 0) * H * C * HD;
+    const T* vbase = kv + (size_t)(l * 2 + 1) * H * C * HD;
+    constexpr int DPL = HD / 32;          // value dims per lane (contiguous)
+    for (int item = blockIdx.x; item < H * NCH; item += gridDim.x) {
+      const int head = item / NCH, c = item % NCH;
+      for (int d = threadIdx.x; d < HD; d += blockDim.x) qs[d] = __ldcg(qv + head * HD + d) * scale;
+      __syncthreads();
+      float m = -INFINITY, ssum = 0.f;
+      float acc[DPL];
+#pragma unroll
+      for (int k = 0; k < DPL; ++k) acc[k] = 0.f;
+      const int j0 = c * CH, j1 = min(C + 1, j0 + CH);
+      const float* kcur = kc + head * HD;
+      const float* vcur = vc + head * HD;
+      for (int jb = j0 + warp * 32; jb < j1; jb += nw * 32) {
+        const int j = jb + lane;
+        const bool valid = j < j1 && (j == C || (j != slot && pos[j] >= 0));
+        float p = -INFINITY;
+        if (valid) p = j == C ? dot_q<float, HD>(qs, kcur) : dot_q<T, HD>(qs, kbase + ((size_t)head * C + j) * HD);
+        const float mb = warp_max(p);
+        const float mn = fmaxf(m, mb);
+        if (mn == -INFINITY) continue;    // no valid key yet (warp-uniform)
+        const float corr = __expf(m - mn);
+        const float e = valid ? __expf(p - mn) : 0.f;
+        ssum = ssum * corr + warp_sum(e);
+#pragma unroll
+        for (int k = 0; k < DPL; ++k) acc[k] *= corr;
+        const int nt = min(32, j1 - jb);
+#pragma unroll 8
+        for (int tt = 0; tt < nt; ++tt) {
+          const float et = __shfl_sync(0xffffffffu, e, tt);
+          const int jt = jb + tt;
+          if (jt == C) {
+#pragma unroll
+            for (int k = 0; k < DPL; ++k) acc[k] += et * __ldcg(vcur + lane * DPL + k);
+          } else {
+            const T* vr = vbase + ((size_t)head * C + jt) * HD + lane * DPL;
+#pragma unroll
+            for (int k = 0; k < DPL; ++k) acc[k] += et * tof(vr[k]);
+          }
+        }
+        m = mn;
+      }
+      if (lane == 0) {
+        wm[warp] = m;
+        wm[32 + warp] = ssum;
+      }
+#pragma unroll
+      for (int k = 0; k < DPL; ++k) wacc[warp * HD + lane * DPL + k] = acc[k];
+      __syncthreads();
+      float M = -INFINITY;
+      for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w]);
+      float* out = part + (size_t)item * (HD + 2);
+      if (M == -INFINITY) {
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) __stcg(out + 2 + d, 0.f);
+        if (threadIdx.x == 0) {
+          __stcg(out, -INFINITY);
+          __stcg(out + 1, 0.f);
+        }
+      } else {
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+          float a = 0.f;
+          for (int w = 0; w < nw; ++w) a += wm[w] == -INFINITY ? 0.f : wacc[w * HD + d] * __expf(wm[w] - M);
+          __stcg(out + 2 + d, a);
+        }
+        if (threadIdx.x == 0) {
+          float S = 0.f;
+          for (int w = 0; w < nw; ++w) S += wm[w] == -INFINITY ? 0.f : wm[32 + w] * __expf(wm[w] - M);
+          __stcg(out, M);
+          __stcg(out + 1, S);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  grid_sync(sync, epoch);
+
+  // ---- S3: combine the partials (every block, redundantly) + out_proj + residual
+  {
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+      const int head = e / HD, d = e % HD;
+      const float* p0 = part + (size_t)head * NCH * (HD + 2);
+      float M = -INFINITY;
+      for (int c = 0; c < NCH; ++c) M = fmaxf(M, __ldcg(p0 + c * (HD + 2)));
+      float S = 0.f, A = 0.f;
+      for (int c = 0; c < NCH; ++c) {
+        const float mc = __ldcg(p0 + c * (HD + 2));
+        if (mc == -INFINITY) continue;
+        const float f = __expf(mc - M);
+        S += __ldcg(p0 + c * (HD + 2) + 1) * f;
+        A += __ldcg(p0 + c * (HD + 2) + 2 + d) * f;
+      }
+      xs[xi(e)] = rt<T>(A / S);
+    }
+    __syncthreads();
+    constexpr int PW = Bits<BT>::per_word;
+    const size_t lrow = (size_t)l * D;
+    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wo) + lrow * (D / PW), so + lrow * (D / GS),
+                    bo + lrow * (D / GS), D};
+    mv_stage<BT, GS, ST_T, R>(m, D / R, xs, Consecutive{}, [&](int g, const float* acc) {
+      const int row = g * R + lane;
+      __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
+    });
+  }
+  grid_sync(sync, epoch);
+
+  // ---- S4: norm2 + gate/up + SiLU gate -> hid
+  {
+    rms_to_smem<T>(xs, resid, n2 + (size_t)l * D, D, eps, red);
+    constexpr int PW = Bits<BT>::per_word;
+    const size_t lrow = (size_t)l * 2 * HID;
+    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wi) + lrow * (D / PW), si + lrow * (D / GS),
+                    bi_ + lrow * (D / GS), D};
+    mv_stage<BT, GS, ST_T, R>(m, HID / 2, xs, GatePairs{HID}, [&](int g, const float* acc) {
+      if (lane < 2) {
+        const float a = rt<T>(sel4(acc, lane)), b = rt<T>(sel4(acc, lane + 2));
+        const float sg = rt<T>(1.f / (1.f + __expf(-a)));
+        __stcg(hid + 2 * g + lane, rt<T>(rt<T>(a * sg) * b));
+      }
+    });
+  }
+  grid_sync(sync, epoch);
+
+  // ---- S5: linear_out + residual
+  {
+    load_vec(xs, hid, HID);
+    constexpr int PW = Bits<BT>::per_word;
+    const size_t lrow = (size_t)l * D;
+    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wd) + lrow * (HID / PW), sd + lrow * (HID / GS),
+                    bd + lrow * (HID / GS), HID};
+    mv_stage<BT, GS, ST_T, R>(m, D / R, xs, Consecutive{}, [&](int g, const float* acc) {
+      const int row = g * R + lane;
+      __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
+    });
+  }
+  grid_sync(sync, epoch);
+}
+
+// ---- S6: out_norm -> h, text head -> logits
+{
+  rms_to_smem<T>(xs, resid, onorm, D, eps, red);
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < D; i += blockDim.x) h[i] = xs[xi(i)];
+  constexpr int PW = Bits<BH>::per_word;
+  Mat<BH, ST_T> m{reinterpret_cast<const uint32_t*>(wt), st, bt, D};
+  mv_stage<BH, GS, ST_T, R>(m, TXT / R, xs, Consecutive{}, [&](int g, const float* acc) {
+    logits[g * R + lane] = rt<T>(sel4(acc, lane));
+  });
+  (void)PW;
+}
