@@ -45,8 +45,11 @@ def load(model: str, quantize, device: str):
     return engine.PersonaPlex.load(model, quantize=quantize, worker=worker, progress=False)
 
 
-def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmup: int = 20) -> dict:
+def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmup: int = 20,
+        fused: bool = True) -> dict:
     model = load(model_name, quantize, device)
+    if not fused:
+        model.worker.call(model.gen.set_fused, False)
     n_frames = int(seconds * SAMPLE_RATE / FRAME)
     voice = None if model_name == "random:personaplex" else "NATF2"   # the random 7B has no voice files
 
@@ -77,7 +80,9 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
         "frames": int(len(ms)), "simulated_s": len(ms) * FRAME / SAMPLE_RATE,
         "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
         "max_ms": float(ms.max()), "mean_ms": float(ms.mean()),
-        "deadline_misses": int((ms > 80.0).sum()), "prompt_s": prompt_s, "load_s": model.load_seconds,
+        "deadline_misses": int((ms > 80.0).sum()), "over_15ms": int((ms > 15.0).sum()),
+        "prompt_s": prompt_s, "load_s": model.load_seconds,
+        "fused_lm_step": bool(model.worker.call(lambda: model.gen.fused_engine() is not None)),
     }
     if device == "gpu":
         try:
@@ -97,9 +102,11 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="simulated audio (80 ms a frame)")
     p.add_argument("--no-aec", action="store_true")
     p.add_argument("--json", default=None, help="append the result row (JSON lines)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="run the LM step as MLX graphs even where the fused CUDA kernels are available")
     a = p.parse_args(argv)
     q = None if a.quantize in (None, "none") else int(a.quantize)
-    res = run(a.model, q, a.device, a.seconds, not a.no_aec)
+    res = run(a.model, q, a.device, a.seconds, not a.no_aec, fused=not a.no_fused)
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:

@@ -7,6 +7,7 @@
 #   call 2: carry [".device/b", ".whl", ".ref"] STAGES="ref lm gen" bash bench/gpu_run.sh
 #   call 3: same carry                          STAGES="mimi duplex profile" bash bench/gpu_run.sh
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
+#   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it)
 # .ref/moshi is NVIDIA/personaplex's moshi package (git-ignored, exported from a fetched copy) for the
 # PersonaPlex reference frame timing (.device/b/peers_gpu.py = shared/tools/peers_gpu.py).
@@ -23,6 +24,8 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
   echo "=== $s $(date +%T)"
   case $s in
     ref)     PYTHONPATH=$PWD/.ref/moshi:/tmp/site:$PWD/.device/b/stub N=100 WARM=10 timeout $T python3 .device/b/peers_gpu.py ref "$OUT/ref.jsonl" ;;
+    fused)   timeout 250 python3 tests/test_fused.py
+             timeout $T python3 bench/fused_step.py --quantize ${FUSED_Q:-4} --steps 200 --json "$OUT/fused_step.jsonl" ;;
     lm)      timeout $T python3 bench/lm_step.py --device gpu --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
     lm2)     timeout $T python3 bench/lm_step.py --device gpu --quant 8,4 --modes compiled,gen --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
     probe)   timeout 150 python3 bench/gpu_probe.py --device gpu --json "$OUT/gpu_probe.jsonl" ;;

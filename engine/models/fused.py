@@ -158,6 +158,8 @@ class FusedLM:
                         ("text logits", c.text_out), ("hidden", c.hidden), ("depformer hidden", c.depformer_hidden)):
             if v % 4:
                 return f"{name}={v} is not a multiple of 4"
+        if c.head_dim % 32:
+            return f"head_dim={c.head_dim} is not a multiple of 32"
         if c.dep_q > 16:
             return f"dep_q={c.dep_q} > 16"
         widest = max(c.dim, c.hidden, c.depformer_hidden)

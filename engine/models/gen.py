@@ -556,6 +556,12 @@ class LmGen:
         mx.async_eval(state.tokens, state.key, out.text, out.agent_codes, out.user_codes)
         return out
 
+    def set_fused(self, mode: bool | str) -> None:
+        """Switch the fused CUDA step: "auto", True (error where unavailable) or False."""
+        if mode not in ("auto", True, False):
+            raise ConfigError(f"fused={mode!r} must be 'auto', True or False")
+        self.fused_mode, self._fused, self._fused_fns = mode, None, {}
+
     def fused_engine(self):
         """The `FusedLM` for this model, or None where the fused step is off or unavailable."""
         if self._fused is None:
