@@ -572,15 +572,18 @@ class LmGen:
             if off:
                 self._fused = False
             else:
+                # Cached on the model: the FusedLM (weights packed once), or why there is none.
                 fused = getattr(self.lm, "_fused_lm", None)
                 if fused is None:
                     try:
                         fused = FusedLM(self.lm)
-                    except FusedUnavailable:
-                        if self.fused_mode is True:
-                            raise
-                        fused = False
+                    except FusedUnavailable as e:
+                        fused = str(e)
                     self.lm._fused_lm = fused
+                if isinstance(fused, str):
+                    if self.fused_mode is True:
+                        raise FusedUnavailable(fused)
+                    fused = False
                 self._fused = fused
         return self._fused or None
 

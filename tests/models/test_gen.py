@@ -434,3 +434,20 @@ def test_warmup_traces_without_touching_the_state(fixture):
     ref = fresh.new_state(1, seed=2)
     fresh.run_prompts(ref, None, cfg["text_prompt"][:2])
     np.testing.assert_array_equal(out, run_live(fresh, ref, user))
+
+
+def test_fused_step_off_the_gpu():
+    """Without MLX's CUDA backend the generator keeps the MLX step ("auto"), and insisting on the
+    fused CUDA step gives an error that says why."""
+    import pytest as _pytest
+    from engine.models import fused as fz
+    from engine.models.gen import LmGen
+    from engine.models.lm import LM, LmConfig
+    if fz.cuda_backend():
+        _pytest.skip("this machine has MLX's CUDA backend (tests/test_fused.py covers it)")
+    lm = LM.random(LmConfig.tiny(), dtype=mx.float32, seed=0)
+    assert LmGen(lm).fused_engine() is None
+    with _pytest.raises(fz.FusedUnavailable, match="CUDA backend"):
+        LmGen(lm, fused=True).fused_engine()
+    with _pytest.raises(Exception, match="fused="):
+        LmGen(lm, fused="yes")
