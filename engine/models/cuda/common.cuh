@@ -45,6 +45,11 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// a[i] for a 4-element register array and a runtime i (no local-memory indexing).
+__device__ __forceinline__ float sel4(const float* a, int i) {
+  return i == 0 ? a[0] : (i == 1 ? a[1] : (i == 2 ? a[2] : a[3]));
+}
+
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -136,67 +141,6 @@ __device__ __forceinline__ void decode(uint32_t w, float* out) {
   } else {
     out[0] = __uint_as_float(w);
   }
-}
-
-// acc[r] = dot(W[rows[r], :], x) for a group of R rows, x in shared memory (float, `xi` layout).
-// Lane l reads 16-byte vectors l, l+32, ... of each row (coalesced, R x 16 bytes in flight per
-// lane) and the matching x fragment once for all R rows. Every lane gets the full sums.
-template <int BITS, int GS, typename ST, int R>
-__device__ __forceinline__ void dot_rows(const Mat<BITS, ST>& m, const int* rows, const float* xs,
-                                         float* acc) {
-  constexpr int PW = Bits<BITS>::per_word;
-  constexpr int VV = 4 * PW;                 // values per 16-byte vector
-  constexpr bool quant = BITS == 4 || BITS == 8;
-  const int lane = threadIdx.x & 31;
-  const int nvec = m.K / VV;
-  const int words = m.K / PW;
-  const int groups = m.K / GS;
-  float a[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) a[r] = 0.f;
-  for (int v = lane; v < nvec; v += kWarp) {
-    uint4 wv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = __ldg(reinterpret_cast<const uint4*>(m.w + (size_t)rows[r] * words) + v);
-    const int base = v * VV;
-    const float* xp = xs + xi(base);
-    float xv[VV];
-#pragma unroll
-    for (int i = 0; i < VV; i += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(xp + i);
-      xv[i] = f.x;
-      xv[i + 1] = f.y;
-      xv[i + 2] = f.z;
-      xv[i + 3] = f.w;
-    }
-    float xsum = 0.f;
-    if constexpr (quant) {
-#pragma unroll
-      for (int i = 0; i < VV; ++i) xsum += xv[i];
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint32_t ws[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
-      float d = 0.f;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        float q[PW];
-        decode<BITS, ST>(ws[k], q);
-#pragma unroll
-        for (int i = 0; i < PW; ++i) d = fmaf(q[i], xv[k * PW + i], d);
-      }
-      if constexpr (quant) {
-        const int g = base / GS;               // a vector never straddles a group (GS >= 32)
-        const float sc = tof(m.s[(size_t)rows[r] * groups + g]);
-        const float bi = tof(m.b[(size_t)rows[r] * groups + g]);
-        a[r] = fmaf(sc, d, fmaf(bi, xsum, a[r]));
-      } else {
-        a[r] += d;
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(a[r]);
 }
 
 // One matrix-vector stage over the whole grid: for row groups g < ngroups (R rows each, row
@@ -314,6 +258,39 @@ struct GatePairs {
   }
 };
 
+// The Mat of rows [row0, ...) of a (stacked) matrix with K inputs.
+template <int BITS, int GS, typename ST, typename WT>
+__device__ __forceinline__ Mat<BITS, ST> mat_at(const WT* w, const ST* s, const ST* b, size_t row0, int K) {
+  return Mat<BITS, ST>{reinterpret_cast<const uint32_t*>(w) + row0 * (K / Bits<BITS>::per_word),
+                       s + row0 * (K / GS), b + row0 * (K / GS), K};
+}
+
+// Epilogue of a SiLU-gating stage (GatePairs rows): hid[2g + i] = silu(gate) * up, rounded where
+// the MLX graph rounds.
+template <typename T>
+struct GateEpi {
+  float* hid;
+  __device__ __forceinline__ void operator()(int g, const float* acc) const {
+    const int lane = threadIdx.x & 31;
+    if (lane < 2) {
+      const float a = rt<T>(sel4(acc, lane)), b = rt<T>(sel4(acc, lane + 2));
+      const float sg = rt<T>(1.f / (1.f + __expf(-a)));
+      __stcg(hid + 2 * g + lane, rt<T>(rt<T>(a * sg) * b));
+    }
+  }
+};
+
+// Epilogue of a projection into the residual stream (Consecutive rows): resid += W x.
+template <typename T>
+struct ResidEpi {
+  float* resid;
+  __device__ __forceinline__ void operator()(int g, const float* acc) const {
+    const int lane = threadIdx.x & 31;
+    const int row = g * 4 + lane;
+    __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
+  }
+};
+
 // q . row for one attention key: q in shared memory (float, HD), row HD values of T in global memory
 // (16-byte loads, all issued before use).
 template <typename T, int HD>
@@ -360,14 +337,6 @@ __device__ __forceinline__ float table_value(const Mat<BITS, ST>& m, int row, in
   return v;
 }
 
-// a[i] for a 4-element register array and a runtime i (no local-memory indexing).
-__device__ __forceinline__ float sel4(const float* a, int i) {
-  return i == 0 ? a[0] : (i == 1 ? a[1] : (i == 2 ? a[2] : a[3]));
-}
-
-// Global warp index / count over the whole grid.
-__device__ __forceinline__ int gwarp() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
-__device__ __forceinline__ int nwarps() { return gridDim.x * (blockDim.x >> 5); }
 
 // Copy n floats (n % 4 == 0) from global scratch into shared memory, `xi` layout (block-cooperative,
 // 16-byte L2 reads, all issued before any is used).
@@ -394,6 +363,19 @@ __device__ __forceinline__ void rms_to_smem(float* dst, const float* src, const 
   const float inv = rsqrtf(tot / (float)n + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x) dst[xi(i)] = rt<T>(dst[xi(i)] * inv * tof(w[i]));
   __syncthreads();
+}
+
+// (best, best_i) <- the warp's largest value, lowest index on ties (every lane gets it).
+__device__ __forceinline__ void warp_argmax(float& best, int& best_i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (ov > best || (ov == best && oi < best_i)) {
+      best = ov;
+      best_i = oi;
+    }
+  }
 }
 
 // Sampling of one row of logits by one block (the reference's top-k + Gumbel race, as MLX's
@@ -445,15 +427,7 @@ __device__ int sample_row(const float* logits, const float* noise, int n, bool g
       best_i = i;
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-    if (ov > best || (ov == best && oi < best_i)) {
-      best = ov;
-      best_i = oi;
-    }
-  }
+  warp_argmax(best, best_i);
   const int lane = tid & 31, warp = tid >> 5;
   if (lane == 0) {
     bv[warp] = best;
@@ -464,15 +438,7 @@ __device__ int sample_row(const float* logits, const float* noise, int n, bool g
     const int nw = nt >> 5;
     best = lane < nw ? bv[lane] : -INFINITY;
     best_i = lane < nw ? bi[lane] : 0x7fffffff;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-      if (ov > best || (ov == best && oi < best_i)) {
-        best = ov;
-        best_i = oi;
-      }
-    }
+    warp_argmax(best, best_i);
     if (lane == 0) bi[0] = best_i == 0x7fffffff ? 0 : best_i;
   }
   __syncthreads();

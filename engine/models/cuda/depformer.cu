@@ -74,10 +74,7 @@ for (int s = 0; s < NS; ++s) {
       } else {
         rms_to_smem<T>(xs, resid, dn1 + (size_t)j * DD, DD, eps, red);
       }
-      constexpr int PW = Bits<BD>::per_word;
-      const size_t lrow = ((size_t)j * NSL + sw) * 3 * DD;
-      Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(qw) + lrow * (DD / PW), qs + lrow * (DD / GS),
-                    qb + lrow * (DD / GS), DD};
+      const auto m = mat_at<BD, GS>(qw, qs, qb, ((size_t)j * NSL + sw) * 3 * DD, DD);
       mv_stage<BD, GS, ST, R>(m, 3 * DD / R, xs, Consecutive{}, [&](int g, const float* acc) {
         const int row = g * R + lane;
         const int which = row / DD, e = row % DD;
@@ -125,45 +122,24 @@ for (int s = 0; s < NS; ++s) {
         }
       }
       __syncthreads();
-      constexpr int PW = Bits<BD>::per_word;
-      const size_t lrow = ((size_t)j * NSL + sw) * DD;
-      Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(ow) + lrow * (DD / PW), os + lrow * (DD / GS),
-                    ob + lrow * (DD / GS), DD};
-      mv_stage<BD, GS, ST, R>(m, DD / R, a, Consecutive{}, [&](int g, const float* acc) {
-        const int row = g * R + lane;
-        __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
-      });
+      mv_stage<BD, GS, ST, R>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, a,
+                              Consecutive{}, ResidEpi<T>{resid});
     }
     grid_sync(sync, epoch);
 
     // ---- S3: norm2 + gate/up + SiLU gate -> hid
     {
       rms_to_smem<T>(xs, resid, dn2 + (size_t)j * DD, DD, eps, red);
-      constexpr int PW = Bits<BD>::per_word;
-      const size_t lrow = ((size_t)j * NSL + sw) * 2 * HIDD;
-      Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(iw) + lrow * (DD / PW), is + lrow * (DD / GS),
-                    ib + lrow * (DD / GS), DD};
-      mv_stage<BD, GS, ST, R>(m, HIDD / 2, xs, GatePairs{HIDD}, [&](int g, const float* acc) {
-        if (lane < 2) {
-          const float a = rt<T>(sel4(acc, lane)), b = rt<T>(sel4(acc, lane + 2));
-          const float sg = rt<T>(1.f / (1.f + __expf(-a)));
-          __stcg(hid + 2 * g + lane, rt<T>(rt<T>(a * sg) * b));
-        }
-      });
+      mv_stage<BD, GS, ST, R>(mat_at<BD, GS>(iw, is, ib, ((size_t)j * NSL + sw) * 2 * HIDD, DD), HIDD / 2,
+                              xs, GatePairs{HIDD}, GateEpi<T>{hid});
     }
     grid_sync(sync, epoch);
 
     // ---- S4: linear_out + residual
     {
       load_vec(xs, hid, HIDD);
-      constexpr int PW = Bits<BD>::per_word;
-      const size_t lrow = ((size_t)j * NSL + sw) * DD;
-      Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(dw) + lrow * (HIDD / PW), ds + lrow * (HIDD / GS),
-                    db + lrow * (HIDD / GS), HIDD};
-      mv_stage<BD, GS, ST, R>(m, DD / R, xs, Consecutive{}, [&](int g, const float* acc) {
-        const int row = g * R + lane;
-        __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
-      });
+      mv_stage<BD, GS, ST, R>(mat_at<BD, GS>(dw, ds, db, ((size_t)j * NSL + sw) * DD, HIDD), DD / R, xs,
+                              Consecutive{}, ResidEpi<T>{resid});
     }
     grid_sync(sync, epoch);
   }

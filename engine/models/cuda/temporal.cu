@@ -50,10 +50,7 @@ for (int l = 0; l < L; ++l) {
     } else {
       rms_to_smem<T>(xs, resid, w1, D, eps, red);
     }
-    constexpr int PW = Bits<BT>::per_word;
-    const size_t lrow = (size_t)l * 3 * D;
-    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wq) + lrow * (D / PW), sq + lrow * (D / GS),
-                    bq + lrow * (D / GS), D};
+    const auto m = mat_at<BT, GS>(wq, sq, bq, (size_t)l * 3 * D, D);
     mv_stage<BT, GS, ST_T, R>(m, 3 * D / R, xs, Consecutive{}, [&](int g, const float* acc) {
       const int row = g * R + lane;
       const int which = row / D, e = row % D;
@@ -181,45 +178,24 @@ for (int l = 0; l < L; ++l) {
       xs[xi(e)] = rt<T>(A / S);
     }
     __syncthreads();
-    constexpr int PW = Bits<BT>::per_word;
-    const size_t lrow = (size_t)l * D;
-    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wo) + lrow * (D / PW), so + lrow * (D / GS),
-                    bo + lrow * (D / GS), D};
-    mv_stage<BT, GS, ST_T, R>(m, D / R, xs, Consecutive{}, [&](int g, const float* acc) {
-      const int row = g * R + lane;
-      __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
-    });
+    mv_stage<BT, GS, ST_T, R>(mat_at<BT, GS>(wo, so, bo, (size_t)l * D, D), D / R, xs, Consecutive{},
+                              ResidEpi<T>{resid});
   }
   grid_sync(sync, epoch);
 
   // ---- S4: norm2 + gate/up + SiLU gate -> hid
   {
     rms_to_smem<T>(xs, resid, n2 + (size_t)l * D, D, eps, red);
-    constexpr int PW = Bits<BT>::per_word;
-    const size_t lrow = (size_t)l * 2 * HID;
-    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wi) + lrow * (D / PW), si + lrow * (D / GS),
-                    bi_ + lrow * (D / GS), D};
-    mv_stage<BT, GS, ST_T, R>(m, HID / 2, xs, GatePairs{HID}, [&](int g, const float* acc) {
-      if (lane < 2) {
-        const float a = rt<T>(sel4(acc, lane)), b = rt<T>(sel4(acc, lane + 2));
-        const float sg = rt<T>(1.f / (1.f + __expf(-a)));
-        __stcg(hid + 2 * g + lane, rt<T>(rt<T>(a * sg) * b));
-      }
-    });
+    mv_stage<BT, GS, ST_T, R>(mat_at<BT, GS>(wi, si, bi_, (size_t)l * 2 * HID, D), HID / 2, xs,
+                              GatePairs{HID}, GateEpi<T>{hid});
   }
   grid_sync(sync, epoch);
 
   // ---- S5: linear_out + residual
   {
     load_vec(xs, hid, HID);
-    constexpr int PW = Bits<BT>::per_word;
-    const size_t lrow = (size_t)l * D;
-    Mat<BT, ST_T> m{reinterpret_cast<const uint32_t*>(wd) + lrow * (HID / PW), sd + lrow * (HID / GS),
-                    bd + lrow * (HID / GS), HID};
-    mv_stage<BT, GS, ST_T, R>(m, D / R, xs, Consecutive{}, [&](int g, const float* acc) {
-      const int row = g * R + lane;
-      __stcg(resid + row, rt<T>(__ldcg(resid + row) + rt<T>(sel4(acc, lane))));
-    });
+    mv_stage<BT, GS, ST_T, R>(mat_at<BT, GS>(wd, sd, bd, (size_t)l * D, HID), D / R, xs, Consecutive{},
+                              ResidEpi<T>{resid});
   }
   grid_sync(sync, epoch);
 }
