@@ -5,8 +5,8 @@ MLX on CUDA is host-bound for this model: a compiled LM step is still ~1100 kern
 launches of `mx.fast.cuda_kernel`:
 
 - `temporal`: 32 layers of norm + QKV + RoPE, attention over the KV ring, out_proj, SiLU gating,
-  then out_norm and the text head. Returns h, the text logits and this step's K/V rows (the caller
-  writes them into the ring with one slice update, so the cache stays an ordinary MLX value).
+  then out_norm and the text head. Returns h and the text logits; this step's K/V rows go straight
+  into the ring, in place (see `FusedCache` for why and what that requires of the caller).
 - `depformer`: depformer_in for every codebook, then per codebook 6 layers, its head and its
   token sampled on the GPU (top-k + the same Gumbel noise the MLX path draws, so the draws match).
 
