@@ -45,8 +45,64 @@ def load(model: str, quantize, device: str):
     return engine.PersonaPlex.load(model, quantize=quantize, worker=worker, progress=False)
 
 
+def timeline_summary(trace, gc_events, t_first: float) -> dict:
+    """Where the host spent each frame (no added syncs): AEC, queueing the Mimi encode, queueing the
+    LM step, queueing the decode, then waiting for the audio. Averaged over all frames and over the
+    frames slower than 15 ms, plus the garbage collections that overlapped a frame."""
+    tr = np.array(trace)                                   # (frames, 6) perf_counter stamps
+    parts = np.diff(tr, axis=1) * 1e3                      # aec, enc_q, lm_q, dec_q, wait
+    total = (tr[:, 5] - tr[:, 0]) * 1e3
+    names = ["aec", "encode_queue", "lm_queue", "decode_queue", "wait_audio"]
+    slow = total > 15.0
+    gc_ms = np.zeros(len(tr))
+    gc_gen = np.full(len(tr), -1)
+    for start, stop, gen in gc_events:
+        i = np.searchsorted(tr[:, 0], start, side="right") - 1
+        if 0 <= i < len(tr) and start <= tr[i, 5]:
+            gc_ms[i] += (stop - start) * 1e3
+            gc_gen[i] = max(gc_gen[i], gen)
+    out = {"frames": int(len(tr)), "slow_frames": int(slow.sum()),
+           "mean_ms": {n: float(parts[:, k].mean()) for k, n in enumerate(names)},
+           "p99_ms": {n: float(np.percentile(parts[:, k], 99)) for k, n in enumerate(names)},
+           "gc": {"collections": len(gc_events), "in_frames": int((gc_ms > 0).sum()),
+                  "slow_frames_with_gc": int(((gc_ms > 0) & slow).sum()),
+                  "max_ms": float(gc_ms.max()) if len(tr) else 0.0}}
+    if slow.any():
+        out["slow_mean_ms"] = {n: float(parts[slow, k].mean()) for k, n in enumerate(names)}
+        worst = np.argsort(total)[-12:][::-1]
+        out["worst"] = [{"frame": int(i), "total": round(float(total[i]), 2),
+                         **{n: round(float(parts[i, k]), 2) for k, n in enumerate(names)},
+                         "gc_ms": round(float(gc_ms[i]), 2), "gc_gen": int(gc_gen[i]),
+                         "t_s": round(float(tr[i, 0] - t_first), 2)} for i in worst]
+    return out
+
+
+def synced_stages(model, proc, mic, n: int) -> dict:
+    """n frames with a sync after each stage: device-side cost of encode, LM step and decode."""
+    import mlx.core as mx
+    rec = {"encode": [], "lm": [], "decode": []}
+    for i in range(n):
+        k = i % (len(mic) // FRAME)
+        x = mx.array(mic[k * FRAME:(k + 1) * FRAME].reshape(1, 1, FRAME))
+        t = time.perf_counter()
+        codes = model.mimi.encode_step(x, proc.mimi_state)
+        mx.eval(codes)
+        t1 = time.perf_counter()
+        out = model.gen.step(proc.gen_state, user_codes=codes[:, : model.lm_codebooks, 0])
+        mx.eval(out.text, out.agent_codes)
+        t2 = time.perf_counter()
+        pcm = model.mimi.decode_step(out.agent_codes[:, :, None], proc.mimi_state)
+        mx.eval(pcm)
+        t3 = time.perf_counter()
+        rec["encode"].append((t1 - t) * 1e3)
+        rec["lm"].append((t2 - t1) * 1e3)
+        rec["decode"].append((t3 - t2) * 1e3)
+    return {k: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+            for k, v in rec.items()}
+
+
 def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmup: int = 20,
-        fused: bool = True) -> dict:
+        fused: bool = True, timeline: bool = False, stages: int = 0, rt: bool = False) -> dict:
     model = load(model_name, quantize, device)
     if not fused:
         model.worker.call(model.gen.set_fused, False)
@@ -55,6 +111,9 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
 
     def body():
         from engine.audio.aec import EchoCanceller
+        if rt:
+            from engine.rt import boost_current_thread
+            extra_rt = boost_current_thread()[0]
         canceller = EchoCanceller(sample_rate=SAMPLE_RATE, filter_ms=150) if aec else None
         t0 = time.perf_counter()
         proc = FrameProcessor(model, voice=voice, system_prompt=None, seed=1, aec=canceller)
@@ -62,15 +121,34 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
         mic = speechish(FRAME * 64)
         far = np.zeros(FRAME, np.float32)
         times = []
+        extra = {"thread_priority": extra_rt} if rt else {}
+        gc_events, gc_start = [], [0.0]
+
+        def on_gc(phase, info):
+            if phase == "start":
+                gc_start[0] = time.perf_counter()
+            else:
+                gc_events.append((gc_start[0], time.perf_counter(), info["generation"]))
+        if timeline:
+            import gc
+            gc.callbacks.append(on_gc)
         for i in range(warmup + n_frames):
+            if timeline and i == warmup:
+                proc.trace, gc_events[:] = [], []
             k = i % 64
             t = time.perf_counter()
             res = proc.process(mic[k * FRAME:(k + 1) * FRAME], far if aec else None)
             times.append((time.perf_counter() - t) * 1e3)
             far = res.audio
-        return prompt_s, np.array(times[warmup:])
+        if timeline:
+            gc.callbacks.remove(on_gc)
+            extra["timeline"] = timeline_summary(proc.trace, gc_events, proc.trace[0][0])
+            proc.trace = None
+        if stages:
+            extra["synced_stages"] = synced_stages(model, proc, mic, stages)
+        return prompt_s, np.array(times[warmup:]), extra
 
-    prompt_s, ms = model.worker.call(body)
+    prompt_s, ms, extra = model.worker.call(body)
     import mlx.core as mx
     dev_name = model.worker.call(lambda: str(mx.default_device()))
     res = {
@@ -83,6 +161,7 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
         "deadline_misses": int((ms > 80.0).sum()), "over_15ms": int((ms > 15.0).sum()),
         "prompt_s": prompt_s, "load_s": model.load_seconds,
         "fused_lm_step": bool(model.worker.call(lambda: model.gen.fused_engine() is not None)),
+        **extra,
     }
     if device == "gpu":
         try:
@@ -104,9 +183,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="append the result row (JSON lines)")
     p.add_argument("--no-fused", action="store_true",
                    help="run the LM step as MLX graphs even where the fused CUDA kernels are available")
+    p.add_argument("--rt", action="store_true",
+                   help="run the frame loop's thread at real-time priority where allowed (engine.rt)")
+    p.add_argument("--timeline", action="store_true",
+                   help="record where the host spends each frame and the garbage collections (no added syncs)")
+    p.add_argument("--stages", type=int, default=0,
+                   help="after the run, N more frames synchronised after each stage (encode / LM / decode)")
     a = p.parse_args(argv)
     q = None if a.quantize in (None, "none") else int(a.quantize)
-    res = run(a.model, q, a.device, a.seconds, not a.no_aec, fused=not a.no_fused)
+    res = run(a.model, q, a.device, a.seconds, not a.no_aec, fused=not a.no_fused,
+              timeline=a.timeline, stages=a.stages, rt=a.rt)
     print(json.dumps(res))
     if a.json:
         with open(a.json, "a") as f:

@@ -7,6 +7,7 @@
 #   call 2: carry [".device/b", ".whl", ".ref"] STAGES="ref lm gen" bash bench/gpu_run.sh
 #   call 3: same carry                          STAGES="mimi duplex profile" bash bench/gpu_run.sh
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
+#   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it)
 # .ref/moshi is NVIDIA/personaplex's moshi package (git-ignored, exported from a fetched copy) for the
@@ -26,6 +27,8 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
     ref)     PYTHONPATH=$PWD/.ref/moshi:/tmp/site:$PWD/.device/b/stub N=100 WARM=10 timeout $T python3 .device/b/peers_gpu.py ref "$OUT/ref.jsonl" ;;
     fused)   timeout 250 python3 tests/test_fused.py
              timeout $T python3 bench/fused_step.py --quantize ${FUSED_Q:-4} --steps 200 --json "$OUT/fused_step.jsonl" ;;
+    fmimi)   timeout 250 python3 tests/test_fused_mimi.py
+             timeout 150 python3 bench/fused_mimi.py --frames 300 --json "$OUT/fused_mimi.jsonl" ;;
     lm)      timeout $T python3 bench/lm_step.py --device gpu --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
     lm2)     timeout $T python3 bench/lm_step.py --device gpu --quant 8,4 --modes compiled,gen --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
     probe)   timeout 150 python3 bench/gpu_probe.py --device gpu --json "$OUT/gpu_probe.jsonl" ;;
@@ -33,7 +36,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
     mimi)    timeout 150 python3 bench/mimi.py --device gpu --modes compiled,fixed,eager --count-ops --warmup 130 --frames 200
              timeout 100 python3 bench/mimi.py --device gpu --dtype bfloat16 --modes compiled,eager --no-ref --frames 100 ;;
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
-             timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} --json "$OUT/duplex.jsonl" ;;
+             timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
     respond) timeout 200 python3 bench/respond.py --model random:personaplex --quantize 4 --device gpu ;;
     profile) DEST=$OUT STEPS=300 timeout $T bash bench/profile_gpu.sh ;;

@@ -123,6 +123,10 @@ class FrameProcessor:
         self.timer = timer or StageTimer(False)
         self.frames = 0
         self.clipped_samples = 0
+        # Optional host-side timeline (benchmarks): a list that gets, per frame, the perf_counter
+        # times (start, aec done, encode queued, LM step queued, decode queued, audio on the host).
+        # No syncs are added, so it shows where the host waits, not what the GPU does.
+        self.trace: list | None = None
         self.reset()
         # Everything allocated so far (weights, caches, compiled graphs) lives for the session:
         # move it out of the collector's generations, so a full collection during the 12.5 Hz
@@ -147,18 +151,22 @@ class FrameProcessor:
             mic = self.aec.process(mic, far)
         self.last_mic = mic            # what the model heard (after echo cancellation)
         tm.mark("aec")
+        t_aec = time.perf_counter()
         x = mx.array(np.ascontiguousarray(mic, dtype=np.float32).reshape(1, 1, FRAME))
         codes = self.model.mimi.encode_step(x, self.mimi_state)          # (1, K, 1)
         tm.mark("mimi_encode", codes)
+        t_enc = time.perf_counter()
         user = codes[:, : self.model.lm_codebooks, 0]
         probe = (lambda stage: tm.mark(stage)) if tm.enabled else None
         out = self.model.gen.step(self.gen_state, user_codes=user, probe=probe)
+        t_lm = time.perf_counter()
         if out is None:
             audio = np.zeros(FRAME, np.float32)
             token = None
             tm.mark("mimi_decode")
         else:
             pcm = self.model.mimi.decode_step(out.agent_codes[:, :, None], self.mimi_state)
+            t_dec = time.perf_counter()
             mx.eval(pcm, out.text)
             audio = np.array(pcm, dtype=np.float32).reshape(-1)
             token = int(np.array(out.text).reshape(-1)[0])
@@ -169,7 +177,10 @@ class FrameProcessor:
             tm.mark("mimi_decode")
         self.frames += 1
         text = self.model.decode_text(token) if token is not None else ""
-        return FrameResult(audio, token, text, (time.perf_counter() - t0) * 1e3)
+        t1 = time.perf_counter()
+        if self.trace is not None:
+            self.trace.append((t0, t_aec, t_enc, t_lm, t_dec if out is not None else t_lm, t1))
+        return FrameResult(audio, token, text, (t1 - t0) * 1e3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,6 +146,22 @@ class MimiState:
             self.enc_flat = self._mimi._init_flat("enc", self.batch_size)
             self.dec_flat = self._mimi._init_flat("dec", self.batch_size)
 
+    # The encoder state lives in one of two layouts: the fixed-shape list (`enc_flat`) or, while
+    # the fused CUDA encoder runs it, `enc_fused` (engine/models/fused_mimi.py). Reading
+    # `enc_flat` converts back (a host sync: only for the MLX step, views and tests).
+    enc_fused = None
+
+    @property
+    def enc_flat(self) -> list:
+        if self.enc_fused is not None:
+            self._enc_flat = self.enc_fused.to_flat()
+            self.enc_fused = None
+        return self._enc_flat
+
+    @enc_flat.setter
+    def enc_flat(self, flat: list) -> None:
+        self._enc_flat, self.enc_fused = flat, None
+
     @property
     def encoder(self) -> dict:
         if self.mode == "eager":
@@ -173,7 +189,8 @@ class MimiState:
     def arrays(self) -> list:
         """All arrays held (to `mx.eval` them with the outputs)."""
         if self.mode != "eager":
-            return [*self.enc_flat, *self.dec_flat]
+            enc = [self.enc_fused.buf] if self.enc_fused is not None else self._enc_flat
+            return [*enc, *self.dec_flat]
         out = []
         for d in (self._encoder, self._decoder):
             for v in d.values():
@@ -372,6 +389,33 @@ class Mimi(nn.Module):
     def _clear_compiled(self) -> None:
         self._enc_compiled = self._dec_compiled = None
         self._compile_failed = False
+        self._fused_enc = None      # packed from the old weights
+
+    # "auto": the fused CUDA encoder step (engine/models/fused_mimi.py) for batch-1 "compiled"
+    # states where MLX runs on CUDA; False: always the MLX step. PERSONAPLEX_FUSED=0 turns it off.
+    fused_encode = "auto"
+
+    def _fused_encoder(self):
+        """The `FusedMimiEncoder` of this model, or None where it is off or unavailable (the
+        reason is kept in `fused_encode_reason`)."""
+        if self._fused_enc is None:
+            import os
+            self._fused_enc = False
+            if self.fused_encode is False or os.environ.get("PERSONAPLEX_FUSED", "1") == "0":
+                self.fused_encode_reason = "turned off"
+            else:
+                from .fused import FusedUnavailable
+                from .fused_mimi import FusedMimiEncoder
+                reason = FusedMimiEncoder.unsupported(self)
+                if reason is None:
+                    try:
+                        self._fused_enc = FusedMimiEncoder(self)
+                    except FusedUnavailable as e:
+                        reason = str(e)
+                self.fused_encode_reason = reason
+                if reason is not None and self.fused_encode is True:
+                    raise FusedUnavailable(reason)
+        return self._fused_enc or None
 
     def _step(self, which: str, mode: str, *args):
         """Run one fixed-shape step; if tracing the compiled graph fails (a backend without
@@ -506,7 +550,14 @@ class Mimi(nn.Module):
         self._check_state(state, "Mimi.encode_step")
         x = self._pcm(frame, "Mimi.encode_step", frame=True, batch=state.batch_size,
                       check_values=False).transpose(0, 2, 1)
-        if state.mode == "eager":
+        fused = self._fused_encoder() if state.mode == "compiled" and state.batch_size == 1 else None
+        if fused is not None:
+            if state.enc_fused is None:
+                state.enc_fused = (fused.init_state() if state.enc_frames == 0 else
+                                   fused.state_from_flat(state._enc_flat, state.enc_frames))
+            codes, lat, _ = fused.step(x, state.enc_fused)
+            lat, codes = lat.reshape(1, 1, -1), codes.reshape(1, -1, 1)
+        elif state.mode == "eager":
             lat, codes = self._latent(x, state.encoder), None
         else:
             lat, codes, state.enc_flat = self._step("enc", state.mode, x, state.enc_flat)
