@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="with --in-wav: run as fast as possible, not in real time")
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of audio")
     p.add_argument("--deadline-policy", default="catch_up", choices=["catch_up", "drop"])
+    p.add_argument("--rt-priority", action="store_true",
+                   help="run the model loop's thread at real-time priority (Linux SCHED_FIFO where allowed, "
+                        "else a lower nice value; the summary says which)")
     p.add_argument("--turn-based", action="store_true", help="VAD endpointing, then a spoken reply, then listen again")
     p.add_argument("--silence-ms", type=float, default=1500, help="turn-based: silence that ends a turn (ms)")
     p.add_argument("--max-steps", type=int, default=75, help="turn-based: reply length in 80 ms steps (50..500)")
@@ -86,7 +89,8 @@ def _live(model, args) -> int:
     session = model.session(source=source, sink=sink, voice=args.voice, system_prompt=args.prompt,
                             seed=args.seed, aec=aec, deadline_policy=args.deadline_policy,
                             realtime=not args.fast, input_device=_device_arg(args.input_device),
-                            output_device=_device_arg(args.output_device), max_frames=max_frames)
+                            output_device=_device_arg(args.output_device), max_frames=max_frames,
+                            thread_priority=args.rt_priority)
     stop = threading.Event()
     prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
     tty = sys.stderr.isatty()
@@ -118,6 +122,8 @@ def _live(model, args) -> int:
     print(f"frames {stats.frames} ({stats.frames * 0.08:.1f} s) | {stats.health_line()}", file=sys.stderr)
     print(f"samples in {stats.samples_in}, out {stats.samples_out}, late frames {stats.late_frames}, "
           f"drift-skipped {stats.drift_skipped_frames}, AEC {'on' if stats.aec else 'off'}", file=sys.stderr)
+    if args.rt_priority:
+        print(f"loop thread priority: {stats.thread_priority}", file=sys.stderr)
     if args.out_wav:
         print(f"wrote {args.out_wav}", file=sys.stderr)
     return 0

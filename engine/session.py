@@ -491,6 +491,7 @@ class SessionStats:
     aec: bool = False
     aec_delay_ms: float = 0.0
     state: str = "idle"
+    thread_priority: str = "default"
 
     def health_line(self) -> str:
         return (f"step {self.step_ms_p50:5.1f}/{self.step_ms_p99:5.1f} ms p50/p99 | misses {self.deadline_misses}"
@@ -521,7 +522,8 @@ class DuplexSession:
                  input_device=None, output_device=None, blocksize: int = 480,
                  max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
                  on_mic: Callable[[np.ndarray, np.ndarray], None] | None = None,
-                 profile: bool = False, event_queue_size: int = 1024, record_steps: bool = False):
+                 profile: bool = False, event_queue_size: int = 1024, record_steps: bool = False,
+                 thread_priority: bool = False):
         if deadline_policy not in ("catch_up", "drop"):
             raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
         if max_backlog_frames < 1:
@@ -552,6 +554,9 @@ class DuplexSession:
         self.on_mic = on_mic
         # Opt-in full history of step times (ms, float32: 4 bytes a step) for soak runs.
         self.step_log = array("f") if record_steps else None
+        # Opt-in: run the loop's thread in the real-time scheduling class while the session is
+        # live (engine.rt; falls back to a lower nice value, or nothing, without the privilege).
+        self.thread_priority = bool(thread_priority)
         self.timer = StageTimer(profile)
         self._events: "queue.Queue[Event]" = queue.Queue(maxsize=event_queue_size)
         self._stop = threading.Event()
@@ -669,7 +674,11 @@ class DuplexSession:
 
     def _run(self) -> None:
         st = self._stats
+        undo_priority = None
         try:
+            if self.thread_priority:
+                from .rt import boost_current_thread
+                st.thread_priority, undo_priority = boost_current_thread()
             st.state = "prompting"
             self._emit("state", "prompting", 0)
             proc = self._make_processor()
@@ -762,6 +771,8 @@ class DuplexSession:
             self._emit("error", exc, st.frames)
             raise
         finally:
+            if undo_priority is not None:     # the worker thread outlives the session
+                undo_priority()
             for part in {id(self.source): self.source, id(self.sink): self.sink}.values():
                 try:
                     part.stop()

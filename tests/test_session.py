@@ -195,3 +195,29 @@ def test_simulated_device_accounting_and_live_aec(tiny_model):
     assert raw.mean() > 1e-4, "the agent must be audible for this test to mean anything"
     erle = 10 * np.log10(raw / np.maximum(heard, 1e-20))
     assert np.median(erle) >= 30, f"echo suppressed by only {np.median(erle):.1f} dB (median)"
+
+
+def test_thread_priority_is_applied_then_restored(tiny_model):
+    """thread_priority=True: the loop's thread runs boosted (or says why not) and the shared
+    worker thread gets its old scheduling back when the session ends."""
+    import os
+
+    def sched():
+        return (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority,
+                os.getpriority(os.PRIO_PROCESS, __import__("threading").get_native_id()))
+
+    before = tiny_model.worker.call(sched)
+    during = []
+    s = tiny_model.session(source=noise(0.5), sink=None, aec=False, thread_priority=True,
+                           on_mic=lambda mic, heard: during.append(sched()))   # runs in the loop
+    with s:
+        stats = s.wait(timeout=120)
+    assert stats.frames == 7 and stats.state == "stopped" and len(during) == 7
+    what = stats.thread_priority
+    if what.startswith("SCHED_FIFO"):
+        assert during[0][0] == os.SCHED_FIFO and during[0][1] == 10
+    elif what.startswith("nice"):
+        assert during[0][2] == before[2] - 5
+    else:
+        assert what.startswith("unchanged") and during[0] == before
+    assert tiny_model.worker.call(sched) == before
