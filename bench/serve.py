@@ -177,7 +177,11 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
            "expected_steps": int(wall / 0.08), "misses": misses,
            "p50_ms": round(metrics.percentile(50), 2), "p99_ms": round(metrics.percentile(99), 2),
            "max_ms": round(max(metrics.step_ms), 2) if metrics.step_ms else 0.0,
-           "input_underruns": metrics.in_underrun_frames, "input_drops": metrics.in_dropped_frames}
+           "input_underruns": metrics.in_underrun_frames, "input_drops": metrics.in_dropped_frames,
+           # when the slowest steps happened (step index, ms): spread out = host stalls, at one
+           # point = a state change (e.g. the KV rings filling up at step ~context)
+           "slowest": sorted(((i, round(v, 1)) for i, v in enumerate(metrics.step_ms)),
+                             key=lambda t: -t[1])[:12]}
     print("soak", json.dumps(res), flush=True)
     return res
 

@@ -169,9 +169,10 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
             be = BatchEngine(tiny_model, compiled=True, capacity=3)
             if warm:
                 be.reserve()
-                fns = (set(be._temporal_fns), set(be._dep_fns))
+                fns = (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns))
                 assert len(fns[0]) == 2 * len({be._rows(b) for b in (1, 2, 3)})   # fresh / full ring
                 assert len(fns[1]) == 3 * tiny_model.lm.config.dep_q
+                assert {k[0] for k in fns[2]} == {"enc", "dec"} and len(fns[2]) == 2   # batched Mimi
             texts = []
             for t in range(6):
                 if t < 3:
@@ -179,7 +180,7 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 pcm, text = be.step(np.full((be.size, FRAME), 0.01 * t, np.float32))
                 texts.append((text.tolist(), pcm))
             if warm:
-                assert (set(be._temporal_fns), set(be._dep_fns)) == fns
+                assert (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns)) == fns
             out.append(texts)
         return out
 
@@ -520,3 +521,34 @@ def test_static_dir_option_serves_another_client(tiny_model, tmp_path):
     index, asset, health = _run_server(tiny_model, scenario, static_dir=tmp_path)
     assert index == (200, "<html><script src='/assets/main.js'></script></html>")
     assert asset[0] == 200 and "reference client" in asset[1] and health[0] == 200
+
+
+def test_loop_collects_garbage_between_steps_only(tiny_model):
+    """While the step loop runs, automatic garbage collection is off (no pause inside a step);
+    the loop collects after each step itself, and restores the collector when it stops."""
+    import gc
+    import threading
+
+    from engine.models.gen import SamplingParams as SP
+    from engine.server.batch import SlotParams
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics()
+    loop = StepLoop(tiny_model, metrics, capacity=1)
+    inbox = Inbox(8, metrics)
+    joined, during, errors = threading.Event(), [], []
+    slot = Slot("NATF0", None, SlotParams(SP(), 1), inbox, lambda err: (errors.append(err), joined.set()),
+                lambda pcm, text: during.append(gc.isenabled()))
+    assert gc.isenabled()
+    loop.join(slot)
+    loop.start()
+    assert joined.wait(60) and errors == [None]
+    for _ in range(6):
+        inbox.push(np.zeros(FRAME, np.float32))
+    t0 = time.monotonic()
+    while len(during) < 5 and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    loop.stop(timeout=30)
+    assert len(during) >= 5 and not any(during)
+    assert len(metrics.gc_ms) >= 5 and gc.isenabled()
+    assert "personaplex_gc_ms_max" in metrics.prometheus(1)

@@ -169,6 +169,44 @@ def _dict_arrays(d: dict) -> list:
     return out
 
 
+def _dict_layout(d: dict) -> tuple:
+    """(name, tuple length or 0) per entry: the structure `_dict_from` rebuilds a dict with."""
+    return tuple((name, len(v) if isinstance(v, tuple) else 0) for name, v in d.items())
+
+
+def _dict_from(layout: tuple, arrays) -> dict:
+    out, i = {}, 0
+    for name, n in layout:
+        if n:
+            out[name] = tuple(arrays[i:i + n])
+            i += n
+        else:
+            out[name] = arrays[i]
+            i += 1
+    return out
+
+
+# The batched Mimi steps as pure functions of (input, state arrays): with a fixed batch size every
+# array has a fixed shape, so `BatchEngine(compiled=True)` runs each as ONE mx.compile'd graph
+# (traced once per batch size) instead of dispatching ~300 ops one by one.
+def _encode_pure(mimi, layout, n_cb, x, *arrays):
+    cache = _dict_from(layout, arrays)
+    y = mimi.encoder(x.astype(mimi.dtype), cache)
+    y = _mimi_transformer(mimi.encoder_transformer, y, cache)
+    lat = mimi.downsample(y, cache).astype(mx.float32)
+    codes = mimi.quantizer.encode(lat, mimi.num_codebooks)[:, :n_cb, 0]
+    return (codes, *_dict_arrays(cache))
+
+
+def _decode_pure(mimi, layout, c, *arrays):
+    cache = _dict_from(layout, arrays)
+    z = mimi.quantizer.decode(c).astype(mimi.dtype)
+    z = mimi.upsample(z, cache)
+    z = _mimi_transformer(mimi.decoder_transformer, z, cache)
+    pcm = mimi.decoder(z, cache).astype(mx.float32)[:, :, 0]
+    return (pcm, *_dict_arrays(cache))
+
+
 
 # ----------------------------------------------------------------------------------------------
 # LM step over B rows (activations 2-D: (rows, D))
@@ -291,6 +329,7 @@ class BatchEngine:
         self.compiled = compiled
         self._temporal_fns: dict = {}
         self._dep_fns: dict = {}
+        self._mimi_fns: dict = {}
         # Linear layers run on at least `min_rows` rows once B > 1 (zero rows padded): on CUDA a
         # quantized matmul with fewer than 8 rows is a per-row kernel (one weight pass per row),
         # from 8 rows on one tiled pass. The CPU has no such cliff.
@@ -310,6 +349,7 @@ class BatchEngine:
         if self.compiled and self.size == 0:
             for b in range(1, self.cap + 1):
                 self._prewarm(b)
+                self._prewarm_mimi(b)
 
     def _prewarm(self, b: int) -> None:
         """Run the compiled temporal (fresh and full-ring variants) and depformer steps once for
@@ -461,10 +501,8 @@ class BatchEngine:
         parts, order = [], []
         if self.enc_rows:
             x = mx.array(frames[[row[s] for s in self.enc_rows]])[:, :, None]   # (Bw, 1920, 1)
-            y = mimi.encoder(x.astype(mimi.dtype), self.enc)
-            y = _mimi_transformer(mimi.encoder_transformer, y, self.enc)
-            lat = mimi.downsample(y, self.enc).astype(mx.float32)
-            parts.append(mimi.quantizer.encode(lat, mimi.num_codebooks)[:, :self.n_cb, 0])
+            codes, self.enc = self._mimi_call("enc", self.enc, x)
+            parts.append(codes)
             order += self.enc_rows
         new = [s for s in self.slots if s in self._pending_enc]
         for s in new:
@@ -483,10 +521,8 @@ class BatchEngine:
         parts, order = [], []
         if self.dec_rows:
             c = mx.take(agent, mx.array([row[s] for s in self.dec_rows], mx.int32), axis=0)[:, :, None]
-            z = mimi.quantizer.decode(c).astype(mimi.dtype)
-            z = mimi.upsample(z, self.dec)
-            z = _mimi_transformer(mimi.decoder_transformer, z, self.dec)
-            parts.append(mimi.decoder(z, self.dec).astype(mx.float32)[:, :, 0])
+            pcm, self.dec = self._mimi_call("dec", self.dec, mx.clip(c, 0, mimi.cardinality - 1))
+            parts.append(pcm)
             order += self.dec_rows
         new = [s for s in self.slots if s in self._pending_dec]
         for s in new:
@@ -498,6 +534,41 @@ class BatchEngine:
             self.dec_rows.append(s)
         order += new
         return self._in_slot_order(parts, order)
+
+    def _mimi_call(self, which: str, state: dict, x: mx.array):
+        """One batched Mimi encode ("enc") or decode ("dec") step -> (output, new state dict);
+        one compiled graph per batch size when `compiled`."""
+        layout = _dict_layout(state)
+        if which == "enc":
+            fn = functools.partial(_encode_pure, self.mimi, layout, self.n_cb)
+        else:
+            fn = functools.partial(_decode_pure, self.mimi, layout)
+        if self.compiled:
+            key = (which, layout)
+            cfn = self._mimi_fns.get(key)
+            if cfn is None:
+                if not self._mimi_fns:
+                    self.mimi.quantizer.prepare(self.mimi.num_codebooks)   # before tracing (RVQ.prepare)
+                cfn = self._mimi_fns[key] = mx.compile(fn)
+            fn = cfn
+        out, *arrays = fn(x, *_dict_arrays(state))
+        return out, _dict_from(layout, arrays)
+
+    def _prewarm_mimi(self, b: int) -> None:
+        """Trace the compiled batched Mimi steps for b rows (dummy states; nothing is kept)."""
+        mimi = self.mimi
+        enc, dec = mimi.make_state(1), mimi.make_state(1)
+        zero = np.zeros((1, 1, mimi.frame_size), np.float32)
+        codes = mimi.encode_step(zero, enc)
+        mimi.decode_step(codes[:, :, :1] * 0, dec)
+        e1, d1 = _to_batched(enc.encoder, mimi), _to_batched(dec.decoder, mimi)
+        eb = {k: (tuple(mx.concatenate([a] * b) for a in v) if isinstance(v, tuple) else mx.concatenate([v] * b))
+              for k, v in e1.items()}
+        db = {k: (tuple(mx.concatenate([a] * b) for a in v) if isinstance(v, tuple) else mx.concatenate([v] * b))
+              for k, v in d1.items()}
+        c, e2 = self._mimi_call("enc", eb, mx.zeros((b, mimi.frame_size, 1), mx.float32))
+        pcm, d2 = self._mimi_call("dec", db, mx.zeros((b, self.n_cb, 1), mx.int32))
+        mx.eval(c, pcm, _dict_arrays(e2), _dict_arrays(d2))
 
     def _in_slot_order(self, parts: list, order: list) -> mx.array:
         """Concatenate per-group results (rows listed in `order`) and put them in slot order."""

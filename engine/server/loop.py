@@ -9,6 +9,7 @@ client. A session whose inbox is short this tick gets silence for it (counted as
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
@@ -49,6 +50,7 @@ class Metrics:
         self.join_ms: deque = deque(maxlen=200)
         self.step_ms: deque = deque(maxlen=window)
         self.batch_sizes: deque = deque(maxlen=window)
+        self.gc_ms: deque = deque(maxlen=window)      # the loop's own collections, between steps
 
     def percentile(self, q: float) -> float:
         vals = list(self.step_ms)
@@ -71,6 +73,8 @@ class Metrics:
             ("personaplex_step_ms_p50", "gauge", "median step time (recent window), ms", self.percentile(50)),
             ("personaplex_step_ms_p99", "gauge", "99th percentile step time (recent window), ms",
              self.percentile(99)),
+            ("personaplex_gc_ms_max", "gauge", "longest garbage collection between steps (recent window), ms",
+             max(self.gc_ms) if self.gc_ms else 0.0),
             ("personaplex_loop_reanchors_total", "counter",
              "times the loop fell > 4 frames behind and skipped ahead", self.reanchors),
             ("personaplex_input_dropped_frames_total", "counter", "input frames dropped (client too fast)",
@@ -242,6 +246,16 @@ class StepLoop:
             active[slot.id] = slot
             slot.on_joined(None)
 
+    def _collect(self, step: int, slack_s: float) -> float:
+        """Young-generation collection after a step (a full one every `gc_full_every` steps,
+        when there is at least 10 ms of slack). Returns the time it took in ms."""
+        t0 = time.perf_counter()
+        if step % self.gc_full_every == 0 and slack_s > 0.010:
+            gc.collect()
+        else:
+            gc.collect(0)
+        return (time.perf_counter() - t0) * 1e3
+
     def _run(self) -> None:
         import mlx.core as mx
 
@@ -262,6 +276,25 @@ class StepLoop:
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
         if self.capacity:
             be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
+        # The weights, engine and compiled graphs live as long as the loop: take them out of the
+        # collector's generations, so collections during the 12.5 Hz loop scan only what the
+        # sessions allocate (shorter pauses). Once only: session objects stay collectable.
+        gc.collect()
+        gc.freeze()
+        # No automatic collections inside a step: the loop collects the young generations itself
+        # in the slack after each step (and everything every `gc_full_every` steps).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._tick_loop(be)
+        finally:
+            gc.unfreeze()
+            if gc_was_enabled:
+                gc.enable()
+
+    gc_full_every = 750                  # steps (one minute of audio)
+
+    def _tick_loop(self, be: BatchEngine) -> None:
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
         deadline = None
@@ -271,6 +304,7 @@ class StepLoop:
                 deadline = None
                 self._wake.wait(0.1)
                 self._wake.clear()
+                gc.collect(1)            # automatic collection is off while the loop runs
                 continue
             now = time.perf_counter()
             if deadline is None:
@@ -293,6 +327,8 @@ class StepLoop:
                 slot.steps += 1
                 slot.on_frame(pcm[r], int(text[r]))
             deadline += period
+            # Collect in the slack before the next tick, never inside a step.
+            m.gc_ms.append(self._collect(m.steps, deadline - period - time.perf_counter()))
             # Behind schedule: the next steps run back to back (no sleep) and catch up, as the
             # inboxes hold the frames meanwhile; beyond `max_behind` frames, give up and re-anchor.
             if time.perf_counter() > deadline + self.max_behind * period:
