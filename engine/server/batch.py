@@ -373,6 +373,13 @@ class BatchEngine:
             for s in range(c.dep_q):
                 _, dkv = self._depformer(s, h, prev, dkv)
             mx.eval(logits, dkv, self.k, self.v)
+        # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
+        # shape on CUDA: seconds, which would stall every session on the first live step).
+        sp = SamplingParams()
+        site = _row_keys(_split2(mx.random.split(mx.random.key(0), b))[:, 1], 1 + c.dep_q)
+        for v, temp, k in ((c.text_out, sp.temp_text, sp.top_k_text), (c.card, sp.temp_audio, sp.top_k_audio)):
+            mx.eval(sample_rows(mx.zeros((b, v), self.lm.dtype), np.full(b, temp, np.float32),
+                                np.full(b, k, np.int32), np.zeros(b, bool), site[:, 0]))
 
     def _grow(self, cap: int) -> None:
         """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
