@@ -159,8 +159,9 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
 
 
 def test_compiled_reserve_prewarms_every_size(tiny_model):
-    """A compiled engine with a capacity traces its step graphs for every batch size at reserve();
-    joins then add no new graph, and the dummy pre-runs leave no trace in the sessions' output."""
+    """A compiled engine with a capacity traces its step graphs for every batch size at reserve()
+    and can rehearse real steps with dummy sessions; joins then add no new graph, and neither the
+    dummy pre-runs nor the rehearsal leave a trace in the sessions' output."""
     from engine.server.batch import BatchEngine, SlotParams
 
     def run():
@@ -173,6 +174,9 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 assert len(fns[0]) == 2 * len({be._rows(b) for b in (1, 2, 3)})   # fresh / full ring
                 assert len(fns[1]) == 3 * tiny_model.lm.config.dep_q
                 assert {k[0] for k in fns[2]} == {"enc", "dec"} and len(fns[2]) == 2   # batched Mimi
+                # Rehearsal: real steps of 1..3 dummy sessions, gone afterwards.
+                n = be.rehearse(lambda: tiny_model._prompted_state("NATF0", None, 0))
+                assert n == 6 and be.size == 0 and be.enc is None and be.dec is None
             texts = []
             for t in range(6):
                 if t < 3:

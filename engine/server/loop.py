@@ -276,6 +276,11 @@ class StepLoop:
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
         if self.capacity:
             be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
+            if self.compiled:
+                voice, prompt = self.warm[0] if self.warm else (None, None)
+                t0 = time.perf_counter()
+                n = be.rehearse(lambda: self.model._prompted_state(voice, prompt, 0))
+                log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, time.perf_counter() - t0)
         # The weights, engine and compiled graphs live as long as the loop: take them out of the
         # collector's generations, so collections during the 12.5 Hz loop scan only what the
         # sessions allocate (shorter pauses). Once only: session objects stay collectable.
