@@ -20,12 +20,9 @@ from engine.models import fused as fz  # noqa: E402
 from engine.models.gen import LmGen, SamplingParams, SINE_TOKENS  # noqa: E402
 from engine.models.lm import LM, LmConfig  # noqa: E402
 
-try:
-    import pytest
-    pytestmark = [pytest.mark.gpu,
-                  pytest.mark.skipif(not fz.cuda_backend(), reason="needs MLX's CUDA backend")]
-except ImportError:  # plain `python tests/test_fused.py` on the device
-    pytest = None
+from tests.gpu_script import gpu_marks  # noqa: E402
+
+pytestmark = gpu_marks(fz.cuda_backend())
 
 
 def _config(**kw):
@@ -176,15 +173,5 @@ def test_cache_round_trip_and_fallback():
 
 
 if __name__ == "__main__":
-    fails = 0
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            try:
-                fn()
-                print("PASS", name, flush=True)
-            except Exception as e:  # noqa: BLE001
-                fails += 1
-                import traceback
-                traceback.print_exc()
-                print("FAIL", name, type(e).__name__, str(e)[:2000], flush=True)
-    sys.exit(1 if fails else 0)
+    from tests.gpu_script import run_tests
+    run_tests(globals())

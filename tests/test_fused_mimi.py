@@ -25,12 +25,9 @@ from engine.models import fused as fz  # noqa: E402
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict  # noqa: E402
 from engine.profile import synthetic_input  # noqa: E402
 
-try:
-    import pytest
-    pytestmark = [pytest.mark.gpu,
-                  pytest.mark.skipif(not fz.cuda_backend(), reason="needs MLX's CUDA backend")]
-except ImportError:  # plain `python tests/test_fused_mimi.py` on the device
-    pytest = None
+from tests.gpu_script import gpu_marks  # noqa: E402
+
+pytestmark = gpu_marks(fz.cuda_backend())
 
 FRAME = 1920
 _MIMI = []
@@ -115,15 +112,5 @@ def test_no_barrier_timeout_and_reset():
 
 
 if __name__ == "__main__":
-    fails = 0
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            try:
-                fn()
-                print("PASS", name, flush=True)
-            except Exception as e:  # noqa: BLE001
-                fails += 1
-                import traceback
-                traceback.print_exc()
-                print("FAIL", name, type(e).__name__, str(e)[:2000], flush=True)
-    sys.exit(1 if fails else 0)
+    from tests.gpu_script import run_tests
+    run_tests(globals())

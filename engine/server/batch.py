@@ -589,10 +589,9 @@ class BatchEngine:
         codes = mimi.encode_step(zero, enc)
         mimi.decode_step(codes[:, :, :1] * 0, dec)
         e1, d1 = _to_batched(enc.encoder, mimi), _to_batched(dec.decoder, mimi)
-        eb = {k: (tuple(mx.concatenate([a] * b) for a in v) if isinstance(v, tuple) else mx.concatenate([v] * b))
-              for k, v in e1.items()}
-        db = {k: (tuple(mx.concatenate([a] * b) for a in v) if isinstance(v, tuple) else mx.concatenate([v] * b))
-              for k, v in d1.items()}
+        eb, db = _concat_dicts(None, e1), _concat_dicts(None, d1)
+        for _ in range(b - 1):
+            eb, db = _concat_dicts(eb, e1), _concat_dicts(db, d1)
         c, e2 = self._mimi_call("enc", eb, mx.zeros((b, mimi.frame_size, 1), mx.float32))
         pcm, d2 = self._mimi_call("dec", db, mx.zeros((b, self.n_cb, 1), mx.int32))
         mx.eval(c, pcm, _dict_arrays(e2), _dict_arrays(d2))
