@@ -134,8 +134,9 @@ class MimiState:
     In the fixed modes `encoder` / `decoder` are read-only views in the eager layout.
     """
 
-    def __init__(self, batch_size: int, mode: str = "eager", mimi: "Mimi | None" = None):
+    def __init__(self, batch_size: int, mode: str = "eager", mimi: "Mimi | None" = None, fused: bool = True):
         self.batch_size, self.mode, self._mimi = batch_size, mode, mimi
+        self.fused = fused            # may the fused CUDA encoder run this state (see Mimi.fused_encode)
         self.reset()
 
     def reset(self) -> None:
@@ -311,15 +312,17 @@ class Mimi(nn.Module):
         return model.load_reference_weights(weights, source=f"checkpoint {p.name!r}")
 
     # -- state
-    def make_state(self, batch_size: int = 1, mode: str | None = None) -> MimiState:
+    def make_state(self, batch_size: int = 1, mode: str | None = None, fused: bool = True) -> MimiState:
         """Streaming state for `batch_size` rows; `mode` defaults to `self.step_mode`
-        ("compiled"; see `MimiState` for "fixed" and "eager")."""
+        ("compiled"; see `MimiState` for "fixed" and "eager"). `fused=False` keeps the state on
+        the MLX step even where the fused CUDA encoder runs (a state whose eager view is read
+        after each step, as the server's joining slots, would convert back every time)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         mode = self._step_mode if mode is None else mode
         if mode not in STEP_MODES:
             raise ConfigError(f"Mimi state mode must be one of {STEP_MODES}, got {mode!r}")
-        return MimiState(batch_size, mode, self)
+        return MimiState(batch_size, mode, self, fused)
 
     def streaming(self, batch_size: int = 1) -> MimiStream:
         return MimiStream(self, batch_size)
@@ -550,7 +553,8 @@ class Mimi(nn.Module):
         self._check_state(state, "Mimi.encode_step")
         x = self._pcm(frame, "Mimi.encode_step", frame=True, batch=state.batch_size,
                       check_values=False).transpose(0, 2, 1)
-        fused = self._fused_encoder() if state.mode == "compiled" and state.batch_size == 1 else None
+        fused = (self._fused_encoder() if state.fused and state.mode == "compiled" and state.batch_size == 1
+                 else None)
         if fused is not None:
             if state.enc_fused is None:
                 state.enc_fused = (fused.init_state() if state.enc_frames == 0 else

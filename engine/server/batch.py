@@ -474,7 +474,7 @@ class BatchEngine:
         self.top_k_audio = np.append(self.top_k_audio, np.int32(sp.top_k_audio))
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
-        self._pending_enc[slot] = self.mimi.make_state(1)
+        self._pending_enc[slot] = self.mimi.make_state(1, fused=False)   # its eager view is merged next
         self._pending_dec[slot] = self.mimi.make_state(1)
         mx.eval(self.pos, self.offset, self.tokens, self.keys)
 
@@ -584,7 +584,7 @@ class BatchEngine:
     def _prewarm_mimi(self, b: int) -> None:
         """Trace the compiled batched Mimi steps for b rows (dummy states; nothing is kept)."""
         mimi = self.mimi
-        enc, dec = mimi.make_state(1), mimi.make_state(1)
+        enc, dec = mimi.make_state(1, fused=False), mimi.make_state(1)
         zero = np.zeros((1, 1, mimi.frame_size), np.float32)
         codes = mimi.encode_step(zero, enc)
         mimi.decode_step(codes[:, :, :1] * 0, dec)

@@ -88,3 +88,28 @@ def test_mimi_state_reads_back_a_fused_state(tiny_mimi):
     got = st.enc_flat
     assert st.enc_fused is None
     assert all(np.array_equal(a, np.array(b)) for a, b in zip(want, got))
+
+
+def test_encode_step_routes_to_the_fused_encoder_only_where_allowed(tiny_mimi, monkeypatch):
+    """Where the fused encoder exists, batch-1 "compiled" states use it, unless made with
+    fused=False (the server's joining slots) or in another mode."""
+    calls = []
+
+    class Fake:
+        def init_state(self):
+            calls.append("init")
+            return type("S", (), {"buf": mx.zeros((4,)), "frames": 0})()
+
+        def step(self, x, st):
+            calls.append("step")
+            return mx.zeros((8,), mx.int32), mx.zeros((tiny_mimi.config.dimension,)), None
+
+    monkeypatch.setattr(tiny_mimi, "_fused_encoder", lambda: Fake())
+    x = mx.array(speech_like(0.1, seed=3)[:1920].reshape(1, 1, -1))
+    for kw, used in (({}, True), ({"fused": False}, False), ({"mode": "fixed"}, False), ({"mode": "eager"}, False)):
+        calls.clear()
+        st = tiny_mimi.make_state(1, **kw)
+        codes = tiny_mimi.encode_step(x, st)
+        assert codes.shape == (1, 8, 1)
+        assert (calls == ["init", "step"]) == used, (kw, calls)
+        assert (st.mode != "eager" and st.enc_fused is not None) == used
