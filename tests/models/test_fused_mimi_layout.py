@@ -15,8 +15,6 @@ from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
 
 from .conftest import speech_like
 
-FR = None
-
 
 @pytest.fixture(scope="module")
 def tiny_mimi():
