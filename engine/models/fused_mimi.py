@@ -73,13 +73,10 @@ class _Conv:
 
 class FusedEncState:
     """The fused encoder's streaming state: `buf` (float32) is written in place by the kernel, so a
-    state owns its buffer (`copy()` duplicates it)."""
+    state owns its buffer exclusively (never share it between streams)."""
 
     def __init__(self, buf: mx.array, frames: int, owner: "FusedMimiEncoder"):
         self.buf, self.frames, self.owner = buf, frames, owner
-
-    def copy(self) -> "FusedEncState":
-        return FusedEncState(self.buf * 1, self.frames, self.owner)
 
     def to_flat(self) -> list:
         return self.owner.state_to_flat(self)

@@ -403,6 +403,8 @@ class Mimi(nn.Module):
         reason is kept in `fused_encode_reason`)."""
         if self._fused_enc is None:
             import os
+            if self.fused_encode not in ("auto", True, False):
+                raise ConfigError(f"Mimi.fused_encode={self.fused_encode!r}: use 'auto', True or False")
             self._fused_enc = False
             if self.fused_encode is False or os.environ.get("PERSONAPLEX_FUSED", "1") == "0":
                 self.fused_encode_reason = "turned off"

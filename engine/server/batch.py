@@ -566,18 +566,17 @@ class BatchEngine:
         """One batched Mimi encode ("enc") or decode ("dec") step -> (output, new state dict);
         one compiled graph per batch size when `compiled`."""
         layout = _dict_layout(state)
-        if which == "enc":
-            fn = functools.partial(_encode_pure, self.mimi, layout, self.n_cb)
-        else:
-            fn = functools.partial(_decode_pure, self.mimi, layout)
-        if self.compiled:
-            key = (which, layout)
-            cfn = self._mimi_fns.get(key)
-            if cfn is None:
+        fn = self._mimi_fns.get((which, layout))
+        if fn is None:
+            if which == "enc":
+                fn = functools.partial(_encode_pure, self.mimi, layout, self.n_cb)
+            else:
+                fn = functools.partial(_decode_pure, self.mimi, layout)
+            if self.compiled:
                 if not self._mimi_fns:
                     self.mimi.quantizer.prepare(self.mimi.num_codebooks)   # before tracing (RVQ.prepare)
-                cfn = self._mimi_fns[key] = mx.compile(fn)
-            fn = cfn
+                fn = mx.compile(fn)
+            self._mimi_fns[(which, layout)] = fn
         out, *arrays = fn(x, *_dict_arrays(state))
         return out, _dict_from(layout, arrays)
 

@@ -111,3 +111,13 @@ def test_encode_step_routes_to_the_fused_encoder_only_where_allowed(tiny_mimi, m
         assert codes.shape == (1, 8, 1)
         assert (calls == ["init", "step"]) == used, (kw, calls)
         assert (st.mode != "eager" and st.enc_fused is not None) == used
+
+
+def test_bad_fused_encode_value_is_a_clear_error(tiny_mimi):
+    from engine.errors import ConfigError
+    tiny_mimi.fused_encode, tiny_mimi._fused_enc = "yes", None
+    try:
+        with pytest.raises(ConfigError, match="fused_encode"):
+            tiny_mimi._fused_encoder()
+    finally:
+        tiny_mimi.fused_encode, tiny_mimi._fused_enc = "auto", None
