@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "first session using it does not delay the others; repeatable (default NATF0)")
     p.add_argument("--compile", action="store_true",
                    help="mx.compile the batched temporal and depformer steps (fewer kernel launches)")
+    p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
+                   help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
+                        "CPU of 10 at about the same bitrate)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
     return p
 
@@ -52,7 +55,9 @@ def main(argv=None) -> int:
         return 2
     try:
         from .api import PersonaPlex
+        from .audio.opus import load_opus
         from .server.app import ServerConfig, start
+        load_opus()                      # before the (long) model load: a missing libopus fails fast
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
                                  offline=args.offline or None)
     except EngineError as e:
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
         return 1
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        silence_timeout=args.silence_timeout, static_dir=args.static,
-                       compiled=args.compile)
+                       compiled=args.compile, opus_complexity=args.opus_complexity)
     if args.warm:
         cfg.warm_prompts = tuple((w.split(":", 1)[0].removesuffix(".pt"), w.split(":", 1)[1] if ":" in w else None)
                                  for w in args.warm)

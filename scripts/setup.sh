@@ -3,7 +3,7 @@
 #   bash scripts/setup.sh          runtime + audio extras
 #   bash scripts/setup.sh --test   also the test extras, the reference oracle (moshi 0.2.13 + torch CPU),
 #                                  the server extra and headless Chromium (web page test)
-# macOS: `brew install portaudio speexdsp` then the same pip steps (no apt, no OpenBLAS needed).
+# macOS: `brew install portaudio speexdsp opus` then the same pip steps (no apt, no OpenBLAS needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_TEST=0
@@ -13,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 if command -v apt-get >/dev/null; then
-    pkgs="build-essential python3-dev python3-venv portaudio19-dev libspeexdsp1 libopenblas0-pthread"
+    pkgs="build-essential python3-dev python3-venv portaudio19-dev libspeexdsp1 libopus0 libopenblas0-pthread"
     [ $WITH_TEST = 1 ] && pkgs="$pkgs pulseaudio pulseaudio-utils libasound2-plugins espeak-ng chromium"
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from ..audio.opus import OggOpusReader, OggOpusWriter, OpusStreamError, load_opus
+from ..errors import ConfigError
 from . import protocol as P
 from .batch import SlotParams
 from .loop import FRAME, Inbox, Metrics, Slot, StepLoop
@@ -36,6 +38,7 @@ class ServerConfig:
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
     compiled: bool = False            # mx.compile the batched temporal step (and the LM's depformer)
+    opus_complexity: int = 5          # libopus encoder complexity 0..10 for the agent's audio
     # (voice, text prompt) pairs whose prompt phases run before serving (None = default prompt)
     warm_prompts: tuple = (("NATF0", None),)
 
@@ -44,12 +47,12 @@ class _Conn:
     """One websocket connection (asyncio side)."""
 
     def __init__(self, server: "ChatServer", ws: web.WebSocketResponse, req: P.SessionRequest):
-        import sphn
-
         self.server, self.ws, self.req = server, ws, req
         self.aloop = asyncio.get_running_loop()
-        self.reader = sphn.OpusStreamReader(24000)
-        self.writer = sphn.OpusStreamWriter(24000)
+        # libopus through cffi: each call releases the GIL, so encoding every session's frame on
+        # this thread does not hold up the step loop thread (engine/audio/opus.py says why).
+        self.reader = OggOpusReader(24000)
+        self.writer = OggOpusWriter(24000, complexity=server.config.opus_complexity)
         self.outbox: asyncio.Queue = asyncio.Queue(maxsize=server.config.outbox_messages)
         self.joined: asyncio.Future = self.aloop.create_future()
         self.inbox = Inbox(server.config.inbox_frames, server.metrics)
@@ -88,7 +91,7 @@ class _Conn:
     def on_audio(self, payload: bytes) -> None:
         try:
             pcm = self.reader.append_bytes(payload)
-        except Exception as e:  # noqa: BLE001 - sphn raises ValueError for a broken stream
+        except OpusStreamError as e:
             raise P.ProtocolError(f"audio message is not a valid Ogg/Opus stream: {e}") from None
         now = time.monotonic()
         self.last_audio = now
@@ -120,6 +123,10 @@ class ChatServer:
     def __init__(self, model, config: ServerConfig | None = None):
         self.model = model
         self.config = config or ServerConfig()
+        c = self.config.opus_complexity
+        if not (isinstance(c, int) and 0 <= c <= 10):
+            raise ConfigError(f"opus_complexity must be an integer 0..10, got {c!r}")
+        load_opus()                                   # a clear error now, not at the first connection
         self.metrics = Metrics()
         self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled,
                              capacity=self.config.max_sessions, warm=self.config.warm_prompts)
