@@ -334,6 +334,13 @@ class BatchEngine:
         # quantized matmul with fewer than 8 rows is a per-row kernel (one weight pass per row),
         # from 8 rows on one tiled pass. The CPU has no such cliff.
         self.min_rows = 8 if mx.default_device() == mx.gpu else 1
+        # Attention width: until some row has filled its ring, the slots past max(offset) are empty
+        # in every row, so attend over the used prefix, rounded up to `width_step` (few shapes).
+        # Compiled on a GPU: always the whole ring (None), one graph per batch size; the fused
+        # attention kernel does not care, and a retrace every 256 steps would cost a deadline. On
+        # the CPU attention cost grows with the width (the whole ring costs 4x the first 256 slots
+        # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
+        self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
         self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
 
     @property
@@ -357,14 +364,13 @@ class BatchEngine:
         c = self.lm.config
         C, L = c.context, c.num_layers
         x = mx.zeros((b, c.dim), self.lm.dtype)
-        for off in (0, C):
+        rows = self._rows(b)
+        variants = [(C, 0), (C, C)]                       # (width, offset): fresh and full rings
+        if self.width_step:
+            variants += [(w, 0) for w in range(self.width_step, C, self.width_step)]
+        for width, off in variants:
             pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
-            full = off >= C - 1
-            rows = self._rows(b)
-            fn = self._temporal_fns.get((C, rows, full))
-            if fn is None:
-                fn = self._temporal_fns[(C, rows, full)] = mx.compile(
-                    functools.partial(_temporal_pure, self.lm, C, rows, full))
+            fn = self._temporal_fn(width, rows, off >= C - 1)
             kv = self.k + self.v
             self.k = self.v = None
             h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
@@ -608,16 +614,9 @@ class BatchEngine:
         """x (B, D) -> (h (R, D) with R >= B (rows past B: padding), text_logits (B, V)); advances
         every row by one position."""
         C = self.lm.config.context
-        # Until some row has filled its ring, slots >= max(offset) are empty in every row:
-        # attend over the used prefix only (rounded up, so few distinct shapes). Compiled steps
-        # keep one shape instead: a retrace every 256 steps would cost a deadline each time.
-        width = C if self.compiled else min(C, -(-(int(self.off_host.max()) + 1) // _WIDTH_STEP) * _WIDTH_STEP)
-        rows = self._rows(x.shape[0])
-        full = bool(self.off_host.min() >= C - 1)
-        fn = self._temporal_fns.get((width, rows, full))
-        if fn is None:
-            fn = functools.partial(_temporal_pure, self.lm, width, rows, full)
-            fn = self._temporal_fns[(width, rows, full)] = mx.compile(fn) if self.compiled else fn
+        step = self.width_step
+        width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
+        fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
         # The caches are passed in and replaced by the outputs: no other reference to the old
         # arrays survives this call, so the per-row scatter updates them in place (donation).
         kv = self.k + self.v
@@ -627,6 +626,14 @@ class BatchEngine:
         self.k, self.v = list(kv[:L]), list(kv[L:])
         self.off_host += 1
         return h, logits
+
+    def _temporal_fn(self, width: int, rows: int, full: bool):
+        """The temporal step for this attention width, row count and ring state (cached)."""
+        fn = self._temporal_fns.get((width, rows, full))
+        if fn is None:
+            fn = functools.partial(_temporal_pure, self.lm, width, rows, full)
+            fn = self._temporal_fns[(width, rows, full)] = mx.compile(fn) if self.compiled else fn
+        return fn
 
     def _rows(self, b: int) -> int:
         """Rows the linear layers run on: b, padded up to `min_rows` when 1 < b < min_rows."""

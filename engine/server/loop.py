@@ -185,6 +185,11 @@ class StepLoop:
         self.compiled = compiled
         self.capacity = capacity
         self.max_behind = 4
+        # New sessions admitted per tick. A joining session's first frame runs its own B=1 Mimi
+        # encode and decode (its fresh state has no batched layout yet) and, for a prompt not in
+        # the cache, its prompt phases: 8 joining at once made one tiny-model CPU step take 81 ms.
+        # The others wait in the queue for the next ticks (80 ms each).
+        self.max_joins_per_step = 2
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
         self.cpu_blas_threads: int | None = 1
         self.metrics = metrics or Metrics()
@@ -228,13 +233,15 @@ class StepLoop:
             if active.pop(slot.id, None) is not None:
                 be.leave(slot.id)
             slot.left = True
-        while True:
+        admitted = 0
+        while admitted < self.max_joins_per_step:
             try:
                 slot = self._joins.get_nowait()
             except queue.Empty:
                 break
             if slot.left:
                 continue
+            admitted += 1
             t0 = time.perf_counter()
             try:
                 state = self.model._prompted_state(slot.voice, slot.text_prompt, slot.params.seed)

@@ -1,0 +1,165 @@
+"""Realtime test clients for the websocket server: `python -m engine.server.client`.
+
+Each client connects to `/api/chat`, waits for the handshake, then sends a synthetic voice (or a
+wav file) as Ogg/Opus in 80 ms messages paced by the wall clock, and records what comes back:
+agent audio samples, the longest gap between audio messages, text pieces, errors. With many
+clients this is the load generator for the server; run it in its own process (as the server's
+real clients are), so its Opus coding and event loop do not share the server's interpreter.
+
+    python -m engine.server.client --url ws://127.0.0.1:8998 --clients 8 --seconds 20 --json out.json
+
+Exit status: 0 when every client got its handshake, no error and continuous audio (at least one
+frame back per frame sent, minus the frames in flight at the end), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from urllib.parse import urlencode
+
+import numpy as np
+
+from . import protocol as P
+
+SR, FRAME = 24000, 1920
+IN_FLIGHT = 8            # frames still on their way back when a client stops sending
+
+
+def speechlike(seconds: float, seed: int) -> np.ndarray:
+    """A voiced, syllable-modulated test signal (harmonics of a gliding pitch, a little noise)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t + seed)
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    x = env * sum(np.sin(2 * np.pi * f0 * h * t) / h for h in (1, 2, 3)) * 0.15
+    return (x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
+                     opus_complexity: int = 5) -> dict:
+    """One session: stream `audio` (mono 24 kHz) in real time; returns what happened."""
+    import aiohttp
+
+    from ..audio.opus import OggOpusReader, OggOpusWriter
+
+    res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
+           "error": None, "close_code": None}
+    writer, reader = OggOpusWriter(SR, complexity=opus_complexity), OggOpusReader(SR)
+    q = urlencode(query or {"voice_prompt": P.DEFAULT_VOICE})
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.ws_connect(f"{url.rstrip('/')}/api/chat?{q}", max_msg_size=0) as ws:
+            first = await ws.receive(timeout=handshake_timeout)
+            if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != bytes([P.HANDSHAKE]):
+                if first.type == aiohttp.WSMsgType.BINARY:
+                    res["error"] = first.data[1:].decode(errors="replace")
+                else:
+                    res["error"] = f"no handshake (websocket {first.type.name})"
+                await ws.close()
+                res["close_code"] = ws.close_code
+                return res
+            res["handshake_s"] = time.monotonic() - t0
+
+            async def receive():
+                last = None
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        break
+                    kind, payload = msg.data[0], msg.data[1:]
+                    if kind == P.AUDIO:
+                        now = time.monotonic()
+                        if last is not None:
+                            res["max_gap_s"] = max(res["max_gap_s"], now - last)
+                        last = now
+                        res["samples"] += reader.append_bytes(payload).size
+                    elif kind == P.TEXT:
+                        res["text"].append(payload.decode(errors="replace"))
+                    elif kind == P.ERROR:
+                        res["error"] = payload.decode(errors="replace")
+
+            rx = asyncio.create_task(receive())
+            start = time.monotonic()
+            n = len(audio) // FRAME
+            for i in range(n):
+                await asyncio.sleep(max(0.0, start + i * FRAME / SR - time.monotonic()))
+                if ws.closed:
+                    break
+                try:
+                    await ws.send_bytes(P.encode(P.AUDIO, writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])))
+                except ConnectionError as e:
+                    res["error"] = res["error"] or f"connection lost: {e}"
+                    break
+                res["frames_sent"] = i + 1
+            await asyncio.sleep(IN_FLIGHT * FRAME / SR)
+            await ws.close()
+            try:
+                await asyncio.wait_for(rx, 10)
+            except asyncio.TimeoutError:
+                rx.cancel()
+            res["close_code"] = ws.close_code
+    return res
+
+
+def continuous(r: dict) -> bool:
+    return (r["error"] is None and r["handshake_s"] is not None
+            and r["samples"] >= (r["frames_sent"] - IN_FLIGHT) * FRAME)
+
+
+async def run_clients(url: str, clients: int, seconds: float, query: dict | None = None,
+                      stagger_s: float = 0.0, wav: str | None = None) -> list[dict]:
+    if wav:
+        from ..audio.wav import load_audio
+        base = load_audio(wav, SR)
+        reps = int(np.ceil(seconds * SR / max(len(base), 1)))
+        audios = [np.tile(base, reps)[:int(seconds * SR)] for _ in range(clients)]
+    else:
+        audios = [speechlike(seconds, i) for i in range(clients)]
+
+    async def one(i):
+        await asyncio.sleep(i * stagger_s)
+        return await run_client(url, audios[i], query)
+
+    return await asyncio.gather(*[one(i) for i in range(clients)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.server.client", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="ws://127.0.0.1:8998", help="the server (default ws://127.0.0.1:8998)")
+    ap.add_argument("--clients", type=int, default=1, help="concurrent sessions (default 1)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio each client sends (default 10)")
+    ap.add_argument("--voice", default=P.DEFAULT_VOICE, help=f"voice_prompt (default {P.DEFAULT_VOICE})")
+    ap.add_argument("--text-prompt", default=None, help="text_prompt")
+    ap.add_argument("--stagger", type=float, default=0.0, help="seconds between client starts (default 0)")
+    ap.add_argument("--wav", default=None, help="send this file (looped) instead of the synthetic voice")
+    ap.add_argument("--json", default=None, help="write the per-client results here")
+    args = ap.parse_args(argv)
+    if args.clients < 1 or args.seconds <= 0:
+        print("error: --clients must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
+    query = {"voice_prompt": args.voice}
+    if args.text_prompt is not None:
+        query["text_prompt"] = args.text_prompt
+    url = args.url.replace("http://", "ws://").replace("https://", "wss://")
+    try:
+        results = asyncio.run(run_clients(url, args.clients, args.seconds, query, args.stagger, args.wav))
+    except OSError as e:
+        print(f"error: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
+    ok = sum(continuous(r) for r in results)
+    for i, r in enumerate(results):
+        print(f"client {i}: handshake {r['handshake_s'] if r['handshake_s'] is None else round(r['handshake_s'], 2)} s, "
+              f"sent {r['frames_sent']} frames, got {r['samples'] / FRAME:.1f} frames, longest gap "
+              f"{r['max_gap_s'] * 1e3:.0f} ms, {len(r['text'])} text pieces"
+              + (f", error: {r['error']}" if r["error"] else ""))
+    print(f"{ok}/{len(results)} clients got continuous audio")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if ok == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
