@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm", action="append", default=None, metavar="VOICE[:PROMPT]",
                    help="run this voice (+ prompt preset or text) prompt phases before serving, so the "
                         "first session using it does not delay the others; repeatable (default NATF0)")
-    p.add_argument("--compile", action="store_true",
-                   help="mx.compile the batched temporal and depformer steps (fewer kernel launches)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="mx.compile the batched steps (one graph per batch size, traced and rehearsed "
+                        "before serving; fewer kernel launches on a GPU, ~25%% less CPU time on the tiny "
+                        "model). Default on; --no-compile runs them op by op")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")

@@ -37,7 +37,7 @@ class ServerConfig:
     inbox_frames: int = 8             # input backlog bound (640 ms)
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
-    compiled: bool = False            # mx.compile the batched temporal step (and the LM's depformer)
+    compiled: bool = True             # mx.compile the batched steps (engine.serve --no-compile: off)
     opus_complexity: int = 5          # libopus encoder complexity 0..10 for the agent's audio
     # (voice, text prompt) pairs whose prompt phases run before serving (None = default prompt)
     warm_prompts: tuple = (("NATF0", None),)
