@@ -9,7 +9,8 @@
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
-# (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it)
+# (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
+#  the servews stage (the whole websocket path, bench/serve_ws.py) needs aiohttp's cp312 wheels and libopus0's .deb)
 # .ref/moshi is NVIDIA/personaplex's moshi package (git-ignored, exported from a fetched copy) for the
 # PersonaPlex reference frame timing (.device/b/peers_gpu.py = shared/tools/peers_gpu.py).
 # Every stage writes JSON lines / logs under $OUT. Ours and the reference run in the same call.
@@ -38,6 +39,8 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
+    servews) dpkg -x .whl/libopus0_*.deb /tmp/opus && export LD_LIBRARY_PATH=/tmp/opus/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+             timeout $T python3 bench/serve_ws.py --model random:personaplex --quantize 4 --device gpu --clients ${WS_CLIENTS:-16} --seconds ${WS_S:-240} --variants compiled:5 --json "$OUT/serve_ws.json" ;;
     respond) timeout 200 python3 bench/respond.py --model random:personaplex --quantize 4 --device gpu ;;
     profile) DEST=$OUT STEPS=300 timeout $T bash bench/profile_gpu.sh ;;
   esac 2>&1 | tee "$OUT/$s.log"

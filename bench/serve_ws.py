@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python bench/serve_ws.py                              # tiny model, CPU, 8 x 20 s
     PYTHONPATH=. python bench/serve_ws.py --clients 8 --seconds 20 --variants compiled:5,eager:10
+    PYTHONPATH=. python bench/serve_ws.py --model random:personaplex --quantize 4 --device gpu \
+        --clients 16 --seconds 300 --variants compiled:5          # the 7B shapes, random weights
 
 For each variant (`compiled` or `eager` steps : libopus encoder complexity) the server starts
 in this process on 127.0.0.1 with --max-sessions = --clients, `python -m engine.server.client`
@@ -23,10 +25,27 @@ from pathlib import Path
 
 import numpy as np
 
-import engine
+import engine  # noqa: F401  (OpenBLAS before mlx)
 from engine.server.app import ServerConfig, start
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class _AnyVoice:
+    """A random-weights model has no voice files: serve every voice_prompt without a voice prompt
+    (the prompt phases then hold the text prompt only). Everything else is the model's."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def list_voices(self):
+        return ["NATF0"]
+
+    def _prompted_state(self, voice, prompt, seed, batch_size: int = 1):
+        return self._model._prompted_state(None, prompt, seed, batch_size)
 
 
 async def _variant(model, clients: int, seconds: float, compiled: bool, complexity: int) -> dict:
@@ -59,17 +78,22 @@ async def _variant(model, clients: int, seconds: float, compiled: bool, complexi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help='"tiny" (default), a repo id or a model directory')
+    ap.add_argument("--model", default="tiny",
+                    help='"tiny" (default), a repo id, a model directory, random:personaplex or random:tiny')
     ap.add_argument("--quantize", default=None)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--variants", default="compiled:5,eager:10",
                     help="comma list of compiled|eager:complexity (default compiled:5,eager:10)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
-    model = engine.PersonaPlex.load(args.model, quantize=args.quantize, progress=False)
+    from bench.duplex import load
+    model = load(args.model, args.quantize, args.device)
+    if args.model.startswith("random:"):
+        model = _AnyVoice(model)
     import mlx.core as mx
-    print(f"model={args.model} device={mx.default_device()} cores={os.cpu_count()} "
+    print(f"model={args.model} device={args.device} cores={os.cpu_count()} "
           f"load={os.getloadavg()[0]:.2f} date={time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     rows = []
     try:
