@@ -316,7 +316,7 @@ class Mimi(nn.Module):
         """Streaming state for `batch_size` rows; `mode` defaults to `self.step_mode`
         ("compiled"; see `MimiState` for "fixed" and "eager"). `fused=False` keeps the state on
         the MLX step even where the fused CUDA encoder runs (a state whose eager view is read
-        after each step, as the server's joining slots, would convert back every time)."""
+        after each step would convert back every time)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
         mode = self._step_mode if mode is None else mode

@@ -62,6 +62,11 @@ class ELU(nn.Module):
         return elu(x), []
 
 
+# Eager-cache key of a (B, 1, 1) bool array: rows at their first frame (the server's batched
+# Mimi, whose rows join at different times, all start from a zero state; see Conv1d).
+FRESH_ROWS = "__fresh_rows__"
+
+
 class Conv1d(nn.Module):
     """Causal conv with the reference's streaming padding.
 
@@ -97,6 +102,10 @@ class Conv1d(nn.Module):
                     prev = mx.repeat(x[:, :1], tp, axis=1)
                 else:
                     prev = mx.zeros((x.shape[0], tp, x.shape[2]), dtype=x.dtype)
+            elif self._pad_mode == "replicate" and FRESH_ROWS in cache:
+                # a batch whose rows started at different times: rows at their first frame
+                # replicate their first sample instead of using the (zero) tail they hold
+                prev = mx.where(cache[FRESH_ROWS], x[:, :1], prev)
             x = mx.concatenate([prev, x], axis=1)
             cache[self._name] = x[:, -tp:]
         return self._conv(x)

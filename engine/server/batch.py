@@ -14,10 +14,10 @@ How rows that started at different times share one step:
   frame's delayed agent codebooks on its first live step, a running row does not).
 - Sampling: per-row temperature / top-k / greedy, and per-row RNG keys split exactly the way
   `LmGen.step` splits its key, so a seeded slot samples the same tokens in a batch as alone.
-- Mimi: a slot's first frame is encoded/decoded with its own B=1 state (the first call of the
-  replicate-padded downsampling conv depends on the data), then the state is merged into the
-  batched state. Transformer KV windows are kept at their full width (context - 1) per row with
-  a per-row count of valid keys, and per-row offsets.
+- Mimi: a joining slot adds a zero row to the batched state (a first call pads with zeros too),
+  with a per-row "fresh" flag for the one replicate-padded conv (the downsampler), whose first
+  call pads with the row's own first sample. Transformer KV windows are kept at their full width
+  (context - 1) per row with a per-row count of valid keys, and per-row offsets.
 
 Worker thread only (every method runs MLX).
 """
@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..models.gen import GenState, SamplingParams
 from ..models.lm import _silu_gate
+from ..models.mimi_modules import FRESH_ROWS
 
 __all__ = ["SlotParams", "BatchEngine"]
 
@@ -125,6 +126,26 @@ def _mimi_transformer(tr, x, cache: dict) -> mx.array:
     return x
 
 
+def _fresh_rows(mimi) -> tuple[dict, dict]:
+    """One row of the batched Mimi state before its first frame: (encoder, decoder) dicts.
+
+    The batched layout is the eager view of a state after one call (`_to_batched`), zeroed: conv
+    tails and transposed-conv overlaps are zero (what a first call pads with, except the
+    replicate-padded downsampler, which `FRESH_ROWS` handles), transformer offsets 0, KV windows
+    with no valid key. A joining session starts from it inside the batch, at no extra step."""
+    enc, dec = mimi.make_state(1, mode="eager"), mimi.make_state(1, mode="eager")
+    codes = mimi.encode_step(np.zeros((1, 1, mimi.frame_size), np.float32), enc)
+    mimi.decode_step(codes[:, :, :1] * 0, dec)
+    out = []
+    for d in (_to_batched(enc.encoder, mimi), _to_batched(dec.decoder, mimi)):
+        z = {name: (tuple(mx.zeros_like(a) for a in v) if isinstance(v, tuple) else mx.zeros_like(v))
+             for name, v in d.items()}
+        mx.eval(_dict_arrays(z))
+        out.append(z)
+    out[0][FRESH_ROWS] = mx.ones((1, 1, 1), mx.bool_)
+    return out[0], out[1]
+
+
 def _to_batched(d: dict, mimi) -> dict:
     """A B=1 MimiState dict (after one call) -> the batched layout (KV padded to the full window)."""
     out = {}
@@ -195,6 +216,7 @@ def _encode_pure(mimi, layout, n_cb, x, *arrays):
     y = _mimi_transformer(mimi.encoder_transformer, y, cache)
     lat = mimi.downsample(y, cache).astype(mx.float32)
     codes = mimi.quantizer.encode(lat, mimi.num_codebooks)[:, :n_cb, 0]
+    cache[FRESH_ROWS] = mx.zeros_like(cache[FRESH_ROWS])          # every row has had a frame now
     return (codes, *_dict_arrays(cache))
 
 
@@ -318,13 +340,11 @@ class BatchEngine:
         self.temp_audio = np.zeros(0, np.float32)
         self.top_k_audio = np.zeros(0, np.int32)
         self.greedy = np.zeros(0, bool)
-        # Mimi: warm rows are merged; a new slot keeps its own B=1 state for its first frame.
-        self.enc_rows: list = []
-        self.dec_rows: list = []
+        # Mimi: one batched state per direction, rows in slot order; a joining slot adds a fresh
+        # row (`_fresh_rows`, built on first use).
         self.enc: dict | None = None
         self.dec: dict | None = None
-        self._pending_enc: dict = {}
-        self._pending_dec: dict = {}
+        self._fresh: tuple | None = None
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self.compiled = compiled
         self._temporal_fns: dict = {}
@@ -390,7 +410,7 @@ class BatchEngine:
     def rehearse(self, state_fn) -> int:
         """Run real steps for every batch size 1..cap with dummy sessions (`state_fn()` gives a
         prompted B=1 GenState), then remove them. Beyond the traced graphs, a live step runs
-        eager ops (token ring, embeddings, first-frame Mimi steps, state merges) whose CUDA
+        eager ops (token ring, embeddings, provided-codebook merges, joins) whose CUDA
         kernels MLX JIT-compiles on first use; measured on an H100, the first live step of 16
         fresh sessions otherwise took 7-8 s. Only while no session is active. Returns the steps run."""
         if self.size:
@@ -399,7 +419,7 @@ class BatchEngine:
         try:
             for b in range(1, max(self.cap, 1) + 1):
                 self.join(("rehearsal", b), state_fn(), SlotParams())
-                for _ in range(2):          # a joining slot's first frame, then the merged rows
+                for _ in range(2):          # a joining row's first step (prompt codebooks forced), then plain
                     self.step(np.zeros((self.size, self.mimi.frame_size), np.float32))
                     steps += 1
         finally:
@@ -480,9 +500,14 @@ class BatchEngine:
         self.top_k_audio = np.append(self.top_k_audio, np.int32(sp.top_k_audio))
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
-        self._pending_enc[slot] = self.mimi.make_state(1, fused=False)   # its eager view is merged next
-        self._pending_dec[slot] = self.mimi.make_state(1)
-        mx.eval(self.pos, self.offset, self.tokens, self.keys)
+        enc, dec = self._fresh_mimi_rows()
+        self.enc, self.dec = _concat_dicts(self.enc, enc), _concat_dicts(self.dec, dec)
+        mx.eval(self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc), _dict_arrays(self.dec))
+
+    def _fresh_mimi_rows(self) -> tuple[dict, dict]:
+        if self._fresh is None:
+            self._fresh = _fresh_rows(self.mimi)
+        return self._fresh
 
     def leave(self, slot) -> None:
         """Remove `slot`'s row; the other rows keep their state untouched."""
@@ -496,8 +521,6 @@ class BatchEngine:
         order.pop()
         self.slots[r] = self.slots[last]
         self.slots.pop()
-        self._pending_enc.pop(slot, None)
-        self._pending_dec.pop(slot, None)
         if r != last:
             at = mx.array([r, 0, 0, 0], mx.int32)
             zero = mx.array(0, self.k[0].dtype)
@@ -508,65 +531,27 @@ class BatchEngine:
                 self.v[i] = mx.slice_update(self.v[i], rv, at, axes=(0, 1, 2, 3))
                 mx.eval(self.k[i], self.v[i])
         if not order:
-            self.pos = self.offset = self.tokens = self.keys = None
+            self.pos = self.offset = self.tokens = self.keys = self.enc = self.dec = None
         else:
             idx = mx.array(order, mx.int32)
             self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
             self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
-            mx.eval(self.pos, self.offset, self.tokens, self.keys)
+            self.enc, self.dec = _take_dict(self.enc, idx), _take_dict(self.dec, idx)
+            mx.eval(self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc), _dict_arrays(self.dec))
         for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
             setattr(self, a, getattr(self, a)[order])
-        for rows, attr in ((self.enc_rows, "enc"), (self.dec_rows, "dec")):
-            if slot in rows:
-                i = rows.index(slot)
-                rows.pop(i)
-                left = [j for j in range(len(rows) + 1) if j != i]
-                d = getattr(self, attr)
-                setattr(self, attr, _take_dict(d, mx.array(left, mx.int32)) if left else None)
-                if left:
-                    mx.eval(_dict_arrays(getattr(self, attr)))
 
     # ------------------------------------------------------------------ Mimi
     def _encode(self, frames: np.ndarray) -> mx.array:
         """frames (B, 1920) float32 in row order -> user codes (B, n_cb) int32."""
-        mimi = self.mimi
-        row = {s: i for i, s in enumerate(self.slots)}
-        parts, order = [], []
-        if self.enc_rows:
-            x = mx.array(frames[[row[s] for s in self.enc_rows]])[:, :, None]   # (Bw, 1920, 1)
-            codes, self.enc = self._mimi_call("enc", self.enc, x)
-            parts.append(codes)
-            order += self.enc_rows
-        new = [s for s in self.slots if s in self._pending_enc]
-        for s in new:
-            st = self._pending_enc.pop(s)
-            codes = mimi.encode_step(frames[row[s]].reshape(1, 1, -1), st)
-            parts.append(codes[:, :self.n_cb, 0])
-            self.enc = _concat_dicts(self.enc, _to_batched(st.encoder, mimi))
-            self.enc_rows.append(s)
-        order += new
-        return self._in_slot_order(parts, order)
+        codes, self.enc = self._mimi_call("enc", self.enc, mx.array(frames)[:, :, None])
+        return codes
 
     def _decode(self, agent: mx.array) -> mx.array:
         """agent codes (B, n_cb) in row order -> pcm (B, 1920) float32."""
-        mimi = self.mimi
-        row = {s: i for i, s in enumerate(self.slots)}
-        parts, order = [], []
-        if self.dec_rows:
-            c = mx.take(agent, mx.array([row[s] for s in self.dec_rows], mx.int32), axis=0)[:, :, None]
-            pcm, self.dec = self._mimi_call("dec", self.dec, mx.clip(c, 0, mimi.cardinality - 1))
-            parts.append(pcm)
-            order += self.dec_rows
-        new = [s for s in self.slots if s in self._pending_dec]
-        for s in new:
-            st = self._pending_dec.pop(s)
-            r = row[s]
-            pcm = mimi.decode_step(agent[r:r + 1, :, None], st)
-            parts.append(pcm[:, 0])
-            self.dec = _concat_dicts(self.dec, _to_batched(st.decoder, mimi))
-            self.dec_rows.append(s)
-        order += new
-        return self._in_slot_order(parts, order)
+        c = mx.clip(agent, 0, self.mimi.cardinality - 1)[:, :, None]
+        pcm, self.dec = self._mimi_call("dec", self.dec, c)
+        return pcm
 
     def _mimi_call(self, which: str, state: dict, x: mx.array):
         """One batched Mimi encode ("enc") or decode ("dec") step -> (output, new state dict);
@@ -587,27 +572,14 @@ class BatchEngine:
         return out, _dict_from(layout, arrays)
 
     def _prewarm_mimi(self, b: int) -> None:
-        """Trace the compiled batched Mimi steps for b rows (dummy states; nothing is kept)."""
-        mimi = self.mimi
-        enc, dec = mimi.make_state(1, fused=False), mimi.make_state(1)
-        zero = np.zeros((1, 1, mimi.frame_size), np.float32)
-        codes = mimi.encode_step(zero, enc)
-        mimi.decode_step(codes[:, :, :1] * 0, dec)
-        e1, d1 = _to_batched(enc.encoder, mimi), _to_batched(dec.decoder, mimi)
-        eb, db = _concat_dicts(None, e1), _concat_dicts(None, d1)
+        """Trace the compiled batched Mimi steps for b rows (fresh dummy rows; nothing is kept)."""
+        e1, d1 = self._fresh_mimi_rows()
+        eb, db = e1, d1
         for _ in range(b - 1):
             eb, db = _concat_dicts(eb, e1), _concat_dicts(db, d1)
-        c, e2 = self._mimi_call("enc", eb, mx.zeros((b, mimi.frame_size, 1), mx.float32))
+        c, e2 = self._mimi_call("enc", eb, mx.zeros((b, self.mimi.frame_size, 1), mx.float32))
         pcm, d2 = self._mimi_call("dec", db, mx.zeros((b, self.n_cb, 1), mx.int32))
         mx.eval(c, pcm, _dict_arrays(e2), _dict_arrays(d2))
-
-    def _in_slot_order(self, parts: list, order: list) -> mx.array:
-        """Concatenate per-group results (rows listed in `order`) and put them in slot order."""
-        out = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-        if order != self.slots:
-            pos = {s: i for i, s in enumerate(order)}
-            out = mx.take(out, mx.array([pos[s] for s in self.slots], mx.int32), axis=0)
-        return out
 
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):

@@ -90,7 +90,7 @@ def test_mimi_state_reads_back_a_fused_state(tiny_mimi):
 
 def test_encode_step_routes_to_the_fused_encoder_only_where_allowed(tiny_mimi, monkeypatch):
     """Where the fused encoder exists, batch-1 "compiled" states use it, unless made with
-    fused=False (the server's joining slots) or in another mode."""
+    fused=False or in another mode."""
     calls = []
 
     class Fake:
