@@ -15,7 +15,7 @@ import engine  # noqa: F401  (loads OpenBLAS before mlx)
 from engine.errors import EngineError
 from engine.models.gen import LmGen, SamplingParams
 from engine.server import protocol as P
-from engine.server.client import speechlike
+from engine.server.client import run_client, speechlike
 
 aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[serve]'")
 # sphn (the reference server's Opus package) plays the reference-compatible client here
@@ -231,51 +231,11 @@ def test_batch_errors(tiny_model):
 # ----------------------------------------------------------------------------------------------
 # the server, real-time clients
 # ----------------------------------------------------------------------------------------------
-async def _client(port, seconds, seed=0, query="voice_prompt=NATF0.pt&text_prompt=Hello"):
-    """Send `seconds` of audio in real time (80 ms Opus chunks); collect what comes back."""
-    res = {"handshake": None, "samples": 0, "text": [], "gaps": [], "error": None, "close": None}
-    audio = speechlike(seconds, seed)
-    writer, reader = sphn.OpusStreamWriter(24000), sphn.OpusStreamReader(24000)
-    async with aiohttp.ClientSession() as s:
-        t0 = time.monotonic()
-        async with s.ws_connect(f"http://127.0.0.1:{port}/api/chat?{query}") as ws:
-            first = await ws.receive(timeout=60)
-            if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b"\x00":
-                res["error"] = first.data[1:].decode() if first.type == aiohttp.WSMsgType.BINARY else None
-                res["close"] = (await ws.receive(timeout=10)).data if not ws.closed else ws.close_code
-                return res
-            res["handshake"] = time.monotonic() - t0
-
-            async def recv():
-                last = None
-                async for msg in ws:
-                    if msg.type != aiohttp.WSMsgType.BINARY:
-                        break
-                    kind, payload = msg.data[0], msg.data[1:]
-                    if kind == P.AUDIO:
-                        now = time.monotonic()
-                        if last is not None:
-                            res["gaps"].append(now - last)
-                        last = now
-                        pcm = reader.append_bytes(payload)
-                        if pcm is not None:
-                            res["samples"] += len(pcm)
-                    elif kind == P.TEXT:
-                        res["text"].append(payload.decode())
-                    elif kind == P.ERROR:
-                        res["error"] = payload.decode()
-
-            rt = asyncio.create_task(recv())
-            start = time.monotonic()
-            n = len(audio) // FRAME
-            for i in range(n):
-                await asyncio.sleep(max(0.0, start + i * 0.08 - time.monotonic()))
-                await ws.send_bytes(P.encode(P.AUDIO, writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])))
-            await asyncio.sleep(0.6)
-            await ws.close()
-            await asyncio.wait_for(rt, 10)
-            res["frames_sent"] = n
-    return res
+async def _client(port, seconds, seed=0, query=None):
+    """A reference-style client (sphn's Ogg/Opus, as the reference server's own tooling) sending
+    `seconds` of audio in real time: engine.server.client.run_client's result dict."""
+    return await run_client(f"ws://127.0.0.1:{port}", speechlike(seconds, seed),
+                            query or {"voice_prompt": "NATF0.pt", "text_prompt": "Hello"}, codec="sphn")
 
 
 def _run_server(model, coro_fn, **cfg):
@@ -315,13 +275,13 @@ def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
     results, refused, t_refuse, status, health, metrics, m = _run_server(
         model, scenario, max_sessions=n_clients)
     assert status == 200 and f'"sessions": {n_clients}' in health
-    assert refused["handshake"] is None and "server full" in refused["error"] and t_refuse < 5
+    assert refused["handshake_s"] is None and "server full" in refused["error"] and t_refuse < 5
     assert max(m.batch_sizes) == n_clients          # one batched step served every client
     for r in results:
-        assert r["error"] is None and r["handshake"] is not None
+        assert r["error"] is None and r["handshake_s"] is not None
         # continuous audio: one 80 ms frame back per frame sent (allow the tail in flight)
         assert r["samples"] >= (r["frames_sent"] - 8) * FRAME, (r["samples"], r["frames_sent"])
-        assert max(r["gaps"]) < 0.5, f"audio stalled for {max(r['gaps']):.2f} s"
+        assert r["max_gap_s"] < 0.5, f"audio stalled for {r['max_gap_s']:.2f} s"
     assert sum(len(r["text"]) for r in results) > 0
     assert m.steps >= seconds / 0.08 * 0.9
     msg = (f"{m.misses} misses in {m.steps} steps, step p50 {m.percentile(50):.1f} "
@@ -413,7 +373,7 @@ def test_eight_clients_twenty_seconds_no_misses(tiny_model, tmp_path):
         assert r["error"] is None and r["frames_sent"] >= seconds / 0.08 - 1
         assert r["samples"] >= (r["frames_sent"] - 8) * FRAME and r["max_gap_s"] < 0.5, r
     assert sum(len(r["text"]) for r in results) > 0
-    assert refused["handshake"] is None and "server full" in refused["error"]
+    assert refused["handshake_s"] is None and "server full" in refused["error"]
     assert max(m.batch_sizes) == n and m.steps >= seconds / 0.08 * 0.9
     ms, sizes = list(m.step_ms), list(m.batch_sizes)
     slow = [(i, round(ms[i]), sizes[i]) for i in sorted(range(len(ms)), key=ms.__getitem__)[-4:]]
@@ -462,7 +422,7 @@ def test_malformed_idle_and_oversized_clients_are_closed(tiny_model):
     assert query[0] == "refused" and "unknown voice_prompt" in query[1]
     for r in good:  # the well-behaved sessions kept streaming (loose bounds: shared, loaded CPU)
         assert r["error"] is None and r["samples"] >= 0.8 * r["frames_sent"] * FRAME, r["samples"]
-        assert max(r["gaps"]) < 1.0
+        assert r["max_gap_s"] < 1.0
     assert m.closed_error >= 3 and m.closed_idle == 1 and m.refused == 1
 
 
@@ -539,9 +499,17 @@ def test_cli_starts_serves_health_and_rejects_bad_args(tmp_path):
         port = int(line.split("127.0.0.1:")[1].split("/")[0])
         status, body = asyncio.run(_get(port, "/healthz"))
         assert status == 200 and '"max_sessions": 2' in body
+        # the realtime client CLI against it: a session with continuous audio back, exit 0
+        client = [sys.executable, "-m", "engine.server.client", "--url", f"http://127.0.0.1:{port}"]
+        ok = subprocess.run(client + ["--seconds", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+        assert ok.returncode == 0 and "1/1 clients got continuous audio" in ok.stdout, ok.stdout + ok.stderr
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+    gone = subprocess.run(client + ["--seconds", "1"], capture_output=True, text=True, env=env, timeout=60)
+    assert gone.returncode == 1 and "cannot reach" in gone.stderr
+    bad = subprocess.run(client + ["--clients", "0"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--clients" in bad.stderr
 
 
 def test_static_dir_option_serves_another_client(tiny_model, tmp_path):

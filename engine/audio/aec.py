@@ -15,13 +15,13 @@ No I/O and no threads; callers serialise access.
 """
 from __future__ import annotations
 
-import ctypes.util as _ctypes_util
 import sys as _sys
 
 import numpy as _np
 from cffi import FFI as _FFI
 
-from ..errors import AudioFormatError, ConfigError, MissingLibraryError
+from ..errors import AudioFormatError, ConfigError
+from ._dlopen import open_library
 
 __all__ = ["EchoCanceller", "PassthroughEchoCanceller", "estimate_delay", "load_speexdsp"]
 
@@ -70,21 +70,9 @@ def load_speexdsp():
         MissingLibraryError: the library is not installed (the message says how to install it).
     """
     global _lib
-    if _lib is not None:
-        return _lib
-    names = list(_LIB_NAMES)
-    found = _ctypes_util.find_library("speexdsp")
-    if found and found not in names:
-        names.append(found)
-    errors = []
-    for name in names:
-        try:
-            _lib = _ffi.dlopen(name)
-            return _lib
-        except OSError as e:
-            errors.append(f"{name}: {e}")
-    raise MissingLibraryError(
-        f"libspeexdsp (echo cancellation) was not found (tried {', '.join(names)}); {_INSTALL_HINT}")
+    if _lib is None:
+        _lib = open_library(_ffi, _LIB_NAMES, "speexdsp", "libspeexdsp (echo cancellation)", _INSTALL_HINT)
+    return _lib
 
 
 def _as_block(x, name: str) -> _np.ndarray:

@@ -15,14 +15,14 @@ Each object is one stream's state; not thread-safe (one session's coroutine uses
 """
 from __future__ import annotations
 
-import ctypes.util as _ctypes_util
 import struct as _struct
 import sys as _sys
 
 import numpy as _np
 from cffi import FFI as _FFI
 
-from ..errors import ConfigError, MissingLibraryError
+from ..errors import ConfigError
+from ._dlopen import open_library
 
 __all__ = ["OggOpusWriter", "OggOpusReader", "OpusStreamError", "load_opus", "opus_version"]
 
@@ -73,21 +73,9 @@ def load_opus():
         MissingLibraryError: the library is not installed (the message says how to install it).
     """
     global _lib
-    if _lib is not None:
-        return _lib
-    names = list(_LIB_NAMES)
-    found = _ctypes_util.find_library("opus")
-    if found and found not in names:
-        names.append(found)
-    errors = []
-    for name in names:
-        try:
-            _lib = _ffi.dlopen(name)
-            return _lib
-        except OSError as e:
-            errors.append(f"{name}: {e}")
-    raise MissingLibraryError(f"libopus (the server's Ogg/Opus audio) was not found (tried "
-                              f"{', '.join(names)}); {_INSTALL_HINT}")
+    if _lib is None:
+        _lib = open_library(_ffi, _LIB_NAMES, "opus", "libopus (the server's Ogg/Opus audio)", _INSTALL_HINT)
+    return _lib
 
 
 def opus_version() -> str:

@@ -38,16 +38,26 @@ def speechlike(seconds: float, seed: int) -> np.ndarray:
     return (x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
-                     opus_complexity: int = 5) -> dict:
-    """One session: stream `audio` (mono 24 kHz) in real time; returns what happened."""
-    import aiohttp
-
+def _codec(codec: str, complexity: int):
+    """(writer, reader) of Ogg/Opus streams: ours (libopus) or sphn's (the reference server's)."""
+    if codec == "sphn":
+        import sphn
+        return sphn.OpusStreamWriter(SR), sphn.OpusStreamReader(SR)
+    if codec != "libopus":
+        raise ValueError(f"codec {codec!r}: use 'libopus' or 'sphn'")
     from ..audio.opus import OggOpusReader, OggOpusWriter
+    return OggOpusWriter(SR, complexity=complexity), OggOpusReader(SR)
+
+
+async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
+                     opus_complexity: int = 5, codec: str = "libopus") -> dict:
+    """One session: stream `audio` (mono 24 kHz) in real time; returns what happened.
+    `codec="sphn"` codes with the reference server's package instead of ours."""
+    import aiohttp
 
     res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
            "error": None, "close_code": None}
-    writer, reader = OggOpusWriter(SR, complexity=opus_complexity), OggOpusReader(SR)
+    writer, reader = _codec(codec, opus_complexity)
     q = urlencode(query or {"voice_prompt": P.DEFAULT_VOICE})
     async with aiohttp.ClientSession() as s:
         t0 = time.monotonic()
@@ -74,7 +84,8 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
                         if last is not None:
                             res["max_gap_s"] = max(res["max_gap_s"], now - last)
                         last = now
-                        res["samples"] += reader.append_bytes(payload).size
+                        pcm = reader.append_bytes(payload)
+                        res["samples"] += 0 if pcm is None else np.asarray(pcm).size
                     elif kind == P.TEXT:
                         res["text"].append(payload.decode(errors="replace"))
                     elif kind == P.ERROR:

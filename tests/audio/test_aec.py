@@ -133,7 +133,7 @@ def test_passthrough_matches_interface():
 def test_missing_library_error(monkeypatch):
     monkeypatch.setattr(aec, "_lib", None)
     monkeypatch.setattr(aec, "_LIB_NAMES", ["libspeexdsp-does-not-exist.so.9"])
-    monkeypatch.setattr(aec._ctypes_util, "find_library", lambda name: None)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
     with pytest.raises(MissingLibraryError) as e:
         aec.EchoCanceller()
     msg = str(e.value)

@@ -200,6 +200,6 @@ def test_missing_library_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(O, "_lib", None)
     monkeypatch.setattr(O, "_LIB_NAMES", ["libopus-not-here.so.9"])
-    monkeypatch.setattr(O._ctypes_util, "find_library", lambda name: None)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
     with pytest.raises(MissingLibraryError, match="apt-get install libopus0"):
         O.OggOpusWriter(SR)
