@@ -393,13 +393,23 @@ def test_malformed_idle_and_oversized_clients_are_closed(tiny_model):
                 if msg.data[:1] != b"\x00":
                     return "refused", msg.data[1:].decode()
                 if not send_nothing:
-                    await ws.send_bytes(payload)
+                    for part in payload if isinstance(payload, list) else [payload]:
+                        await ws.send_bytes(part)
                 t0 = time.monotonic()
                 err = None
                 async for msg in ws:
                     if msg.type == aiohttp.WSMsgType.BINARY and msg.data[:1] == b"\x05":
                         err = msg.data[1:].decode()
                 return ws.close_code, err, time.monotonic() - t0
+
+    from engine.audio.opus import OggOpusWriter, ogg_page
+
+    # Opus bombs: 2-byte packets of 120 ms each (six empty 20 ms frames)
+    w = OggOpusWriter()
+    head = w.headers()
+    bomb = b"\x01" + head + b"".join(ogg_page(b"\xfb\x06", 0, w.serial, 2 + i) for i in range(20))
+    pages = [b"".join(ogg_page(b"\xfb\x06", 0, w.serial, 2 + 8 * k + i) for i in range(8)) for k in range(12)]
+    flood = [b"\x01" + head + pages[0]] + [b"\x01" + p for p in pages[1:]]   # 0.96 s a message, at once
 
     async def scenario(port, server):
         good = [asyncio.create_task(_client(port, 5.0, seed=i)) for i in range(2)]
@@ -410,11 +420,15 @@ def test_malformed_idle_and_oversized_clients_are_closed(tiny_model):
             bad(port, b"\x01" + bytes(200_000)),             # oversized
             bad(port, send_nothing=True),                    # idle
             bad(port, query="voice_prompt=NOBODY.pt"),       # bad query
+            bad(port, bomb),                                 # 2.4 s of audio in 700 bytes
+            bad(port, flood),                                # 11.5 s of audio at once
         )
         return outs, await asyncio.gather(*good), server.metrics
 
     outs, good, m = _run_server(tiny_model, scenario, max_sessions=8, idle_timeout=1.5)
-    kind, opus, big, idle, query = outs
+    kind, opus, big, idle, query, bombed, flooded = outs
+    assert bombed[0] == 1003 and "more than 1 s of audio" in bombed[1]
+    assert flooded[0] == 1003 and "faster than real time" in flooded[1]
     assert kind[0] == 1003 and "0x09" in kind[1]
     assert opus[0] == 1003 and "Ogg/Opus" in opus[1]
     assert big[0] in (1009, 1003)
@@ -423,7 +437,7 @@ def test_malformed_idle_and_oversized_clients_are_closed(tiny_model):
     for r in good:  # the well-behaved sessions kept streaming (loose bounds: shared, loaded CPU)
         assert r["error"] is None and r["samples"] >= 0.8 * r["frames_sent"] * FRAME, r["samples"]
         assert r["max_gap_s"] < 1.0
-    assert m.closed_error >= 3 and m.closed_idle == 1 and m.refused == 1
+    assert m.closed_error >= 5 and m.closed_idle == 1 and m.refused == 1
 
 
 def test_static_page_and_voices(tiny_model):

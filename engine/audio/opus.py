@@ -38,6 +38,7 @@ OpusDecoder *opus_decoder_create(int32_t Fs, int channels, int *error);
 void opus_decoder_destroy(OpusDecoder *st);
 int opus_decode_float(OpusDecoder *st, const unsigned char *data, int32_t len, float *pcm,
                       int frame_size, int decode_fec);
+int opus_packet_get_nb_samples(const unsigned char *packet, int32_t len, int32_t Fs);
 const char *opus_strerror(int error);
 const char *opus_get_version_string(void);
 """
@@ -161,7 +162,8 @@ class OggOpusWriter:
         if bitrate is not None:
             self._ctl(_SET_BITRATE, bitrate)
         look = _ffi.new("int32_t *")
-        lib.opus_encoder_ctl(self._enc, _GET_LOOKAHEAD, look)
+        if lib.opus_encoder_ctl(self._enc, _GET_LOOKAHEAD, look) != 0:
+            look[0] = 0                                        # pre-skip is advisory
         self.complexity, self.bitrate = complexity, bitrate
         self.block = self.sample_rate // 50                    # 20 ms
         self.pre_skip = int(look[0]) * 48000 // self.sample_rate
@@ -225,11 +227,15 @@ class OggOpusReader:
     must be OpusHead, the second OpusTags. Stereo streams are downmixed by libopus. Pre-skip is
     not trimmed: a live stream keeps its timing. Bad data raises `OpusStreamError` (a ValueError)
     naming what is wrong; after that the reader is unusable.
+
+    `max_call_seconds`: the most audio one `append_bytes` call may decode (None: no limit). A
+    2-byte Opus packet decodes to 120 ms, so a 64 KiB message of them would be ~30 minutes of
+    audio (seconds of CPU, hundreds of MB): a server reading client bytes sets a limit.
     """
 
     MAX_PACKET = 1 << 16
 
-    def __init__(self, sample_rate: int = 24000):
+    def __init__(self, sample_rate: int = 24000, max_call_seconds: float | None = None):
         lib = load_opus()
         self.sample_rate = _check_rate(sample_rate)
         err = _ffi.new("int *")
@@ -240,6 +246,7 @@ class OggOpusReader:
         self._lib = lib
         self._data = bytearray()
         self._packet = bytearray()          # a packet continued on the next page
+        self._orphan = False                # skipping the tail of a packet whose start was never seen
         self._packets = 0                   # packets seen (0: OpusHead, 1: OpusTags)
         self._serial = None
         self._failed: str | None = None
@@ -248,6 +255,8 @@ class OggOpusReader:
         self._pcm_ptr = _ffi.cast("float *", _ffi.from_buffer(self._pcm))
         self.channels = None
         self.pages = 0
+        self._budget_max = None if max_call_seconds is None else int(max_call_seconds * self.sample_rate)
+        self._budget = 0
 
     def _fail(self, why: str):
         self._failed = why
@@ -257,6 +266,7 @@ class OggOpusReader:
         if self._failed:
             raise OpusStreamError(f"the stream already failed: {self._failed}")
         self._data += bytes(data)
+        self._budget = self._budget_max
         out = []
         buf = self._data
         pos = 0
@@ -286,8 +296,15 @@ class OggOpusReader:
             body = memoryview(page)[27 + nseg:]
             if not flags & _FLAG_CONTINUED:
                 self._packet.clear()        # a lost continuation: drop the partial packet
+                self._orphan = False
+            elif not self._packet:
+                self._orphan = True         # continues a packet we never saw: drop up to its end
             at = 0
             for lace in lacing:
+                if self._orphan:
+                    at += lace
+                    self._orphan = lace == 255
+                    continue
                 self._packet += body[at: at + lace]
                 at += lace
                 if len(self._packet) > self.MAX_PACKET:
@@ -309,6 +326,8 @@ class OggOpusReader:
         if k == 0:
             if len(pkt) < 19 or pkt[:8] != b"OpusHead":
                 self._fail("the first packet is not an OpusHead header (is this Ogg/Opus?)")
+            if pkt[8] >> 4:
+                self._fail(f"OpusHead version {pkt[8]}: an incompatible Ogg Opus mapping (RFC 7845 knows 0-15)")
             self.channels = pkt[9]
             if self.channels not in (1, 2) or pkt[18] != 0:
                 self._fail(f"unsupported Opus channel layout ({self.channels} channels, mapping {pkt[18]}); "
@@ -320,6 +339,14 @@ class OggOpusReader:
             return None
         if not pkt:
             return None                      # an empty packet: nothing to decode
+        if self._budget is not None:
+            nb = self._lib.opus_packet_get_nb_samples(pkt, len(pkt), self.sample_rate)
+            if nb < 0:
+                self._fail(f"Opus packet {k - 2} is malformed: {_ffi.string(self._lib.opus_strerror(nb)).decode()}")
+            self._budget -= nb
+            if self._budget < 0:
+                self._fail(f"one message holds more than {self._budget_max / self.sample_rate:g} s of audio; "
+                           "send it as it is recorded (80 ms per message)")
         n = self._lib.opus_decode_float(self._dec, pkt, len(pkt), self._pcm_ptr, self._max, 0)
         if n < 0:
             self._fail(f"Opus packet {k - 2} does not decode: {_ffi.string(self._lib.opus_strerror(n)).decode()}")

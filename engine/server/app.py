@@ -34,6 +34,8 @@ class ServerConfig:
     silence_level: float = 1e-3
     prompt_timeout: float = 120.0     # seconds to wait for the prompt phases
     max_message_bytes: int = 64 * 1024
+    max_message_audio: float = 1.0    # seconds of audio one message may decode to (80 ms is normal)
+    max_audio_lead: float = 10.0      # seconds a client's audio may run ahead of the wall clock
     inbox_frames: int = 8             # input backlog bound (640 ms)
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
@@ -51,7 +53,9 @@ class _Conn:
         self.aloop = asyncio.get_running_loop()
         # libopus through cffi: each call releases the GIL, so encoding every session's frame on
         # this thread does not hold up the step loop thread (engine/audio/opus.py says why).
-        self.reader = OggOpusReader(24000)
+        self.reader = OggOpusReader(24000, max_call_seconds=server.config.max_message_audio)
+        self.audio_samples = 0            # decoded since the first audio message
+        self.first_audio: float | None = None
         self.writer = OggOpusWriter(24000, complexity=server.config.opus_complexity)
         self.outbox: asyncio.Queue = asyncio.Queue(maxsize=server.config.outbox_messages)
         self.joined: asyncio.Future = self.aloop.create_future()
@@ -97,6 +101,15 @@ class _Conn:
         self.last_audio = now
         if pcm is not None and len(pcm):
             pcm = np.asarray(pcm, np.float32).reshape(-1)
+            # A recording client cannot be ahead of real time by more than its network's jitter;
+            # one that is floods the server (the inbox would only drop it): close it.
+            if self.first_audio is None:
+                self.first_audio = now
+            self.audio_samples += pcm.size
+            lead = self.audio_samples / 24000 - (now - self.first_audio)
+            if lead > self.server.config.max_audio_lead:
+                raise P.ProtocolError(f"audio arrives faster than real time ({lead:.1f} s ahead of the "
+                                      "clock); send it as it is recorded")
             if float(np.sqrt(np.mean(pcm * pcm))) > self.server.config.silence_level:
                 self.last_voice = now
             self.inbox.push(pcm)

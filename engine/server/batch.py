@@ -467,6 +467,7 @@ class BatchEngine:
         if state.offset <= self.max_delay:
             raise ConfigError("join needs a state after the prompt phases (offset > max delay)")
         sp = params.sampling
+        enc, dec = self._fresh_mimi_rows()          # first use builds them: before any state changes
         shift = (self.phase - state.offset) % self.ct
         tokens = mx.roll(state.tokens, shift, axis=2)
         prov = np.roll(state.provided, shift, axis=1)[None]
@@ -500,7 +501,6 @@ class BatchEngine:
         self.top_k_audio = np.append(self.top_k_audio, np.int32(sp.top_k_audio))
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
-        enc, dec = self._fresh_mimi_rows()
         self.enc, self.dec = _concat_dicts(self.enc, enc), _concat_dicts(self.dec, dec)
         mx.eval(self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc), _dict_arrays(self.dec))
 

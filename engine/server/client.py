@@ -9,7 +9,8 @@ real clients are), so its Opus coding and event loop do not share the server's i
     python -m engine.server.client --url ws://127.0.0.1:8998 --clients 8 --seconds 20 --json out.json
 
 Exit status: 0 when every client got its handshake, no error and continuous audio (at least one
-frame back per frame sent, minus the frames in flight at the end), 1 otherwise.
+frame back per frame sent, minus the frames in flight at the end), 1 otherwise (the server not
+reachable included), 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from ..errors import EngineError
 from . import protocol as P
 
 SR, FRAME = 24000, 1920
@@ -51,13 +53,26 @@ def _codec(codec: str, complexity: int):
 
 async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
                      opus_complexity: int = 5, codec: str = "libopus") -> dict:
-    """One session: stream `audio` (mono 24 kHz) in real time; returns what happened.
+    """One session: stream `audio` (mono 24 kHz) in real time; returns what happened. Failures
+    (no server, no handshake, a broken stream back) are in `error`, never raised.
     `codec="sphn"` codes with the reference server's package instead of ours."""
     import aiohttp
 
     res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
            "error": None, "close_code": None}
     writer, reader = _codec(codec, opus_complexity)
+    try:
+        await _session(url, audio, query, handshake_timeout, writer, reader, res)
+    except aiohttp.ClientConnectorError as e:
+        res["error"] = f"cannot reach {url}: {e}"
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        res["error"] = res["error"] or f"{type(e).__name__}: {e}"
+    return res
+
+
+async def _session(url, audio, query, handshake_timeout, writer, reader, res) -> None:
+    import aiohttp
+
     q = urlencode(query or {"voice_prompt": P.DEFAULT_VOICE})
     async with aiohttp.ClientSession() as s:
         t0 = time.monotonic()
@@ -70,7 +85,7 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
                     res["error"] = f"no handshake (websocket {first.type.name})"
                 await ws.close()
                 res["close_code"] = ws.close_code
-                return res
+                return
             res["handshake_s"] = time.monotonic() - t0
 
             async def receive():
@@ -111,7 +126,6 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
             except asyncio.TimeoutError:
                 rx.cancel()
             res["close_code"] = ws.close_code
-    return res
 
 
 def continuous(r: dict) -> bool:
@@ -123,7 +137,7 @@ async def run_clients(url: str, clients: int, seconds: float, query: dict | None
                       stagger_s: float = 0.0, wav: str | None = None) -> list[dict]:
     if wav:
         from ..audio.wav import load_audio
-        base = load_audio(wav, SR)
+        base, _ = load_audio(wav)
         reps = int(np.ceil(seconds * SR / max(len(base), 1)))
         audios = [np.tile(base, reps)[:int(seconds * SR)] for _ in range(clients)]
     else:
@@ -133,7 +147,7 @@ async def run_clients(url: str, clients: int, seconds: float, query: dict | None
         await asyncio.sleep(i * stagger_s)
         return await run_client(url, audios[i], query)
 
-    return await asyncio.gather(*[one(i) for i in range(clients)])
+    return list(await asyncio.gather(*[one(i) for i in range(clients)]))
 
 
 def main(argv=None) -> int:
@@ -156,8 +170,12 @@ def main(argv=None) -> int:
     url = args.url.replace("http://", "ws://").replace("https://", "wss://")
     try:
         results = asyncio.run(run_clients(url, args.clients, args.seconds, query, args.stagger, args.wav))
-    except OSError as e:
-        print(f"error: cannot reach {url}: {e}", file=sys.stderr)
+    except EngineError as e:                 # e.g. an unreadable --wav
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    unreachable = [r["error"] for r in results if (r["error"] or "").startswith("cannot reach")]
+    if len(unreachable) == len(results):
+        print(f"error: {unreachable[0]}", file=sys.stderr)
         return 1
     ok = sum(continuous(r) for r in results)
     for i, r in enumerate(results):

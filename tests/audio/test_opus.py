@@ -203,3 +203,35 @@ def test_missing_library_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
     with pytest.raises(MissingLibraryError, match="apt-get install libopus0"):
         O.OggOpusWriter(SR)
+
+
+def test_hostile_streams_are_bounded():
+    """A 2-byte Opus packet (code 3: six empty 20 ms frames) decodes to 120 ms, so a message of them
+    would decode to minutes of audio: a reader with `max_call_seconds` refuses it before decoding.
+    Also: a continued page whose packet start was never seen is skipped, not decoded, and an
+    OpusHead with an incompatible major version is refused."""
+    head = _pages_from(O.OggOpusWriter(SR).append_pcm(np.zeros(FRAME, np.float32)))[:2]
+    tiny = b"".join(O.ogg_page(b"\xfb\x06", 0, O.OggOpusWriter(SR).serial, 2 + i) for i in range(20))
+    assert O.OggOpusReader(SR).append_bytes(b"".join(head) + tiny).size == 20 * 2880    # 2.4 s, no limit
+    limited = O.OggOpusReader(SR, max_call_seconds=1.0)
+    with pytest.raises(O.OpusStreamError, match="more than 1 s of audio"):
+        limited.append_bytes(b"".join(head) + tiny)
+    ok = O.OggOpusReader(SR, max_call_seconds=1.0)                  # the budget is per call
+    assert sum(ok.append_bytes(p).size for p in [b"".join(head)] + _pages_from(tiny)) == 20 * 2880
+
+    # an orphan continuation: the first audio page says "continued" but nothing is pending; its
+    # first packet's tail (300 bytes of junk, laced 255 + 45) must be dropped, the next packet decoded
+    good = O.OggOpusWriter(SR, complexity=5)
+    pages = _pages_from(good.append_pcm(_voice(0.08, seed=3)))
+    pkt = _pages(pages[2])[0]["body"]
+    lacing = bytes([255, 45, len(pkt)])
+    orphan = bytearray(struct.pack("<4sBBqIIIB", b"OggS", 0, 1, 0, good.serial, 2, 0, 3) + lacing
+                       + bytes(300) + pkt)
+    struct.pack_into("<I", orphan, 22, O.ogg_crc(orphan))
+    y = O.OggOpusReader(SR).append_bytes(pages[0] + pages[1] + bytes(orphan))
+    assert y.size == 960                                             # only the real packet
+
+    bad_head = bytearray(_pages(head[0])[0]["body"])
+    bad_head[8] = 0x10
+    with pytest.raises(O.OpusStreamError, match="version"):
+        O.OggOpusReader(SR).append_bytes(O.ogg_page(bytes(bad_head), 0, 1, 0, flags=2))
