@@ -515,7 +515,11 @@ def test_cli_starts_serves_health_and_rejects_bad_args(tmp_path):
         assert status == 200 and '"max_sessions": 2' in body
         # the realtime client CLI against it: a session with continuous audio back, exit 0
         client = [sys.executable, "-m", "engine.server.client", "--url", f"http://127.0.0.1:{port}"]
-        ok = subprocess.run(client + ["--seconds", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+        from engine.audio.wav import write_wav
+        wav = tmp_path / "me.wav"
+        write_wav(wav, speechlike(0.5, 1)[::3], 8000)        # 8 kHz, shorter than --seconds: resampled, looped
+        ok = subprocess.run(client + ["--seconds", "1.5", "--wav", str(wav)], capture_output=True, text=True,
+                            env=env, timeout=120)
         assert ok.returncode == 0 and "1/1 clients got continuous audio" in ok.stdout, ok.stdout + ok.stderr
     finally:
         proc.terminate()
