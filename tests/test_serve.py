@@ -296,7 +296,7 @@ def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
 
 
 def _bare_step_p99(model, n: int) -> float:
-    """p99 of the batched step alone (no server, no clients) for n rows, in ms."""
+    """p99 of the batched step alone (no server, no clients) for n rows, compiled, in ms."""
     from engine.server.batch import BatchEngine, SlotParams
     from engine.server.loop import blas_threads
 
@@ -305,7 +305,8 @@ def _bare_step_p99(model, n: int) -> float:
             return bare()
 
     def bare():
-        be = BatchEngine(model)
+        be = BatchEngine(model, compiled=True, capacity=n)          # as the server runs it
+        be.reserve()
         for i in range(n):
             be.join(i, model._prompted_state("NATF0", None, i), SlotParams())
         frames, ts = np.zeros((n, FRAME), np.float32), []
