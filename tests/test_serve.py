@@ -72,8 +72,9 @@ def _solo(model, voice, prompt, seed, sampling, audio):
 
 
 @pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, False, 1), (True, True, 1),
-                                                      (False, False, 8)],
-                         ids=["greedy", "seeded-sampling", "greedy-compiled", "seeded-padded-rows"])
+                                                      (False, False, 8), (True, True, 8)],
+                         ids=["greedy", "seeded-sampling", "greedy-compiled", "seeded-padded-rows",
+                              "greedy-compiled-gpu-layout"])
 def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
     from engine.server.batch import BatchEngine, SlotParams
 
@@ -93,6 +94,8 @@ def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
                 for i, (v, p, s, j, e) in enumerate(plan)]
         be = BatchEngine(model, compiled=compiled)
         be.min_rows = min_rows          # 8: the GPU's zero-padded linears (rows past B ignored)
+        if compiled and min_rows == 8:
+            be.width_step = None        # and, as compiled on a GPU, attention over the whole ring
         got = [([], []) for _ in plan]
         sizes = []
         for t in range(T):
