@@ -94,6 +94,7 @@ class PersonaPlex:
         self.is_tiny = bool(getattr(files, "is_tiny", False))
         self.lm_codebooks = 8
         self._prompt_cache: dict[tuple, Any] = {}
+        self._prompt_warmed: set = set()
         self._voice_cache: dict[str, Any] = {}
 
     # -- loading -------------------------------------------------------------------------------
@@ -153,9 +154,22 @@ class PersonaPlex:
         return self._voice_cache[voice]
 
     def _prompted_state(self, voice: str | None, system_prompt: str | None, seed: int | None,
-                        batch_size: int = 1):
+                        batch_size: int = 1, warm: bool = True):
         """Generator state after the prompt phases; computed once per (voice, prompt) and reused.
+        `warm`: also trace/JIT the live B=`batch_size` step (the server's batch never runs it).
         Worker thread only."""
+        job = self._prompt_job(voice, system_prompt, seed, batch_size, warm)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value
+
+    def _prompt_job(self, voice, system_prompt, seed, batch_size: int = 1, warm: bool = True,
+                    max_chunk: int | None = None):
+        """`_prompted_state` as a generator that yields between units of model work (prefill
+        chunks of at most `max_chunk` positions, the warm-up) and returns the state, so the
+        server's loop can fit a new prompt into the slack between its steps."""
         import mlx.core as mx
         from . import persona
 
@@ -165,17 +179,26 @@ class PersonaPlex:
             state = self.gen.new_state(batch_size, seed=0)
             # An empty prompt skips the text phase (the reference crashes on it).
             tokens = persona.encode_system_prompt(text, self.sp) if text.strip() else []
-            self.gen.run_prompts(state, voice=self._voice(voice), text_tokens=tokens)
+            voice_prompt = self._voice(voice)
+            yield from self.gen.prompt_steps(state, voice=voice_prompt, text_tokens=tokens, max_chunk=max_chunk)
             mx.eval(state.tokens)
+            self._prompt_cache[key] = state
+        if warm and key not in self._prompt_warmed:
+            yield
             # Trace/JIT the live step now (on a copy), not during the conversation's first frames:
             # on MLX CUDA a kernel's first use can cost seconds.
-            self.gen.warmup(state)
-            self._prompt_cache[key] = state
+            self.gen.warmup(self._prompt_cache[key])
+            self._prompt_warmed.add(key)
         state = self._prompt_cache[key].copy()
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         state.key = mx.random.key(int(seed))
         return state
+
+    def _prompt_ready(self, voice, system_prompt, batch_size: int = 1) -> bool:
+        """Whether this (voice, prompt) state is cached (a join then costs no model work)."""
+        from . import persona
+        return (voice, persona.resolve_prompt(system_prompt), batch_size) in self._prompt_cache
 
     def decode_text(self, token: int | None) -> str:
         from . import persona

@@ -576,3 +576,72 @@ def test_loop_collects_garbage_between_steps_only(tiny_model):
     assert len(during) >= 5 and not any(during)
     assert len(metrics.gc_ms) >= 5 and gc.isenabled()
     assert "personaplex_gc_ms_max" in metrics.prometheus(1)
+
+
+def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
+    """A session whose (voice, prompt) is not cached is prepared in prefill chunks after the steps
+    (no step misses its deadline meanwhile), then joins; its state equals the one-shot prompt
+    phases. A session leaving while prepared is dropped; a bad voice is that session's error."""
+    import threading
+
+    import mlx.core as mx
+
+    from engine import persona
+    from engine.models.gen import SamplingParams as SP
+    from engine.server.batch import SlotParams
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics()
+    loop = StepLoop(tiny_model, metrics, compiled=True, capacity=4, warm=[("NATF0", None)])
+    loop.prep_max_chunk = 4                      # many small units, so they spread over ticks
+    events: dict = {}
+
+    def make(name, voice, prompt):
+        ev = threading.Event()
+        events[name] = (ev, [])
+        return Slot(voice, prompt, SlotParams(SP(), 1), Inbox(8, metrics),
+                    lambda err: (events[name][1].append(err), ev.set()), lambda pcm, text: None)
+
+    prompt = "You are a patient tutor. Explain trains, slowly, to a curious child, " + tiny_model.__class__.__name__
+    assert not tiny_model._prompt_ready("NATF1", prompt)
+    a, b = make("a", "NATF0", None), make("b", "NATF0", None)
+    for s in (a, b):
+        loop.join(s)
+    loop.start()
+    try:
+        assert events["a"][0].wait(60) and events["b"][0].wait(60)
+        steps0 = metrics.steps
+        new, gone, bad = make("new", "NATF1", prompt), make("gone", "NATF2", "Another new one"), make("bad", "NOBODY", None)
+        loop.join(new)
+        loop.join(gone)
+        loop.leave(gone)
+        loop.join(bad)
+        assert events["new"][0].wait(60) and events["new"][1] == [None]
+        assert events["bad"][0].wait(30) and "NOBODY" in str(events["bad"][1][0])
+        t0 = time.monotonic()
+        while metrics.steps < steps0 + 30 and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+    finally:
+        loop.stop(timeout=30)
+    assert not events["gone"][0].is_set() and not loop._preparing
+    assert metrics.prompts_prepared == 1
+    spread = [ms for ms in metrics.prep_ms if ms > 0]
+    assert len(spread) >= 2, spread                    # the prompt took several ticks' slack
+    assert metrics.misses == 0, (metrics.misses, max(metrics.step_ms), spread)
+    assert max(metrics.batch_sizes) == 3
+
+    # the state prepared chunk by chunk == the prompt phases run in one go
+    def reference():
+        st = tiny_model.gen.new_state(1, seed=0)
+        text = persona.resolve_prompt(prompt)
+        tiny_model.gen.run_prompts(st, voice=tiny_model._voice("NATF1"),
+                                   text_tokens=persona.encode_system_prompt(text, tiny_model.sp))
+        got = tiny_model._prompt_cache[("NATF1", text, 1)]
+        mx.eval(st.tokens, got.tokens)
+        return (np.array(st.tokens), np.array(got.tokens), st.offset, got.offset,
+                [np.array(x) for x in st.cache.arrays()], [np.array(x) for x in got.cache.arrays()])
+
+    want_t, got_t, want_o, got_o, want_kv, got_kv = tiny_model.worker.call(reference)
+    assert got_o == want_o and np.array_equal(got_t, want_t)
+    for w, g in zip(want_kv, got_kv):
+        np.testing.assert_allclose(g, w, atol=1e-5)

@@ -694,20 +694,35 @@ class LmGen:
         batched=False, which steps one call at a time like the reference. An empty text prompt skips
         phase 3 (the reference crashes there).
         """
+        if batched:
+            for _ in self.prompt_steps(state, voice, text_tokens, silence_frames):
+                pass
+            return
+        calls, emb, n_voice_calls = self._prompt_plan(state, voice, text_tokens, silence_frames)
+        for i, (u, a, t, e) in enumerate(calls):
+            self._step(state, mx.array(u[None].astype(np.int32)), mx.array(a[None].astype(np.int32)),
+                       mx.array([t], dtype=mx.int32), None if e is None else emb[e], None)
+            if i == n_voice_calls - 1 and voice is not None and voice.cache is not None:
+                self._restore_ring(state, voice.cache)
+            mx.eval(state.tokens)
+
+    def _prompt_plan(self, state, voice, text_tokens, silence_frames):
+        """Validate, then the model calls of the prompt phases, the voice embeddings (or None)
+        and how many calls belong to the voice."""
         text_tokens = self._validate_prompts(state, voice, text_tokens, silence_frames)
         self._mlx_cache(state)
         calls = self._prompt_calls(voice, text_tokens, silence_frames)
         emb = None if voice is None or voice.embeddings is None else mx.array(voice.embeddings)
-        n_voice_calls = voice.num_frames if voice is not None else 0
-        if not batched:
-            for i, (u, a, t, e) in enumerate(calls):
-                self._step(state, mx.array(u[None].astype(np.int32)), mx.array(a[None].astype(np.int32)),
-                           mx.array([t], dtype=mx.int32), None if e is None else emb[e], None)
-                if i == n_voice_calls - 1 and voice is not None and voice.cache is not None:
-                    self._restore_ring(state, voice.cache)
-                mx.eval(state.tokens)
-            return
-        self._prefill(state, calls, emb, voice, n_voice_calls)
+        return calls, emb, (voice.num_frames if voice is not None else 0)
+
+    def prompt_steps(self, state: GenState, voice: VoicePrompt | None = None, text_tokens=None,
+                     silence_frames: int = SILENCE_FRAMES, max_chunk: int | None = None):
+        """`run_prompts(batched=True)` as a generator: it yields after each evaluated prefill chunk
+        (at most `max_chunk` positions, default `prefill_chunk`), so a caller with deadlines (the
+        server's loop) can spread a new prompt over the slack of several ticks. The state is
+        complete once the generator is exhausted; validation errors raise at the first `next`."""
+        calls, emb, n_voice_calls = self._prompt_plan(state, voice, text_tokens, silence_frames)
+        yield from self._prefill(state, calls, emb, voice, n_voice_calls, max_chunk)
 
     def _restore_ring(self, state: GenState, ring: np.ndarray) -> None:
         # Reference: `state.cache.copy_(voice_prompt_cache)`: tokens only, flags untouched.
@@ -749,10 +764,11 @@ class LmGen:
                 ring[:] = voice.cache[None]
         return inputs, o
 
-    def _prefill(self, state, calls, emb, voice, n_voice_calls) -> None:
+    def _prefill(self, state, calls, emb, voice, n_voice_calls, max_chunk: int | None = None):
         """Simulate the ring on the host (every stream is forced, so no token depends on the model),
-        collect each model call's input, then run the temporal transformer over them in chunks.
-        The depformer is skipped: with every target stream provided, nothing it samples is kept."""
+        collect each model call's input, then run the temporal transformer over them in chunks,
+        yielding after each. The depformer is skipped: with every target stream provided, nothing
+        it samples is kept. The ring, offset and key are set after the last chunk."""
         ring = np.array(state.tokens)                       # one sync, before any model work
         b = state.batch_size
         inputs, o = self._simulate(ring, state.provided, state.offset, calls, voice, n_voice_calls)
@@ -772,7 +788,7 @@ class LmGen:
             key, _sub = mx.random.split(key)
         # Chunks must not wrap the KV ring (a chunk may not overwrite keys its first query still sees).
         cache, ctx, start = state.cache, self.config.context, 0
-        chunk = self.prefill_chunk
+        chunk = self.prefill_chunk if max_chunk is None else max(1, min(max_chunk, self.prefill_chunk))
         # Guard: 2 single steps (the second is timed), then the first chunk is judged against it.
         probe_left = 2 if (self.prefill_guard and self.chunk_ok is None and chunk > 1 and len(xs) >= 6) else 0
         single = None
@@ -792,6 +808,8 @@ class LmGen:
                 self.chunk_ok = dt < _CHUNK_SLOW_S or dt / n <= 2 * single
                 single = None
             start += n
+            if start < len(xs):
+                yield n
         state.tokens = mx.array(ring.astype(np.int32))
         state.offset, state.key = o, key
         mx.eval(state.tokens, state.key)

@@ -51,6 +51,8 @@ class Metrics:
         self.step_ms: deque = deque(maxlen=window)
         self.batch_sizes: deque = deque(maxlen=window)
         self.gc_ms: deque = deque(maxlen=window)      # the loop's own collections, between steps
+        self.prep_ms: deque = deque(maxlen=window)    # prompt-phase work done in a tick's slack
+        self.prompts_prepared = 0
 
     def percentile(self, q: float) -> float:
         vals = list(self.step_ms)
@@ -75,6 +77,11 @@ class Metrics:
              self.percentile(99)),
             ("personaplex_gc_ms_max", "gauge", "longest garbage collection between steps (recent window), ms",
              max(self.gc_ms) if self.gc_ms else 0.0),
+            ("personaplex_prompt_prep_ms_max", "gauge",
+             "most prompt-phase work done between two steps (recent window), ms",
+             max(self.prep_ms) if self.prep_ms else 0.0),
+            ("personaplex_prompts_prepared_total", "counter",
+             "new (voice, prompt) states computed in the loop's slack", self.prompts_prepared),
             ("personaplex_loop_reanchors_total", "counter",
              "times the loop fell > 4 frames behind and skipped ahead", self.reanchors),
             ("personaplex_input_dropped_frames_total", "counter", "input frames dropped (client too fast)",
@@ -190,6 +197,16 @@ class StepLoop:
         # cache, runs its prompt phases first, all inside the tick. The others wait in the queue
         # for the next ticks (80 ms each), so a burst of connections cannot cost one step a deadline.
         self.max_joins_per_step = 2
+        # A (voice, prompt) not in the model's cache is prepared in the slack after each step, in
+        # prefill chunks of at most `prep_max_chunk` positions, as long as the next one is expected
+        # to end `prep_margin_s` before the next tick; it always advances at least once every
+        # `prep_max_wait_ticks` ticks (a loop with no slack at all would never admit it otherwise).
+        self.prep_max_chunk = 16
+        self.prep_margin_s = 0.002
+        self.prep_max_wait_ticks = 25
+        self._prep_unit_s = 0.005          # running estimate of one unit of prompt work
+        self._prep_wait = 0
+        self._preparing: list = []         # [(Slot, generator)] in arrival order
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
         self.cpu_blas_threads: int | None = 1
         self.metrics = metrics or Metrics()
@@ -233,6 +250,8 @@ class StepLoop:
             if active.pop(slot.id, None) is not None:
                 be.leave(slot.id)
             slot.left = True
+        if self._preparing:
+            self._preparing = [(s, job) for s, job in self._preparing if not s.left]
         admitted = 0
         while admitted < self.max_joins_per_step:
             try:
@@ -241,17 +260,74 @@ class StepLoop:
                 break
             if slot.left:
                 continue
+            job = self._prompt_job(slot)
+            if job is not None:
+                self._preparing.append((slot, job))     # a new prompt: prepared in the slack
+                continue
             admitted += 1
             t0 = time.perf_counter()
             try:
-                state = self.model._prompted_state(slot.voice, slot.text_prompt, slot.params.seed)
-                be.join(slot.id, state, slot.params)
+                state = self._prompted(slot.voice, slot.text_prompt, slot.params.seed)
             except Exception as e:  # noqa: BLE001 - reported to that client only
                 slot.on_joined(e)
                 continue
-            self.metrics.join_ms.append((time.perf_counter() - t0) * 1e3)
-            active[slot.id] = slot
-            slot.on_joined(None)
+            self._join(be, active, slot, state, t0)
+
+    def _prompted(self, voice, prompt, seed):
+        """The model's prompted state, without its solo-step warm-up where it has one (the batch
+        never runs the B=1 live step)."""
+        if hasattr(self.model, "_prompt_job"):
+            return self.model._prompted_state(voice, prompt, seed, warm=False)
+        return self.model._prompted_state(voice, prompt, seed)
+
+    def _prompt_job(self, slot: Slot):
+        """A generator preparing `slot`'s prompt state, or None when the model has it cached (or
+        cannot prepare incrementally: then `_prompted_state` runs it in one go)."""
+        ready = getattr(self.model, "_prompt_ready", None)
+        if ready is None or ready(slot.voice, slot.text_prompt):
+            return None
+        return self.model._prompt_job(slot.voice, slot.text_prompt, slot.params.seed, warm=False,
+                                      max_chunk=self.prep_max_chunk)
+
+    def _join(self, be: BatchEngine, active: dict, slot: Slot, state, t0: float) -> None:
+        try:
+            be.join(slot.id, state, slot.params)
+        except Exception as e:  # noqa: BLE001 - reported to that client only
+            slot.on_joined(e)
+            return
+        self.metrics.join_ms.append((time.perf_counter() - t0) * 1e3)
+        active[slot.id] = slot
+        slot.on_joined(None)
+
+    def _prepare(self, be: BatchEngine, active: dict, until: float | None) -> float:
+        """Advance the prompt jobs (oldest first) until `until` (perf_counter; None: to the end, no
+        session is waiting on a deadline); a finished one joins the batch. Returns the ms spent."""
+        t_start = time.perf_counter()
+        done = 0
+        while self._preparing:
+            if until is not None and time.perf_counter() + self._prep_unit_s > until:
+                if done or self._prep_wait < self.prep_max_wait_ticks:
+                    break
+            slot, job = self._preparing[0]
+            t0 = time.perf_counter()
+            try:
+                next(job)
+                state = None
+            except StopIteration as finished:
+                state = finished.value
+            except Exception as e:  # noqa: BLE001 - a bad voice file etc.: that client only
+                self._preparing.pop(0)
+                slot.on_joined(e)
+                continue
+            dt = time.perf_counter() - t0
+            self._prep_unit_s = max(0.5 * self._prep_unit_s + 0.5 * dt, 0.001)
+            done += 1
+            if state is not None:
+                self._preparing.pop(0)
+                self.metrics.prompts_prepared += 1
+                self._join(be, active, slot, state, t0)
+        self._prep_wait = 0 if done or not self._preparing else self._prep_wait + 1
+        return (time.perf_counter() - t_start) * 1e3
 
     def _collect(self, step: int, slack_s: float) -> float:
         """Young-generation collection after a step (a full one every `gc_full_every` steps,
@@ -273,11 +349,12 @@ class StepLoop:
             return self._serve()
 
     def _serve(self) -> None:
-        # A (voice, prompt) pair seen for the first time runs its prompt phases on this thread and
-        # delays that step for everyone; warm the common ones before serving.
+        # A (voice, prompt) pair seen for the first time is prepared in the slack between steps
+        # (`_prepare`), so its session waits a few ticks longer for the handshake; warm the
+        # common ones before serving.
         for voice, prompt in self.warm:
             try:
-                self.model._prompted_state(voice, prompt, 0)
+                self._prompted(voice, prompt, 0)
             except Exception as e:  # noqa: BLE001 - a missing voice only matters when asked for
                 log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
@@ -286,7 +363,7 @@ class StepLoop:
             if self.compiled:
                 voice, prompt = self.warm[0] if self.warm else (None, None)
                 t0 = time.perf_counter()
-                n = be.rehearse(lambda: self.model._prompted_state(voice, prompt, 0))
+                n = be.rehearse(lambda: self._prompted(voice, prompt, 0))
                 log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, time.perf_counter() - t0)
         # The weights, engine and compiled graphs live as long as the loop: take them out of the
         # collector's generations, so collections during the 12.5 Hz loop scan only what the
@@ -312,6 +389,8 @@ class StepLoop:
         deadline = None
         while not self._stop.is_set():
             self._admit(be, active)
+            if be.size == 0 and self._preparing:
+                self.metrics.prep_ms.append(self._prepare(be, active, None))   # nobody is waiting
             if be.size == 0:
                 deadline = None
                 self._wake.wait(0.1)
@@ -339,8 +418,10 @@ class StepLoop:
                 slot.steps += 1
                 slot.on_frame(pcm[r], int(text[r]))
             deadline += period
-            # Collect in the slack before the next tick, never inside a step.
+            # Collect in the slack before the next tick, never inside a step; then new prompts.
             m.gc_ms.append(self._collect(m.steps, deadline - period - time.perf_counter()))
+            if self._preparing:
+                m.prep_ms.append(self._prepare(be, active, deadline - period - self.prep_margin_s))
             # Behind schedule: the next steps run back to back (no sleep) and catch up, as the
             # inboxes hold the frames meanwhile; beyond `max_behind` frames, give up and re-anchor.
             if time.perf_counter() > deadline + self.max_behind * period:
