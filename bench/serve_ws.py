@@ -44,8 +44,14 @@ class _AnyVoice:
     def list_voices(self):
         return ["NATF0"]
 
-    def _prompted_state(self, voice, prompt, seed, batch_size: int = 1):
-        return self._model._prompted_state(None, prompt, seed, batch_size)
+    def _prompted_state(self, voice, prompt, seed, batch_size: int = 1, warm: bool = True):
+        return self._model._prompted_state(None, prompt, seed, batch_size, warm)
+
+    def _prompt_job(self, voice, prompt, seed, batch_size: int = 1, warm: bool = True, max_chunk=None):
+        return self._model._prompt_job(None, prompt, seed, batch_size, warm, max_chunk)
+
+    def _prompt_ready(self, voice, prompt, batch_size: int = 1) -> bool:
+        return self._model._prompt_ready(None, prompt, batch_size)
 
 
 async def _variant(model, clients: int, seconds: float, compiled: bool, complexity: int) -> dict:
