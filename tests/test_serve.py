@@ -645,3 +645,30 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
     assert got_o == want_o and np.array_equal(got_t, want_t)
     for w, g in zip(want_kv, got_kv):
         np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_joins_are_spread_over_ticks(tiny_model):
+    """Five sessions connecting at once join at most `max_joins_per_step` per tick."""
+    import threading
+
+    from engine.models.gen import SamplingParams as SP
+    from engine.server.batch import SlotParams
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics()
+    loop = StepLoop(tiny_model, metrics, capacity=5, warm=[("NATF0", None)])
+    done = threading.Semaphore(0)
+    slots = [Slot("NATF0", None, SlotParams(SP(), i), Inbox(8, metrics), lambda err: done.release(),
+                  lambda pcm, text: None) for i in range(5)]
+    for s in slots:
+        loop.join(s)
+    loop.start()
+    try:
+        for _ in slots:
+            assert done.acquire(timeout=60)
+        t0 = time.monotonic()
+        while metrics.steps < 4 and time.monotonic() - t0 < 30:
+            time.sleep(0.02)
+    finally:
+        loop.stop(timeout=30)
+    assert list(metrics.batch_sizes)[:3] == [2, 4, 5] and len(metrics.join_ms) == 5
