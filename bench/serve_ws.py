@@ -98,7 +98,6 @@ def main() -> None:
     model = load(args.model, args.quantize, args.device)
     if args.model.startswith("random:"):
         model = _AnyVoice(model)
-    import mlx.core as mx
     print(f"model={args.model} device={args.device} cores={os.cpu_count()} "
           f"load={os.getloadavg()[0]:.2f} date={time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     rows = []

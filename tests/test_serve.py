@@ -347,7 +347,6 @@ def test_eight_clients_twenty_seconds_no_misses(tiny_model, tmp_path):
     loop do not share the server's interpreter. The server runs as `engine.serve` does by default
     (compiled steps, libopus at complexity 5) with the clients' prompt warmed. Skipped, saying so,
     only on a machine already loaded past its core count."""
-    import subprocess
     import sys
 
     load, cores = os.getloadavg()[0], os.cpu_count() or 1

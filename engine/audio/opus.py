@@ -170,7 +170,6 @@ class OggOpusWriter:
         self.serial, self._seq, self._granule = serial, 0, 0
         self._headers_sent = False
         self._buf = _ffi.new("unsigned char[]", 4000)
-        self.packets = 0
 
     def _ctl(self, request: int, value: int) -> None:
         rc = self._lib.opus_encoder_ctl(self._enc, request, _ffi.cast("int32_t", value))
@@ -212,7 +211,6 @@ class OggOpusWriter:
             i += size
             self._granule += size * 48000 // self.sample_rate
             out.append(self._page(_ffi.buffer(self._buf, k)[:]))
-            self.packets += 1
         return b"".join(out)
 
 
