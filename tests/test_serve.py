@@ -187,7 +187,7 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 assert {k[0] for k in fns[2]} == {"enc", "dec"} and len(fns[2]) == 2   # batched Mimi
                 # Rehearsal: real steps of 1..3 dummy sessions, gone afterwards.
                 n = be.rehearse(lambda: tiny_model._prompted_state("NATF0", None, 0))
-                assert n == 6 and be.size == 0 and be.enc is None and be.dec is None
+                assert n == 9 and be.size == 0 and be.enc is None and be.dec is None
             texts = []
             for t in range(6):
                 if t < 3:
@@ -196,6 +196,13 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 texts.append((text.tolist(), pcm))
             if warm:
                 assert (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns)) == fns
+                # Long sessions: crossing the ring-fill point (masked -> mask-free) adds no graph.
+                C = tiny_model.lm.config.context
+                be.set_offsets(np.array([C - 3, C - 2, C + 40]))
+                assert be.pos.tolist()[2].count(-1) == 0 and be.pos.tolist()[0].count(-1) == 3
+                for _ in range(4):
+                    be.step(np.zeros((be.size, FRAME), np.float32))
+                assert be.off_host.min() > C and (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns)) == fns
             out.append(texts)
         return out
 

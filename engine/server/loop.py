@@ -217,6 +217,7 @@ class StepLoop:
         self._stop = threading.Event()
         self._future = None
         self.batch: BatchEngine | None = None
+        self.startup: dict = {}            # seconds spent in reserve() and rehearse() at start
 
     # -- control (any thread)
     def start(self) -> None:
@@ -359,11 +360,14 @@ class StepLoop:
                 log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
         if self.capacity:
+            t0 = time.perf_counter()
             be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
+            self.startup["reserve_s"] = round(time.perf_counter() - t0, 2)
             if self.compiled:
                 voice, prompt = self.warm[0] if self.warm else (None, None)
                 t0 = time.perf_counter()
                 n = be.rehearse(lambda: self._prompted(voice, prompt, 0))
+                self.startup["rehearse_s"] = round(time.perf_counter() - t0, 2)
                 log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, time.perf_counter() - t0)
         # The weights, engine and compiled graphs live as long as the loop: take them out of the
         # collector's generations, so collections during the 12.5 Hz loop scan only what the
