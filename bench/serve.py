@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import threading
 import time
 
@@ -126,6 +127,27 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
     return out
 
 
+def host_counters() -> dict:
+    """Machine-wide CPU steal time (VM hosts) and this cgroup's CPU throttling, where readable:
+    a soak's slow steps that line up with either come from the host, not from the step."""
+    out = {}
+    try:
+        f = open("/proc/stat").readline().split()       # cpu user nice system idle iowait irq softirq steal
+        out["steal_s"] = int(f[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    for path in ("/sys/fs/cgroup/cpu.stat", "/sys/fs/cgroup/cpu/cpu.stat"):
+        try:
+            for line in open(path):
+                k, v = line.split()
+                if k in ("nr_throttled", "throttled_usec", "throttled_time"):
+                    out[k] = int(v)
+            break
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
@@ -161,6 +183,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     # Every step since the first join counts (the live steps right after startup included); only
     # the input counters start with the feeder (the joins take a few ticks, with silence as input).
     metrics.in_underrun_frames = metrics.in_dropped_frames = 0
+    host0 = host_counters()
     t0 = time.perf_counter()
     feeder.start()
     time.sleep(seconds)
@@ -168,6 +191,8 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     steps, misses = metrics.steps, metrics.misses
     loop.stop(timeout=60)
     wall = time.perf_counter() - t0
+    host1 = host_counters()
+    ms, cpu = list(metrics.step_ms), list(metrics.step_cpu_ms)
     res = {"sessions": sessions, "seconds": round(wall, 1), "steps": steps,
            "expected_steps": int(wall / 0.08), "misses": misses,
            "p50_ms": round(metrics.percentile(50), 2), "p99_ms": round(metrics.percentile(99), 2),
@@ -176,8 +201,12 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
            **loop.startup,
            # when the slowest steps happened (step index, ms): spread out = host stalls, at one
            # point = a state change (e.g. the KV rings filling up at step ~context)
-           "slowest": sorted(((i, round(v, 1)) for i, v in enumerate(metrics.step_ms)),
-                             key=lambda t: -t[1])[:12]}
+           "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 2) if cpu else 0.0,
+           "host": {k: round(host1[k] - host0.get(k, 0), 2) for k in host1},
+           "loadavg": os.getloadavg()[0],
+           # (step index, wall ms, loop-thread CPU ms) of the slowest steps
+           "slowest": sorted(((i, round(v, 1), round(c, 1)) for i, (v, c) in enumerate(zip(ms, cpu))),
+                             key=lambda t: -t[1])[:16]}
     print("soak", json.dumps(res), flush=True)
     return res
 

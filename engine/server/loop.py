@@ -49,6 +49,9 @@ class Metrics:
         self.reanchors = 0
         self.join_ms: deque = deque(maxlen=200)
         self.step_ms: deque = deque(maxlen=window)
+        # CPU time the loop's thread got during each step: well under step_ms means the thread
+        # waited (descheduled, or blocked on the GPU where the driver does not spin)
+        self.step_cpu_ms: deque = deque(maxlen=window)
         self.batch_sizes: deque = deque(maxlen=window)
         self.gc_ms: deque = deque(maxlen=window)      # the loop's own collections, between steps
         self.prep_ms: deque = deque(maxlen=window)    # prompt-phase work done in a tick's slack
@@ -410,9 +413,10 @@ class StepLoop:
             slots = [active[s] for s in be.slots]
             for r, slot in enumerate(slots):
                 slot.inbox.take(frames[r])
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             pcm, text = be.step(frames)
             t1 = time.perf_counter()
+            m.step_cpu_ms.append((time.thread_time() - c0) * 1e3)
             m.steps += 1
             m.step_ms.append((t1 - t0) * 1e3)
             m.batch_sizes.append(be.size)
