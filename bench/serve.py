@@ -95,11 +95,12 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         frames = (0.1 * rng.standard_normal((b, FRAME))).astype(np.float32)
         for _ in range(5):
             be.step(frames)
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             be.step(frames)
             times.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.thread_time() - c0) * 1e3)
         stages = {"encode": [], "lm": [], "decode": []}
         for _ in range(min(steps, 20)):
             t0 = time.perf_counter()
@@ -113,7 +114,30 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t3 = time.perf_counter()
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
                 stages[k].append(v * 1e3)
+        # inside the LM part: the temporal transformer alone, and the 1 + 8 sampling sites alone
+        from engine.server.batch import sample_rows
+        sp, c = SamplingParams(), be.lm.config
+        x = mx.zeros((b, c.dim), be.lm.dtype)
+        lt = mx.random.normal((b, c.text_out)).astype(be.lm.dtype)
+        la = mx.random.normal((b, c.card)).astype(be.lm.dtype)
+        keys = mx.random.split(mx.random.key(0), b)
+        mx.eval(lt, la, keys)
+        temporal, sampling = [], []
+        for _ in range(min(steps, 20)):
+            t0 = time.perf_counter()
+            mx.eval(*be._temporal(x))
+            t1 = time.perf_counter()
+            toks = [sample_rows(lt, np.full(b, sp.temp_text, np.float32), np.full(b, sp.top_k_text, np.int32),
+                                np.zeros(b, bool), keys)]
+            toks += [sample_rows(la, np.full(b, sp.temp_audio, np.float32), np.full(b, sp.top_k_audio, np.int32),
+                                 np.zeros(b, bool), keys) for _ in range(8)]
+            mx.eval(toks)
+            t2 = time.perf_counter()
+            temporal.append((t1 - t0) * 1e3)
+            sampling.append((t2 - t1) * 1e3)
+        stages["temporal"], stages["sample9"] = temporal, sampling
         row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+               "cpu_p50_ms": float(np.percentile(cpu, 50)),
                **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()},
                "state_gb": (mx.get_active_memory() - base) / 1e9,
                "peak_over_weights_gb": (mx.get_peak_memory() - base) / 1e9}
