@@ -172,11 +172,12 @@ def host_counters() -> dict:
     return out
 
 
-def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False) -> dict:
+def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
     loop = StepLoop(model, metrics, compiled=compiled, capacity=sessions)
+    loop.spin_s = spin_ms / 1e3
     joined = threading.Semaphore(0)
     received = [0] * sessions
     inboxes = []
@@ -217,7 +218,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     wall = time.perf_counter() - t0
     host1 = host_counters()
     ms, cpu = list(metrics.step_ms), list(metrics.step_cpu_ms)
-    res = {"sessions": sessions, "seconds": round(wall, 1), "steps": steps,
+    res = {"sessions": sessions, "spin_ms": spin_ms, "seconds": round(wall, 1), "steps": steps,
            "expected_steps": int(wall / 0.08), "misses": misses,
            "p50_ms": round(metrics.percentile(50), 2), "p99_ms": round(metrics.percentile(99), 2),
            "max_ms": round(max(metrics.step_ms), 2) if metrics.step_ms else 0.0,
@@ -254,6 +255,9 @@ def main() -> None:
                     help="OpenBLAS threads for the CPU sweep (the loop's setting; 0 = leave as is)")
     ap.add_argument("--soak-sessions", type=int, default=0, help="run the paced StepLoop with N sessions")
     ap.add_argument("--soak-seconds", type=float, default=300.0)
+    ap.add_argument("--spin-ms", default="0",
+                    help="the loop polls this long before each tick instead of sleeping; a comma list "
+                         "runs one soak per value (default 0)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
 
@@ -291,11 +295,13 @@ def main() -> None:
     ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0]
     if rows:
         print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
-    if args.soak_sessions:
-        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled)
+    for spin in ([float(v) for v in args.spin_ms.split(",")] if args.soak_sessions else []):
+        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin)
         verdict = "REAL TIME" if res["misses"] == 0 and res["p99_ms"] <= 80 else "NOT real time"
-        print(f"soak: {args.soak_sessions} sessions for {res['seconds']} s: {verdict} "
+        print(f"soak: {args.soak_sessions} sessions for {res['seconds']} s, spin {spin} ms: {verdict} "
               f"({res['misses']} misses, p99 {res['p99_ms']} ms)", flush=True)
+        gc.collect()
+        mx.clear_cache()
     worker.shutdown()
 
 

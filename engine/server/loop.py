@@ -212,6 +212,9 @@ class StepLoop:
         self._preparing: list = []         # [(Slot, generator)] in arrival order
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
         self.cpu_blas_threads: int | None = 1
+        # Seconds before each tick that the loop polls instead of sleeping (0: sleep). The step is
+        # host-bound on a GPU; see _wait_until and docs/performance_serve.md.
+        self.spin_s = 0.0
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
         self._joins: "queue.SimpleQueue[Slot]" = queue.SimpleQueue()
@@ -390,6 +393,15 @@ class StepLoop:
 
     gc_full_every = 750                  # steps (one minute of audio)
 
+    def _wait_until(self, start: float, now: float) -> None:
+        """Sleep until `start` (perf_counter); the last `spin_s` of it polls instead, yielding
+        the GIL each round, so the loop's core is awake and at speed when the step begins."""
+        spin = self.spin_s
+        if start - now > spin:
+            time.sleep(start - now - spin)
+        while spin > 0 and time.perf_counter() < start:
+            time.sleep(0)
+
     def _tick_loop(self, be: BatchEngine) -> None:
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
@@ -407,8 +419,8 @@ class StepLoop:
             now = time.perf_counter()
             if deadline is None:
                 deadline = now + period
-            elif now < deadline - period:
-                time.sleep(deadline - period - now)     # the tick starts one period before its deadline
+            elif now < deadline - period:                # the tick starts one period before its deadline
+                self._wait_until(deadline - period, now)
             frames = np.empty((be.size, FRAME), np.float32)
             slots = [active[s] for s in be.slots]
             for r, slot in enumerate(slots):
