@@ -137,7 +137,9 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             sampling.append((t2 - t1) * 1e3)
         stages["temporal"], stages["sample9"] = temporal, sampling
         row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
-               "cpu_p50_ms": float(np.percentile(cpu, 50)),
+               "miss_steps": list(metrics.miss_steps)[:40],
+           "join_ms_max": round(max(metrics.join_ms), 1) if metrics.join_ms else 0.0,
+           "cpu_p50_ms": float(np.percentile(cpu, 50)),
                **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()},
                "state_gb": (mx.get_active_memory() - base) / 1e9,
                "peak_over_weights_gb": (mx.get_peak_memory() - base) / 1e9}

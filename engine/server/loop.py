@@ -48,6 +48,7 @@ class Metrics:
         self.in_underrun_frames = 0
         self.reanchors = 0
         self.join_ms: deque = deque(maxlen=200)
+        self.miss_steps: deque = deque(maxlen=1000)   # indices of the steps that missed
         self.step_ms: deque = deque(maxlen=window)
         # CPU time the loop's thread got during each step: well under step_ms means the thread
         # waited (descheduled, or blocked on the GPU where the driver does not spin)
@@ -210,6 +211,9 @@ class StepLoop:
         self._prep_unit_s = 0.005          # running estimate of one unit of prompt work
         self._prep_wait = 0
         self._preparing: list = []         # [(Slot, generator)] in arrival order
+        self._join_next: Slot | None = None   # taken from the queue, waiting for slack
+        self._join_unit_s = 0.005          # running estimate of one join (max of the last and the mean)
+        self._join_wait = 0
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
         self.cpu_blas_threads: int | None = 1
         # Seconds before each tick that the loop polls instead of sleeping (0: sleep). The step is
@@ -248,7 +252,11 @@ class StepLoop:
         return self._future is not None and not self._future.done()
 
     # -- worker thread
-    def _admit(self, be: BatchEngine, active: dict) -> None:
+    def _admit(self, be: BatchEngine, active: dict, until: float | None = None) -> None:
+        """Leaves, then joins (at most `max_joins_per_step`). With live sessions, `until` is when
+        the next tick must start: a join (a copy of the session's KV rows into the batch) is only
+        made while it is expected to end before then, or after `prep_max_wait_ticks` ticks of
+        waiting, so a burst of arrivals delays those sessions by a few ticks, not everyone's step."""
         while True:
             try:
                 slot = self._leaves.get_nowait()
@@ -261,10 +269,17 @@ class StepLoop:
             self._preparing = [(s, job) for s, job in self._preparing if not s.left]
         admitted = 0
         while admitted < self.max_joins_per_step:
-            try:
-                slot = self._joins.get_nowait()
-            except queue.Empty:
-                break
+            if self._join_next is None:
+                try:
+                    self._join_next = self._joins.get_nowait()
+                except queue.Empty:
+                    break
+            if (until is not None and time.perf_counter() + self._join_unit_s > until
+                    and (admitted or self._join_wait < self.prep_max_wait_ticks)):
+                self._join_wait += 1
+                return
+            slot, self._join_next = self._join_next, None
+            self._join_wait = 0
             if slot.left:
                 continue
             job = self._prompt_job(slot)
@@ -302,7 +317,9 @@ class StepLoop:
         except Exception as e:  # noqa: BLE001 - reported to that client only
             slot.on_joined(e)
             return
-        self.metrics.join_ms.append((time.perf_counter() - t0) * 1e3)
+        dt = time.perf_counter() - t0
+        self._join_unit_s = max(0.5 * self._join_unit_s + 0.5 * dt, dt, 0.001)
+        self.metrics.join_ms.append(dt * 1e3)
         active[slot.id] = slot
         slot.on_joined(None)
 
@@ -407,7 +424,9 @@ class StepLoop:
         m, period = self.metrics, self.frame_seconds
         deadline = None
         while not self._stop.is_set():
-            self._admit(be, active)
+            # joins in the slack before the next tick (the whole wait when nobody is live)
+            self._admit(be, active, None if deadline is None or be.size == 0
+                        else deadline - period - self.prep_margin_s)
             if be.size == 0 and self._preparing:
                 self.metrics.prep_ms.append(self._prepare(be, active, None))   # nobody is waiting
             if be.size == 0:
@@ -434,6 +453,7 @@ class StepLoop:
             m.batch_sizes.append(be.size)
             if t1 > deadline:
                 m.misses += 1
+                m.miss_steps.append(m.steps - 1)
             for r, slot in enumerate(slots):
                 slot.steps += 1
                 slot.on_frame(pcm[r], int(text[r]))
