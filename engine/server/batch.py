@@ -501,11 +501,12 @@ class BatchEngine:
                 raise ConfigError(f"the batch is full ({self.capacity} rows)")
             self._grow(self.capacity or max(1, 2 * self.cap))
         at = mx.array([B, 0, 0, 0], mx.int32)
-        for i in range(len(self.k)):              # write the new row in place (one row copied)
+        # Write the new row in place (one row copied; the old arrays' only reference is the update,
+        # so it is donated). One eval for all layers: on a GPU each eval is a host round trip.
+        for i in range(len(self.k)):
             kd = self.k[i].dtype
             self.k[i] = mx.slice_update(self.k[i], cache.keys[i].astype(kd), at, axes=(0, 1, 2, 3))
             self.v[i] = mx.slice_update(self.v[i], cache.values[i].astype(kd), at, axes=(0, 1, 2, 3))
-            mx.eval(self.k[i], self.v[i])
         if B == 0:
             self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
         else:
@@ -522,7 +523,8 @@ class BatchEngine:
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
         self.enc, self.dec = _concat_dicts(self.enc, enc), _concat_dicts(self.dec, dec)
-        mx.eval(self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc), _dict_arrays(self.dec))
+        mx.eval(self.k, self.v, self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc),
+                _dict_arrays(self.dec))
 
     def _fresh_mimi_rows(self) -> tuple[dict, dict]:
         if self._fresh is None:
@@ -544,12 +546,13 @@ class BatchEngine:
         if r != last:
             at = mx.array([r, 0, 0, 0], mx.int32)
             zero = mx.array(0, self.k[0].dtype)
-            for i in range(len(self.k)):
-                rk, rv = self.k[i][last:last + 1] + zero, self.v[i][last:last + 1] + zero
-                mx.eval(rk, rv)                   # own buffers, so the big arrays can be donated
+            rows = [(k[last:last + 1] + zero, v[last:last + 1] + zero) for k, v in zip(self.k, self.v)]
+            mx.eval(rows)                         # own buffers first, so the big arrays can be donated
+            for i, (rk, rv) in enumerate(rows):
                 self.k[i] = mx.slice_update(self.k[i], rk, at, axes=(0, 1, 2, 3))
                 self.v[i] = mx.slice_update(self.v[i], rv, at, axes=(0, 1, 2, 3))
-                mx.eval(self.k[i], self.v[i])
+            del rows, rk, rv
+            mx.eval(self.k, self.v)
         if not order:
             self.pos = self.offset = self.tokens = self.keys = self.enc = self.dec = None
         else:

@@ -201,6 +201,8 @@ class StepLoop:
         # cache, runs its prompt phases first, all inside the tick. The others wait in the queue
         # for the next ticks (80 ms each), so a burst of connections cannot cost one step a deadline.
         self.max_joins_per_step = 2
+        # ... and only in a tick's slack (see _admit); a join waits at most this many ticks for it.
+        self.join_max_wait_ticks = 12
         # A (voice, prompt) not in the model's cache is prepared in the slack after each step, in
         # prefill chunks of at most `prep_max_chunk` positions, as long as the next one is expected
         # to end `prep_margin_s` before the next tick; it always advances at least once every
@@ -256,7 +258,8 @@ class StepLoop:
         """Leaves, then joins (at most `max_joins_per_step`). With live sessions, `until` is when
         the next tick must start: a join (a copy of the session's KV rows into the batch) is only
         made while it is expected to end before then, or after `prep_max_wait_ticks` ticks of
-        waiting, so a burst of arrivals delays those sessions by a few ticks, not everyone's step."""
+        waiting (`join_max_wait_ticks`), so a burst of arrivals delays those sessions by a few
+        ticks, not everyone's step."""
         while True:
             try:
                 slot = self._leaves.get_nowait()
@@ -275,7 +278,7 @@ class StepLoop:
                 except queue.Empty:
                     break
             if (until is not None and time.perf_counter() + self._join_unit_s > until
-                    and (admitted or self._join_wait < self.prep_max_wait_ticks)):
+                    and (admitted or self._join_wait < self.join_max_wait_ticks)):
                 self._join_wait += 1
                 return
             slot, self._join_next = self._join_next, None
