@@ -82,11 +82,14 @@ def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
     rng = np.random.default_rng(1)
     T = 24
     # (voice, prompt, seed, join step, leave step)
-    plan = [("NATF0", "assistant+focused", 3, 0, 18), ("NATM1", "Be brief.", 5, 3, T),
-            ("NATF2", "Talk about trains.", 7, 7, T), ("NATF0", "Be brief.", 11, 7, T)]
+    # The last session joins after the first left: it gets the freed last row, whose ring still
+    # holds the moved session's keys (a join copies only the slots its prompt wrote).
+    plan = [("NATF0", "assistant+focused", 3, 0, 14), ("NATM1", "Be brief.", 5, 3, T),
+            ("NATF2", "Talk about trains.", 7, 7, T), ("NATF0", "Be brief.", 11, 7, T),
+            ("NATM1", "Talk about trains.", 13, 15, T)]
     sampling = [SamplingParams(greedy=True) if greedy else
                 SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.8, top_k_audio=50 * k)
-                for k in (1, 3, 5, 7)]
+                for k in (1, 3, 5, 7, 9)]
     audio = [(0.2 * rng.standard_normal((T, FRAME))).astype(np.float32) for _ in plan]
 
     def run():
@@ -678,3 +681,36 @@ def test_joins_are_spread_over_ticks(tiny_model):
     finally:
         loop.stop(timeout=30)
     assert list(metrics.batch_sizes)[:3] == [2, 4, 5] and len(metrics.join_ms) == 5
+
+
+def test_joins_wait_for_slack_but_not_forever(tiny_model):
+    """With live sessions, a join is made only when it is expected to end before the next tick
+    starts; after `join_max_wait_ticks` ticks without such slack it is made anyway (one per tick)."""
+    from engine.models.gen import SamplingParams as SP
+    from engine.server.batch import BatchEngine, SlotParams
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics()
+    loop = StepLoop(tiny_model, metrics, capacity=4, warm=[("NATF0", None)])
+    joined = []
+    slots = [Slot("NATF0", None, SlotParams(SP(), i), Inbox(8, metrics), joined.append,
+                  lambda pcm, text: None) for i in range(3)]
+
+    def run():
+        tiny_model._prompted_state("NATF0", None, 0)          # the prompt cache: no prompt job
+        be, active = BatchEngine(tiny_model, capacity=4), {}
+        for s in slots:
+            loop.join(s)
+        loop._admit(be, active, None)                         # nobody live: no deadline, 2 per tick
+        sizes = [be.size]
+        loop._join_unit_s = 0.050                             # joins are slow here ...
+        for _ in range(loop.join_max_wait_ticks):             # ... and the next tick is 10 ms away
+            loop._admit(be, active, time.perf_counter() + 0.010)
+            sizes.append(be.size)
+        loop._admit(be, active, time.perf_counter() + 0.010)  # waited long enough: joins anyway
+        sizes.append(be.size)
+        return sizes, loop._join_wait
+
+    sizes, wait = tiny_model.worker.call(run)
+    assert sizes == [2] * (loop.join_max_wait_ticks + 1) + [3] and wait == 0
+    assert joined == [None, None, None]

@@ -501,12 +501,16 @@ class BatchEngine:
                 raise ConfigError(f"the batch is full ({self.capacity} rows)")
             self._grow(self.capacity or max(1, 2 * self.cap))
         at = mx.array([B, 0, 0, 0], mx.int32)
-        # Write the new row in place (one row copied; the old arrays' only reference is the update,
-        # so it is donated). One eval for all layers: on a GPU each eval is a host round trip.
+        # Write the new row in place (the old arrays' only reference is the update, so it is
+        # donated). Only the ring slots the prompt phases wrote: the others are masked (their pos
+        # is -1) until this session writes them itself, whatever an earlier session left there.
+        # One eval for all layers: on a GPU each eval is a host round trip.
+        used = min(int(cache.step), self.lm.config.context)
         for i in range(len(self.k)):
             kd = self.k[i].dtype
-            self.k[i] = mx.slice_update(self.k[i], cache.keys[i].astype(kd), at, axes=(0, 1, 2, 3))
-            self.v[i] = mx.slice_update(self.v[i], cache.values[i].astype(kd), at, axes=(0, 1, 2, 3))
+            nk, nv = cache.keys[i][:, :, :used].astype(kd), cache.values[i][:, :, :used].astype(kd)
+            self.k[i] = mx.slice_update(self.k[i], nk, at, axes=(0, 1, 2, 3))
+            self.v[i] = mx.slice_update(self.v[i], nv, at, axes=(0, 1, 2, 3))
         if B == 0:
             self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
         else:

@@ -202,7 +202,7 @@ class StepLoop:
         # for the next ticks (80 ms each), so a burst of connections cannot cost one step a deadline.
         self.max_joins_per_step = 2
         # ... and only in a tick's slack (see _admit); a join waits at most this many ticks for it.
-        self.join_max_wait_ticks = 12
+        self.join_max_wait_ticks = 6
         # A (voice, prompt) not in the model's cache is prepared in the slack after each step, in
         # prefill chunks of at most `prep_max_chunk` positions, as long as the next one is expected
         # to end `prep_margin_s` before the next tick; it always advances at least once every
