@@ -4,6 +4,9 @@
 #           pip download the reference's pure deps into .whl (moshi==0.2.13, einops, safetensors,
 #           sentencepiece, huggingface_hub==0.36.0 and its deps, cffi, pycparser; see docs/performance.md)
 #   call 1: carry [".device/a"]                 mkdir -p /root/mlxparts && cp .device/a/* /root/mlxparts/
+#           (with [".device/a", ".device/ptx"] and `tar xzf .device/ptx/ptx.tgz -C /tmp` it also restores MLX's
+#            NVRTC kernel cache from an earlier machine: `tar czf $OUT/ptx.tgz -C /tmp mlx` there; serve startup
+#            for 16 sessions then takes ~10 s instead of ~220 s)
 #   call 2: carry [".device/b", ".whl", ".ref"] STAGES="ref lm gen" bash bench/gpu_run.sh
 #   call 3: same carry                          STAGES="mimi duplex profile" bash bench/gpu_run.sh
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
