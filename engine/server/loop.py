@@ -257,9 +257,9 @@ class StepLoop:
     def _admit(self, be: BatchEngine, active: dict, until: float | None = None) -> None:
         """Leaves, then joins (at most `max_joins_per_step`). With live sessions, `until` is when
         the next tick must start: a join (a copy of the session's KV rows into the batch) is only
-        made while it is expected to end before then, or after `prep_max_wait_ticks` ticks of
-        waiting (`join_max_wait_ticks`), so a burst of arrivals delays those sessions by a few
-        ticks, not everyone's step."""
+        made while it is expected to end before then, or after `join_max_wait_ticks` ticks of
+        waiting, so a burst of arrivals delays those sessions by a few ticks, not everyone's step.
+        A session whose prompt is not cached goes to `_prepare` first (it joins from there)."""
         while True:
             try:
                 slot = self._leaves.get_nowait()
@@ -272,23 +272,27 @@ class StepLoop:
             self._preparing = [(s, job) for s, job in self._preparing if not s.left]
         admitted = 0
         while admitted < self.max_joins_per_step:
-            if self._join_next is None:
+            slot = self._join_next
+            if slot is None:
                 try:
-                    self._join_next = self._joins.get_nowait()
+                    slot = self._joins.get_nowait()
                 except queue.Empty:
                     break
-            if (until is not None and time.perf_counter() + self._join_unit_s > until
-                    and (admitted or self._join_wait < self.join_max_wait_ticks)):
-                self._join_wait += 1
-                return
-            slot, self._join_next = self._join_next, None
-            self._join_wait = 0
-            if slot.left:
+                if slot.left:
+                    continue
+                job = self._prompt_job(slot)
+                if job is not None:
+                    self._preparing.append((slot, job))     # a new prompt: prepared in the slack
+                    continue
+                self._join_next = slot
+            elif slot.left:
+                self._join_next = None
                 continue
-            job = self._prompt_job(slot)
-            if job is not None:
-                self._preparing.append((slot, job))     # a new prompt: prepared in the slack
-                continue
+            if until is not None and time.perf_counter() + self._join_unit_s > until:
+                if admitted or self._join_wait < self.join_max_wait_ticks:
+                    self._join_wait += 0 if admitted else 1
+                    return
+            self._join_next, self._join_wait = None, 0
             admitted += 1
             t0 = time.perf_counter()
             try:
