@@ -10,6 +10,8 @@
 #   call 2: carry [".device/b", ".whl", ".ref"] STAGES="ref lm gen" bash bench/gpu_run.sh
 #   call 3: same carry                          STAGES="mimi duplex profile" bash bench/gpu_run.sh
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
+#   server, next steps: STAGES="joins soak" STAGE_TIMEOUT=400 (bench/join_probe.py, then the 16 x 300 s soak; needs
+#           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
@@ -41,6 +43,8 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout 100 python3 bench/mimi.py --device gpu --dtype bfloat16 --modes compiled,eager --no-ref --frames 100 ;;
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
+    joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;
+    soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
     servews) dpkg -x .whl/libopus0_*.deb /tmp/opus && export LD_LIBRARY_PATH=/tmp/opus/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
              timeout $T python3 bench/serve_ws.py --model random:personaplex --quantize 4 --device gpu --clients ${WS_CLIENTS:-16} --seconds ${WS_S:-240} --variants compiled:5 --json "$OUT/serve_ws.json" ;;
