@@ -650,7 +650,6 @@ class BatchEngine:
     def _lm_step(self, user: mx.array):
         """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame."""
         gen, c, ct, P = self.gen, self.lm.config, self.ct, self.phase
-        B = self.size
         first = 1 + self.n_cb
         tokens = self.tokens
         for q0, q1, d in gen._runs["user"]:
