@@ -33,6 +33,7 @@ from engine.models.gen import LmGen, SamplingParams
 from engine.models.lm import LM, LmConfig
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
 from engine.server.batch import BatchEngine, SlotParams
+from engine.server.loop import host_counters
 from engine.worker import ModelWorker
 
 FRAME = 1920
@@ -148,27 +149,6 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         del be
         gc.collect()                      # the engine's compiled closures form a reference cycle
         mx.clear_cache()
-    return out
-
-
-def host_counters() -> dict:
-    """Machine-wide CPU steal time (VM hosts) and this cgroup's CPU throttling, where readable:
-    a soak's slow steps that line up with either come from the host, not from the step."""
-    out = {}
-    try:
-        f = open("/proc/stat").readline().split()       # cpu user nice system idle iowait irq softirq steal
-        out["steal_s"] = int(f[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        pass
-    for path in ("/sys/fs/cgroup/cpu.stat", "/sys/fs/cgroup/cpu/cpu.stat"):
-        try:
-            for line in open(path):
-                k, v = line.split()
-                if k in ("nr_throttled", "throttled_usec", "throttled_time"):
-                    out[k] = int(v)
-            break
-        except (OSError, ValueError):
-            continue
     return out
 
 

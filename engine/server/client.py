@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from urllib.parse import urlencode
@@ -160,10 +161,18 @@ def main(argv=None) -> int:
     ap.add_argument("--stagger", type=float, default=0.0, help="seconds between client starts (default 0)")
     ap.add_argument("--wav", default=None, help="send this file (looped) instead of the synthetic voice")
     ap.add_argument("--json", default=None, help="write the per-client results here")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="lower this process's CPU priority by N (0-19) so that clients run on the "
+                         "server's own machine take only the CPU it leaves idle (default 0)")
     args = ap.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0:
         print("error: --clients must be >= 1 and --seconds > 0", file=sys.stderr)
         return 2
+    if not 0 <= args.nice <= 19:
+        print(f"error: --nice {args.nice}: use 0 (unchanged) to 19 (lowest priority)", file=sys.stderr)
+        return 2
+    if args.nice:
+        os.nice(args.nice)
     query = {"voice_prompt": args.voice}
     if args.text_prompt is not None:
         query["text_prompt"] = args.text_prompt

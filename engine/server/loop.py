@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -32,6 +33,30 @@ FRAME_SECONDS = 0.08
 log = logging.getLogger("engine.serve")
 
 
+def host_counters() -> dict:
+    """Machine-wide CPU steal time (VM hosts) and this cgroup's CPU throttling, where readable
+    (Linux): slow steps that line up with either come from the host, not from the step. Used by
+    bench/serve.py and the zero-miss test to say where a miss came from."""
+    out = {}
+    try:
+        with open("/proc/stat") as fh:              # cpu user nice system idle iowait irq softirq steal
+            f = fh.readline().split()
+        out["steal_s"] = int(f[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    for path in ("/sys/fs/cgroup/cpu.stat", "/sys/fs/cgroup/cpu/cpu.stat"):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    k, v = line.split()
+                    if k in ("nr_throttled", "throttled_usec", "throttled_time"):
+                        out[k] = int(v)
+            break
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 class Metrics:
     """Counters and step-time window shared by the loop and the app (plain ints under the GIL)."""
 
@@ -49,6 +74,7 @@ class Metrics:
         self.reanchors = 0
         self.join_ms: deque = deque(maxlen=200)
         self.miss_steps: deque = deque(maxlen=1000)   # indices of the steps that missed
+        self.miss_spans: deque = deque(maxlen=1000)   # (start, end) perf_counter of each missed step
         self.step_ms: deque = deque(maxlen=window)
         # CPU time the loop's thread got during each step: well under step_ms means the thread
         # waited (descheduled, or blocked on the GPU where the driver does not spin)
@@ -461,6 +487,7 @@ class StepLoop:
             if t1 > deadline:
                 m.misses += 1
                 m.miss_steps.append(m.steps - 1)
+                m.miss_spans.append((t0, t1))
             for r, slot in enumerate(slots):
                 slot.steps += 1
                 slot.on_frame(pcm[r], int(text[r]))
