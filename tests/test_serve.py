@@ -777,7 +777,9 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
 
 
 def test_joins_are_spread_over_ticks(tiny_model):
-    """Five sessions connecting at once join at most `max_joins_per_step` per tick."""
+    """Five sessions connecting at once join at most `max_joins_per_step` (2) per tick: two before
+    the first step, then at most two between steps (in the slack, so on a slow machine a join may
+    wait a tick or more: the sizes are 2, 4, 5 or 2, 4, 4, 5 ...)."""
     import threading
 
     from engine.models.gen import SamplingParams as SP
@@ -796,11 +798,13 @@ def test_joins_are_spread_over_ticks(tiny_model):
         for _ in slots:
             assert done.acquire(timeout=60)
         t0 = time.monotonic()
-        while metrics.steps < 4 and time.monotonic() - t0 < 30:
+        while 5 not in list(metrics.batch_sizes) and time.monotonic() - t0 < 30:
             time.sleep(0.02)
     finally:
         loop.stop(timeout=30)
-    assert list(metrics.batch_sizes)[:3] == [2, 4, 5] and len(metrics.join_ms) == 5
+    sizes = list(metrics.batch_sizes)
+    assert sizes[0] == 2 and 5 in sizes and len(metrics.join_ms) == 5, sizes
+    assert all(0 <= b - a <= 2 for a, b in zip(sizes, sizes[1:])), sizes
 
 
 def test_joins_wait_for_slack_but_not_forever(tiny_model):
