@@ -424,7 +424,7 @@ class StepLoop:
                 t0 = time.perf_counter()
                 n = be.rehearse(lambda: self._prompted(voice, prompt, 0))
                 self.startup["rehearse_s"] = round(time.perf_counter() - t0, 2)
-                log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, time.perf_counter() - t0)
+                log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, self.startup["rehearse_s"])
         # The weights, engine and compiled graphs live as long as the loop: take them out of the
         # collector's generations, so collections during the 12.5 Hz loop scan only what the
         # sessions allocate (shorter pauses). Once only: session objects stay collectable.
