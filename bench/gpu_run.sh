@@ -12,6 +12,9 @@
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
 #   server, next steps: STAGES="joins soak" STAGE_TIMEOUT=400 (bench/join_probe.py, then the 16 x 300 s soak; needs
 #           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
+#   batched fused depformer (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py, bench/rows_probe.py: its launch
+#           shape and time per batch size); SOAK_ARGS=--fused-depformer STAGES=soak; STAGES=sweep: the 16-row sweep
+#           with the fused depformer and without, in one call
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
@@ -43,8 +46,11 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout 100 python3 bench/mimi.py --device gpu --dtype bfloat16 --modes compiled,eager --no-ref --frames 100 ;;
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
+    rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ;;
+    rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
+    sweep)   for f in --fused-depformer ""; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;
-    soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ;;
+    soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ${SOAK_ARGS:-} ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
     servews) dpkg -x .whl/libopus0_*.deb /tmp/opus && export LD_LIBRARY_PATH=/tmp/opus/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
              timeout $T python3 bench/serve_ws.py --model random:personaplex --quantize 4 --device gpu --clients ${WS_CLIENTS:-16} --seconds ${WS_S:-240} --variants compiled:5 --json "$OUT/serve_ws.json" ;;

@@ -80,7 +80,7 @@ def fill_context(be: BatchEngine) -> None:
     be.set_offsets(2 * be.lm.config.context + np.arange(be.size, dtype=np.int64) * 7)
 
 
-def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True) -> list[dict]:
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True, fused=False) -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
@@ -88,7 +88,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        be = BatchEngine(model, compiled=compiled, capacity=b)
+        be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
         if full:
@@ -152,11 +152,13 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
     return out
 
 
-def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0) -> dict:
+def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0,
+         fused=False) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
     loop = StepLoop(model, metrics, compiled=compiled, capacity=sessions)
+    loop.fused_depformer = fused
     loop.spin_s = spin_ms / 1e3
     joined = threading.Semaphore(0)
     received = [0] * sessions
@@ -171,8 +173,14 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
         loop.join(Slot("bench", None, SlotParams(SamplingParams(), i), inbox,
                        lambda err: joined.release(), on_frame))
     loop.start()                          # reserve() + rehearse() first (loop.startup), then the joins
+    deadline = time.perf_counter() + 600
     for _ in range(sessions):
-        joined.acquire(timeout=600)
+        while not joined.acquire(timeout=1.0):
+            if not loop.running:          # the loop died at startup: say why now, not in 600 s
+                loop._future.result()
+            if time.perf_counter() > deadline:
+                raise TimeoutError("soak: the sessions did not join within 600 s")
+    print(f"soak: {sessions} joined, startup {loop.startup}", flush=True)
     stop = threading.Event()
     frame = (0.1 * np.random.default_rng(2).standard_normal(FRAME)).astype(np.float32)
 
@@ -191,7 +199,11 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     host0 = host_counters()
     t0 = time.perf_counter()
     feeder.start()
-    time.sleep(seconds)
+    while (left := t0 + seconds - time.perf_counter()) > 0:     # progress every 30 s
+        time.sleep(min(30.0, left))
+        recent = sorted(list(metrics.step_ms)[-375:]) or [0.0]
+        print(f"soak: {time.perf_counter() - t0:.0f} s, {metrics.steps} steps, {metrics.misses} misses, "
+              f"last 30 s p50 {recent[len(recent) // 2]:.1f} ms", flush=True)
     stop.set()
     steps, misses = metrics.steps, metrics.misses
     loop.stop(timeout=60)
@@ -231,6 +243,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
     ap.add_argument("--prompt-len", type=int, default=60, help="text prompt tokens of every session")
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
+    ap.add_argument("--fused-depformer", action="store_true",
+                    help="the depformer of all rows as one CUDA kernel (FusedLM.depformer_rows; GPU only)")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
     ap.add_argument("--blas-threads", type=int, default=1,
@@ -242,6 +256,7 @@ def main() -> None:
                          "runs one soak per value (default 0)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
+    fused = True if args.fused_depformer else False
 
     def run():
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -258,7 +273,7 @@ def main() -> None:
         rows = []
         if sizes:
             try:
-                rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh)
+                rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh, fused)
             except RuntimeError as e:       # e.g. out of memory: report it, go on
                 print(json.dumps({"error": str(e)[:300]}), flush=True)
                 gc.collect()
@@ -278,7 +293,7 @@ def main() -> None:
     if rows:
         print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
     for spin in ([float(v) for v in args.spin_ms.split(",")] if args.soak_sessions else []):
-        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin)
+        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin, fused)
         verdict = "REAL TIME" if res["misses"] == 0 and res["p99_ms"] <= 80 else "NOT real time"
         print(f"soak: {args.soak_sessions} sessions for {res['seconds']} s, spin {spin} ms: {verdict} "
               f"({res['misses']} misses, p99 {res['p99_ms']} ms)", flush=True)

@@ -242,6 +242,82 @@ def test_batch_errors(tiny_model):
     assert tiny_model.worker.call(run) == ((1, FRAME), (1,), 0)
 
 
+class _RowsContract:
+    """What FusedLM.depformer_rows computes (cuda/depformer_rows.cu), written with MLX ops: the CPU
+    stand-in that checks BatchEngine's side of the call (keys -> Gumbel noise, forced codebooks,
+    greedy rows) against the MLX depformer loop. tests/test_fused_rows.py checks the kernel itself
+    against this loop on a GPU."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.calls = 0
+
+    def depformer_rows(self, h, ttok, forced, temp, top_k, noise, n):
+        import mlx.core as mx
+        from engine.server.batch import _depformer_pure
+        self.calls += 1
+        card = self.lm.config.card
+        t, k = np.array(temp), np.array(top_k)
+        prev, kv, out = ttok, [], []
+        for s in range(n):
+            logits, *kv = _depformer_pure(self.lm, s, h.astype(self.lm.dtype), prev, *kv)
+            x = logits.astype(mx.float32) / mx.array(np.where(t <= 0, 1, t).astype(np.float32))[:, None]
+            kk = np.where((k > 0) & (k < card), k, card)
+            kth = mx.take_along_axis(mx.sort(x, axis=-1), mx.array(card - kk)[:, None], axis=-1)
+            x = mx.where(x >= kth, x, -mx.inf)
+            tok = mx.argmax(x + (noise[:, s] if noise is not None else 0), axis=-1).astype(mx.int32)
+            tok = mx.where(mx.array(t <= 0), mx.argmax(logits, axis=-1).astype(mx.int32), tok)
+            prev = mx.where(forced[:, s] >= 0, forced[:, s], tok)
+            out.append(prev)
+        return mx.stack(out, axis=1), None
+
+
+def test_fused_depformer_call_gives_the_mlx_loops_tokens(tiny_model):
+    """BatchEngine with the batched fused depformer (here its contract in MLX) gives the tokens of
+    the MLX depformer loop: 7 rows with different sampling (greedy, top-k), joins, a leave, and
+    random agent codebooks forced. On the CPU the real kernel is unavailable: fused=True says so."""
+    from engine.errors import EngineError
+    from engine.server.batch import BatchEngine, SlotParams
+    from engine.models.gen import SamplingParams
+
+    def sampling(i):
+        return (SamplingParams(greedy=True) if i % 4 == 0 else
+                SamplingParams(temp_text=0.9, top_k_text=5, temp_audio=0.6 + 0.1 * i, top_k_audio=30 * i))
+
+    def run(fused):
+        be = BatchEngine(tiny_model)
+        if fused:
+            be.fused = _RowsContract(tiny_model.lm)
+        rng, frng = np.random.default_rng(5), np.random.default_rng(7)
+        out = []
+        for t in range(8):
+            for i in range(7):
+                if t == i // 2:
+                    be.join(i, tiny_model._prompted_state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
+            if t == 5:
+                be.leave(2)
+            col = be.phase % be.ct
+            be.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
+            pcm, text = be.step((0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32))
+            out.append((list(be.slots), text.tolist(), np.array(be.tokens)))
+        return out, be
+
+    def both():
+        with pytest.raises(EngineError, match="CUDA"):
+            BatchEngine(tiny_model, fused=True)
+        with pytest.raises(EngineError, match="fused="):
+            BatchEngine(tiny_model, fused="yes")
+        assert BatchEngine(tiny_model, fused="auto").fused is None       # CPU: the MLX path
+        return run(False), run(True)
+
+    (ref, _), (got, be) = tiny_model.worker.call(both)
+    assert be.fused.calls == 8
+    assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
+    for t, (a, b) in enumerate(zip(ref, got)):
+        assert a[0] == b[0] and a[1] == b[1], f"step {t}: text differs"
+        np.testing.assert_array_equal(a[2], b[2], err_msg=f"step {t}: token rings differ")
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_join_step_and_leave_update_the_kv_in_place(tiny_model, compiled):
     """The batch's KV cache is the server's largest state (16 sessions of the 7B model: ~25 GB on a

@@ -144,6 +144,9 @@ class FusedLM:
             output_names=["toks", "scratch"],
             shared_memory=self._smem_depformer())
         self._tfp = mx.array([c.norm_eps, c.max_period], mx.float32)
+        self._dfp = mx.array([c.norm_eps], mx.float32)
+        self._dkr = None           # the batched depformer (`depformer_rows`), built on first use
+        self._nb, self._rows_nt = 0, NT
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -286,6 +289,95 @@ class FusedLM:
                       ("NSORT", self._nsort), ("NT", NT)],
             grid=(self.blocks * NT, 1, 1), threadgroup=(NT, 1, 1),
             output_shapes=[(n_steps,), (scratch,)], output_dtypes=[mx.int32, mx.float32],
+            init_value=0.0)
+        return toks, scr
+
+    # ------------------------------------------------------------------ several conversations
+    def _rows_nb(self) -> int:
+        """Vectors per chunk of the batched depformer (as many as its shared memory allows, <= 8)."""
+        for nb in (8, 4, 2, 1):
+            if 4 * self._rows_smem_floats(nb) <= _SMEM_LIMIT:
+                return nb
+        raise FusedUnavailable("the batched depformer's vectors do not fit the kernels' shared memory")
+
+    def _rows_smem_floats(self, nb: int) -> int:
+        c = self.c
+        return max(nb * _xs(c.dim), nb * _xs(c.depformer_hidden),
+                   nb * (_xs(c.depformer_dim) + c.depformer_num_heads * c.dep_q), self._nsort)
+
+    def depformer_rows(self, h: mx.array, ttok: mx.array, forced: mx.array, temp: mx.array, top_k: mx.array,
+                       noise: mx.array | None, n_steps: int):
+        """The depformer walk of B conversations in one launch (the batched server).
+
+        h (B, dim) temporal outputs, ttok (B,) step 0's input tokens, forced (B, n_steps) int32: the
+        token codebook s takes in row b (the input of step s+1 too), or -1 to sample it; temp (B,)
+        float32 (<= 0: greedy row), top_k (B,) int32 (<= 0 or >= card: none), noise (B, n_steps, card)
+        float32 Gumbel noise (None when every row is greedy) -> tokens (B, n_steps) int32."""
+        B = int(h.shape[0])
+        if not 1 <= B <= self.blocks:
+            raise FusedUnavailable(f"the batched depformer runs 1..{self.blocks} rows, got {B}")
+        if self._dkr is None:
+            self.prepare_rows(n_steps)
+        return self._rows_call(h, ttok, forced, temp, top_k, noise, n_steps)
+
+    def prepare_rows(self, n_steps: int) -> tuple[int, int]:
+        """Pick the batched depformer's launch shape: (threads per block, vectors per chunk). The
+        widest that launches on this GPU wins; a launch needing more registers or shared memory than
+        an SM has fails with "too many resources", so each candidate runs once on dummy inputs.
+        Returns the shape chosen; raises FusedUnavailable when none launches."""
+        if self._dkr is not None:
+            return self._rows_nt, self._nb
+        c = self.c
+        errors = []
+        best = self._rows_nb()
+        for nt, nb in ((NT, best), (NT // 2, best), (NT, best // 2), (NT // 2, best // 2)):
+            if nb < 1:
+                continue
+            self._rows_nt, self._nb = nt, nb
+            self._dkr = mx.fast.cuda_kernel(
+                name=f"pp_depformer_rows_{nt}_{nb}", source=(_SRC / "depformer_rows.cu").read_text(),
+                header=(_SRC / "common.cuh").read_text(),
+                input_names=["h", "meta", "ttok", "forced", "temp", "topk", "noise", "win", "sin_", "bin",
+                             "tew", "tes", "teb", "ew", "es", "eb", "qw", "qs", "qb", "ow", "os", "ob",
+                             "iw", "is", "ib", "dw", "ds", "db", "dn1", "dn2", "lw", "ls", "lb", "fp"],
+                output_names=["toks", "scratch"],
+                shared_memory=4 * self._rows_smem_floats(nb))
+            try:
+                toks, scr = self._rows_call(
+                    mx.zeros((1, c.dim), mx.float32), mx.zeros((1,), mx.int32), mx.full((1, n_steps), -1, mx.int32),
+                    mx.ones((1,), mx.float32), mx.zeros((1,), mx.int32), mx.zeros((1, n_steps, c.card), mx.float32),
+                    n_steps)
+                mx.eval(toks, scr)
+                return nt, nb
+            except RuntimeError as e:
+                errors.append(f"{nt} threads x {nb} vectors: {e}")
+        self._dkr = None
+        raise FusedUnavailable("the batched depformer kernel does not launch here: " + "; ".join(errors))
+
+    def _rows_call(self, h, ttok, forced, temp, top_k, noise, n_steps):
+        c, lm = self.c, self.lm
+        B = int(h.shape[0])
+        nt = self._rows_nt
+        d = self.d
+        inputs = [h.astype(mx.float32), mx.array([B], mx.int32), ttok.astype(mx.int32).reshape(B),
+                  forced.astype(mx.int32).reshape(B, n_steps), temp.astype(mx.float32).reshape(B),
+                  top_k.astype(mx.int32).reshape(B),
+                  mx.zeros((1,), mx.float32) if noise is None else noise.astype(mx.float32),
+                  *self._qsb(lm.depformer_in), *self._qsb(lm.depformer_text_emb), *self._qsb(lm.depformer_emb),
+                  *d["q"], *d["o"], *d["i"], *d["d"], *self.d_norms, *self._qsb(lm.linears), self._dfp]
+        sin = c.depformer_in_slots
+        DD = c.depformer_dim
+        scratch = (32 + B * (1 if sin == 1 else n_steps) * DD + 2 * B * DD
+                   + 2 * B * c.depformer_num_layers * n_steps * DD + B * c.depformer_hidden + B * c.card)
+        toks, scr = self._dkr(
+            inputs=inputs,
+            template=[("T", self.dtype), ("D", c.dim), ("DD", DD), ("NH", c.depformer_num_heads),
+                      ("LD", c.depformer_num_layers), ("HIDD", c.depformer_hidden), ("CARD", c.card),
+                      ("NS", n_steps), ("NSIN", sin), ("NSL", c.depformer_slots),
+                      ("BD", self.bd), ("BE", self.be), ("BHD", self.bhd), ("GS", self.group_size),
+                      ("NSORT", self._nsort), ("NT", nt), ("NB", self._nb)],
+            grid=(self.blocks * nt, 1, 1), threadgroup=(nt, 1, 1),
+            output_shapes=[(B, n_steps), (scratch,)], output_dtypes=[mx.int32, mx.float32],
             init_value=0.0)
         return toks, scr
 

@@ -24,6 +24,7 @@ Worker thread only (every method runs MLX).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from ..errors import ConfigError
 from ..models.gen import GenState, SamplingParams
 from ..models.lm import _silu_gate
 from ..models.mimi_modules import FRESH_ROWS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SlotParams", "BatchEngine"]
 
@@ -313,13 +316,35 @@ def _depformer_pure(lm, s, h, prev, *kv):
 # ----------------------------------------------------------------------------------------------
 # The batch
 # ----------------------------------------------------------------------------------------------
+def _write_rows(arrays: list, r: int, rows: list) -> None:
+    """arrays[i][r:r+1, :, :n] = rows[i] (n = rows[i].shape[2]) for every layer, by static slices
+    (see `BatchEngine.join`); each old array is dropped from `arrays` first so the update can
+    reuse its buffer (donation)."""
+    for i, src in enumerate(rows):
+        x = arrays[i]
+        arrays[i] = None
+        x[r:r + 1, :, :src.shape[2]] = src.astype(x.dtype)
+        arrays[i] = x
+
+
+def _fused_engine_or_raise(gen):
+    """gen's FusedLM; raises FusedUnavailable with the reason where there is none."""
+    from ..models.fused import FusedLM, FusedUnavailable
+    fe = gen.fused_engine()
+    if fe is None:
+        reason = FusedLM.unsupported(gen.lm) or "the fused step is turned off (PERSONAPLEX_FUSED=0 or fused=False)"
+        raise FusedUnavailable(reason)
+    return fe
+
+
 class BatchEngine:
     """Active slots stacked on the batch dimension. Row order = `self.slots`.
 
     `model` is a loaded `engine.api.PersonaPlex` (its mimi, lm and gen are used; never modified).
     """
 
-    def __init__(self, model, compiled: bool = False, capacity: int | None = None):
+    def __init__(self, model, compiled: bool = False, capacity: int | None = None,
+                 fused: bool | str = False):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
@@ -362,6 +387,25 @@ class BatchEngine:
         # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
         self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
         self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
+        # The depformer walk of all rows as ONE CUDA kernel launch (FusedLM.depformer_rows) instead
+        # of ~9 MLX graphs and sampling sites per step. Opt-in: on an H100 with 16 sessions it cut
+        # the loop thread's CPU time per step by ~10 ms but took 15 ms of GPU time, so steps got
+        # slower (docs/performance_serve.md). "auto": where the model's fused engine exists (MLX on
+        # CUDA, PERSONAPLEX_FUSED not 0); True raises where it does not; False (default): MLX.
+        if fused not in ("auto", True, False):
+            raise ConfigError(f"fused={fused!r} must be 'auto', True or False")
+        self.fused = None
+        if fused is not False:
+            fe = self.gen.fused_engine() if fused == "auto" else _fused_engine_or_raise(self.gen)
+            if fe is not None:
+                from ..models.fused import FusedUnavailable
+                try:      # builds and launches it once now (NVRTC: seconds), not on a live step
+                    fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
+                    self.fused = fe
+                except FusedUnavailable as e:
+                    if fused is True:
+                        raise
+                    log.warning("batched fused depformer unavailable, using the MLX path: %s", e)
 
     @property
     def size(self) -> int:
@@ -396,8 +440,9 @@ class BatchEngine:
             h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
             self.k, self.v = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
-            for s in range(c.dep_q):
-                _, dkv = self._depformer(s, h, prev, dkv)
+            if self.fused is None:
+                for s in range(c.dep_q):
+                    _, dkv = self._depformer(s, h, prev, dkv)
             mx.eval(logits, dkv, self.k, self.v)
         # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
         # shape on CUDA: seconds, which would stall every session on the first live step).
@@ -500,17 +545,15 @@ class BatchEngine:
             if self.capacity is not None and self.cap >= self.capacity:
                 raise ConfigError(f"the batch is full ({self.capacity} rows)")
             self._grow(self.capacity or max(1, 2 * self.cap))
-        at = mx.array([B, 0, 0, 0], mx.int32)
         # Write the new row in place (the old arrays' only reference is the update, so it is
         # donated). Only the ring slots the prompt phases wrote: the others are masked (their pos
         # is -1) until this session writes them itself, whatever an earlier session left there.
-        # One eval for all layers: on a GPU each eval is a host round trip.
+        # One eval for all layers: on a GPU each eval is a host round trip. Static indices:
+        # measured on an H100, `mx.slice_update` with an index array took ~55 ms for the 64 KV
+        # arrays of 16 rows (bench/join_probe.py) and the same update by slice ~2 ms.
         used = min(int(cache.step), self.lm.config.context)
-        for i in range(len(self.k)):
-            kd = self.k[i].dtype
-            nk, nv = cache.keys[i][:, :, :used].astype(kd), cache.values[i][:, :, :used].astype(kd)
-            self.k[i] = mx.slice_update(self.k[i], nk, at, axes=(0, 1, 2, 3))
-            self.v[i] = mx.slice_update(self.v[i], nv, at, axes=(0, 1, 2, 3))
+        _write_rows(self.k, B, [k[:, :, :used] for k in cache.keys])
+        _write_rows(self.v, B, [v[:, :, :used] for v in cache.values])
         if B == 0:
             self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
         else:
@@ -548,14 +591,13 @@ class BatchEngine:
         self.slots[r] = self.slots[last]
         self.slots.pop()
         if r != last:
-            at = mx.array([r, 0, 0, 0], mx.int32)
             zero = mx.array(0, self.k[0].dtype)
-            rows = [(k[last:last + 1] + zero, v[last:last + 1] + zero) for k, v in zip(self.k, self.v)]
-            mx.eval(rows)                         # own buffers first, so the big arrays can be donated
-            for i, (rk, rv) in enumerate(rows):
-                self.k[i] = mx.slice_update(self.k[i], rk, at, axes=(0, 1, 2, 3))
-                self.v[i] = mx.slice_update(self.v[i], rv, at, axes=(0, 1, 2, 3))
-            del rows, rk, rv
+            rk = [k[last:last + 1] + zero for k in self.k]
+            rv = [v[last:last + 1] + zero for v in self.v]
+            mx.eval(rk, rv)                       # own buffers first, so the big arrays can be donated
+            _write_rows(self.k, r, rk)
+            _write_rows(self.v, r, rv)
+            del rk, rv
             mx.eval(self.k, self.v)
         if not order:
             self.pos = self.offset = self.tokens = self.keys = self.enc = self.dec = None
@@ -680,12 +722,16 @@ class BatchEngine:
 
         prev = pick(0, text)
         new_col = [prev]
-        kv: list = []
-        for s in range(n_steps):
-            logits, kv = self._depformer(s, h, prev, kv)
-            tok = sample_rows(logits, self.temp_audio, self.top_k_audio, self.greedy, site[:, 1 + s])
-            prev = pick(s + 1, tok)
-            new_col.append(prev)
+        if self.fused is not None:
+            toks = self._fused_depformer(h, prev, prov, target, site, n_steps)
+            new_col.extend(toks[:, s] for s in range(n_steps))
+        else:
+            kv: list = []
+            for s in range(n_steps):
+                logits, kv = self._depformer(s, h, prev, kv)
+                tok = sample_rows(logits, self.temp_audio, self.top_k_audio, self.greedy, site[:, 1 + s])
+                prev = pick(s + 1, tok)
+                new_col.append(prev)
         new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
         self.provided[:, :, in_col] = False
         tokens = gen._put(tokens, mx.stack(new_col, axis=1), 0, tgt_col)
@@ -694,6 +740,27 @@ class BatchEngine:
         self.tokens = tokens
         self.phase += 1
         return out[:, 0], out[:, 1:1 + self.n_cb]
+
+    def _fused_depformer(self, h: mx.array, text: mx.array, prov: np.ndarray, target: mx.array,
+                         site: mx.array, n_steps: int) -> mx.array:
+        """The depformer walk of every row in one kernel launch -> tokens (B, n_steps): the same
+        tokens as the MLX loop (same keys, same Gumbel draws, forced codebooks kept)."""
+        B = self.size
+        card = self.lm.config.card
+        p = prov[:, 1:1 + n_steps]
+        if p.any():
+            forced = mx.where(mx.array(p), target[:, 1:1 + n_steps], -1)
+        else:
+            forced = mx.full((B, n_steps), -1, mx.int32)
+        greedy = self.greedy | (self.temp_audio <= 0)
+        temp = np.where(greedy, 0.0, self.temp_audio).astype(np.float32)
+        noise = None
+        if not greedy.all():
+            keys = site[:, 1:1 + n_steps].reshape(B * n_steps, 2)
+            noise = _gumbel_rows(keys, card).reshape(B, n_steps, card)
+        toks, _ = self.fused.depformer_rows(h[:B], text, forced, mx.array(temp), mx.array(self.top_k_audio),
+                                            noise, n_steps)
+        return toks
 
     # ------------------------------------------------------------------ one step
     def step(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -414,7 +414,8 @@ class StepLoop:
                 self._prompted(voice, prompt, 0)
             except Exception as e:  # noqa: BLE001 - a missing voice only matters when asked for
                 log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
-        be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity)
+        be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity,
+                                      fused=self.fused_depformer)
         if self.capacity:
             t0 = time.perf_counter()
             be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
@@ -442,6 +443,7 @@ class StepLoop:
                 gc.enable()
 
     gc_full_every = 750                  # steps (one minute of audio)
+    fused_depformer: bool | str = False  # BatchEngine(fused=...): the batched CUDA depformer (opt-in)
 
     def _wait_until(self, start: float, now: float) -> None:
         """Sleep until `start` (perf_counter); the last `spin_s` of it polls instead, yielding

@@ -448,3 +448,125 @@ __device__ int sample_row(const float* logits, const float* noise, int n, bool g
 }
 
 }  // namespace ppx
+
+// ---------------------------------------------------------------- several vectors at once
+namespace ppx {
+
+// mv_stage for NB input vectors at once (the batched server's depformer): xs holds nb <= NB vectors
+// in the `xi` layout, `xstride` floats apart. Each weight vector is loaded and decoded once and
+// dotted with every input vector. epi(g, n, acc) runs in lane n of one warp for each vector
+// n < nb, acc = the R row sums of that vector.
+template <int BITS, int GS, typename ST, int R, int NB, typename RowMap, typename Epi>
+__device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, const float* xs, int xstride, int nb,
+                                        RowMap rowmap, Epi epi) {
+  constexpr int PW = Bits<BITS>::per_word;
+  constexpr int VV = 4 * PW;
+  constexpr bool quant = BITS == 4 || BITS == 8;
+  static_assert(NB <= 32, "one lane per input vector");
+  __shared__ float part_rows[32 * R * NB];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int nvec = m.K / VV;
+  int ks = 1;
+  while (ks < nw && ks * 32 * 2 <= nvec) ks <<= 1;      // warps per row group
+  const int gpr = nw / ks;                               // row groups per block round
+  const int gi = warp / ks, kk = warp % ks;
+  const int words = m.K / PW, groups = m.K / GS;
+  for (int base = blockIdx.x * gpr; base < ngroups; base += gridDim.x * gpr) {
+    const int g = base + gi;
+    float a[R][NB];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int n = 0; n < NB; ++n) a[r][n] = 0.f;
+    if (g < ngroups) {
+      int rows[R];
+      rowmap(g, rows);
+      for (int v = kk * 32 + lane; v < nvec; v += ks * 32) {
+        uint4 wv[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[r] = __ldg(reinterpret_cast<const uint4*>(m.w + (size_t)rows[r] * words) + v);
+        const int b0 = v * VV;
+        float xsum[NB];
+#pragma unroll
+        for (int n = 0; n < NB; ++n) {
+          xsum[n] = 0.f;
+          if constexpr (quant) {
+            if (n < nb) {
+              const float* xp = xs + n * xstride + xi(b0);
+#pragma unroll
+              for (int i = 0; i < VV; i += 4) {
+                const float4 f = *reinterpret_cast<const float4*>(xp + i);
+                xsum[n] += (f.x + f.y) + (f.z + f.w);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t ws[4] = {wv[r].x, wv[r].y, wv[r].z, wv[r].w};
+          float d[NB];
+#pragma unroll
+          for (int n = 0; n < NB; ++n) d[n] = 0.f;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            float q[PW];
+            decode<BITS, ST>(ws[k], q);
+#pragma unroll
+            for (int n = 0; n < NB; ++n) {
+              if (n < nb) {
+                // a word's PW (<= 8) values lie inside one 32-float run of the padded layout
+                const float* xp = xs + n * xstride + xi(b0 + k * PW);
+#pragma unroll
+                for (int j = 0; j < PW; ++j) d[n] = fmaf(q[j], xp[j], d[n]);
+              }
+            }
+          }
+          if constexpr (quant) {
+            const int gq = b0 / GS;
+            const float sc = tof(m.s[(size_t)rows[r] * groups + gq]);
+            const float bi = tof(m.b[(size_t)rows[r] * groups + gq]);
+#pragma unroll
+            for (int n = 0; n < NB; ++n) a[r][n] = fmaf(sc, d[n], fmaf(bi, xsum[n], a[r][n]));
+          } else {
+#pragma unroll
+            for (int n = 0; n < NB; ++n) a[r][n] += d[n];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int n = 0; n < NB; ++n) a[r][n] = warp_sum(a[r][n]);
+    float mine[R];
+    if (ks > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int n = 0; n < NB; ++n) part_rows[(warp * R + r) * NB + n] = a[r][n];
+      }
+      __syncthreads();
+      if (kk == 0 && g < ngroups && lane < nb) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float t = 0.f;
+          for (int k = 0; k < ks; ++k) t += part_rows[((warp + k) * R + r) * NB + lane];
+          mine[r] = t;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        mine[r] = 0.f;
+#pragma unroll
+        for (int n = 0; n < NB; ++n)
+          if (n == lane) mine[r] = a[r][n];
+      }
+    }
+    if (kk == 0 && g < ngroups && lane < nb) epi(g, lane, mine);
+    if (ks > 1) __syncthreads();
+  }
+}
+
+}  // namespace ppx

@@ -1,0 +1,226 @@
+// Body of the fused depformer walk for B conversations at once (the batched server, see
+// engine/server/batch.py and FusedLM.depformer_rows in engine/models/fused.py). The same stages as
+// depformer.cu (batch 1); every matrix stage runs its rows in chunks of NB (mv_rows: each weight
+// vector is decoded once per chunk and dotted with all of the chunk's vectors), so the number of
+// grid barriers does not grow with B. Per row: its own sampling parameters and forced tokens.
+//
+// Template constants: as depformer.cu (T, D, DD, NH, LD, HIDD, CARD, NS, NSIN, NSL, BD, BE, BHD, GS,
+// NSORT, NT) plus NB (vectors per chunk). No TOPK / GREEDY: they are per row here.
+// Inputs: h (B, D) float (temporal outputs), meta (1) int32 = B, ttok (B) int32 (step 0's input
+// token per row), forced (B, NS) int32 (the token codebook s must take in row b, or -1 to sample),
+// temp (B) float (<= 0: greedy row), topk (B) int32 (<= 0 or >= CARD: no top-k), noise (B, NS, CARD)
+// float (Gumbel noise; unread for greedy rows), the weights as in depformer.cu, fp (1) = eps.
+// Outputs: toks (B, NS) int32, scratch float (zeroed).
+using namespace ppx;
+constexpr int R = 4;
+constexpr int HDD = DD / NH;
+constexpr int XIN = NSIN == 1 ? 1 : NS;
+extern __shared__ float xs[];
+__shared__ float red[32];
+const int B = meta[0];
+unsigned int* sync = reinterpret_cast<unsigned int*>(scratch);
+float* xin = scratch + 32;                        // (B, XIN, DD)
+float* resid = xin + (size_t)B * XIN * DD;        // (B, DD)
+float* qv = resid + (size_t)B * DD;               // (B, DD)
+float* dk = qv + (size_t)B * DD;                  // (B, LD, NS, DD)
+float* dv = dk + (size_t)B * LD * NS * DD;
+float* hid = dv + (size_t)B * LD * NS * DD;       // (B, HIDD)
+float* lg = hid + (size_t)B * HIDD;               // (B, CARD)
+unsigned int epoch = 0;
+const float eps = fp[0];
+const float scale = rsqrtf((float)HDD);
+using ST = T;
+
+// ---- X: depformer_in(h) of every row, for every step this frame
+{
+  constexpr int XS = xs_size(D);
+  Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(win), sin_, bin, D};
+  for (int c0 = 0; c0 < B; c0 += NB) {
+    const int nb = min(NB, B - c0);
+    for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, h + (size_t)(c0 + n) * D, D);
+    mv_rows<BD, GS, ST, R, NB>(m, XIN * DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
+      float* dst = xin + (size_t)(c0 + n) * XIN * DD + g * R;
+#pragma unroll
+      for (int r = 0; r < R; ++r) __stcg(dst + r, rt<T>(acc[r]));
+    });
+    __syncthreads();
+  }
+}
+grid_sync(sync, epoch);
+
+for (int s = 0; s < NS; ++s) {
+  const int sw = NSL == 1 ? 0 : s;
+  for (int j = 0; j < LD; ++j) {
+    // ---- S1: (step input) + norm1 + QKV
+    {
+      constexpr int XS = xs_size(DD);
+      const auto m = mat_at<BD, GS>(qw, qs, qb, ((size_t)j * NSL + sw) * 3 * DD, DD);
+      for (int c0 = 0; c0 < B; c0 += NB) {
+        const int nb = min(NB, B - c0);
+        for (int n = 0; n < nb; ++n) {
+          const int b = c0 + n;
+          float* xb = xs + n * XS;
+          if (j == 0) {
+            // x = depformer_in(h, s) + E_s(prev); a negative token embeds as zeros.
+            const int prev = s == 0 ? ttok[b] : __ldcg(toks + (size_t)b * NS + s - 1);
+            const float* xin_s = xin + ((size_t)b * XIN + (NSIN == 1 ? 0 : s)) * DD;
+            const int row = s == 0 ? prev : prev + (s - 1) * (CARD + 1);
+            Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : ew), s == 0 ? tes : es,
+                           s == 0 ? teb : eb, DD};
+            float ss = 0.f;
+            for (int i = threadIdx.x; i < DD; i += blockDim.x) {
+              const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
+              const float v = rt<T>(__ldcg(xin_s + i) + e);
+              xb[xi(i)] = v;
+              ss += v * v;
+              if (blockIdx.x == 0) __stcg(resid + (size_t)b * DD + i, v);
+            }
+            const float inv = rsqrtf(block_sum(ss, red) / (float)DD + eps);
+            for (int i = threadIdx.x; i < DD; i += blockDim.x) xb[xi(i)] = rt<T>(xb[xi(i)] * inv * tof(dn1[i]));
+            __syncthreads();
+          } else {
+            rms_to_smem<T>(xb, resid + (size_t)b * DD, dn1 + (size_t)j * DD, DD, eps, red);
+          }
+        }
+        mv_rows<BD, GS, ST, R, NB>(m, 3 * DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
+          const int b = c0 + n;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int row = g * R + r;
+            const int which = row / DD, e = row % DD;
+            float* dst = which == 0 ? qv + (size_t)b * DD + e
+                                    : (which == 1 ? dk : dv) + (((size_t)b * LD + j) * NS + s) * DD + e;
+            __stcg(dst, rt<T>(acc[r]));
+          }
+        });
+        __syncthreads();
+      }
+    }
+    grid_sync(sync, epoch);
+
+    // ---- S2: attention over this frame's steps 0..s (every block, redundantly) + out_proj
+    {
+      constexpr int XS = xs_size(DD);
+      float* sc_all = xs + NB * XS;                // NB x NH x NS
+      for (int c0 = 0; c0 < B; c0 += NB) {
+        const int nb = min(NB, B - c0);
+        for (int n = 0; n < nb; ++n) {
+          const int b = c0 + n;
+          float* a = xs + n * XS;
+          float* sc = sc_all + n * NH * NS;
+          const float* q = qv + (size_t)b * DD;
+          const float* kb = dk + ((size_t)b * LD + j) * NS * DD;
+          const float* vb = dv + ((size_t)b * LD + j) * NS * DD;
+          if (s == 0) {
+            for (int e = threadIdx.x; e < DD; e += blockDim.x) a[xi(e)] = __ldcg(vb + e);  // one key: weight 1
+          } else {
+            for (int idx = threadIdx.x; idx < NH * (s + 1); idx += blockDim.x) {
+              const int hh = idx / (s + 1), tt = idx % (s + 1);
+              float p = 0.f;
+              for (int d = 0; d < HDD; ++d)
+                p += (__ldcg(q + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
+              sc[hh * NS + tt] = p;
+            }
+            __syncthreads();
+            for (int hh = threadIdx.x; hh < NH; hh += blockDim.x) {
+              float mx_ = -INFINITY;
+              for (int tt = 0; tt <= s; ++tt) mx_ = fmaxf(mx_, sc[hh * NS + tt]);
+              float sum = 0.f;
+              for (int tt = 0; tt <= s; ++tt) {
+                const float e = __expf(sc[hh * NS + tt] - mx_);
+                sc[hh * NS + tt] = e;
+                sum += e;
+              }
+              for (int tt = 0; tt <= s; ++tt) sc[hh * NS + tt] /= sum;
+            }
+            __syncthreads();
+            for (int e = threadIdx.x; e < DD; e += blockDim.x) {
+              const int hh = e / HDD;
+              float acc = 0.f;
+              for (int tt = 0; tt <= s; ++tt) acc += sc[hh * NS + tt] * __ldcg(vb + (size_t)tt * DD + e);
+              a[xi(e)] = rt<T>(acc);
+            }
+          }
+          __syncthreads();
+        }
+        mv_rows<BD, GS, ST, R, NB>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, xs, XS, nb,
+                                   Consecutive{}, [&](int g, int n, const float* acc) {
+          float* rs = resid + (size_t)(c0 + n) * DD + g * R;
+#pragma unroll
+          for (int r = 0; r < R; ++r) __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(acc[r])));
+        });
+        __syncthreads();
+      }
+    }
+    grid_sync(sync, epoch);
+
+    // ---- S3: norm2 + gate/up + SiLU gate -> hid
+    {
+      constexpr int XS = xs_size(DD);
+      const auto m = mat_at<BD, GS>(iw, is, ib, ((size_t)j * NSL + sw) * 2 * HIDD, DD);
+      for (int c0 = 0; c0 < B; c0 += NB) {
+        const int nb = min(NB, B - c0);
+        for (int n = 0; n < nb; ++n)
+          rms_to_smem<T>(xs + n * XS, resid + (size_t)(c0 + n) * DD, dn2 + (size_t)j * DD, DD, eps, red);
+        mv_rows<BD, GS, ST, R, NB>(m, HIDD / 2, xs, XS, nb, GatePairs{HIDD}, [&](int g, int n, const float* acc) {
+          float* hb = hid + (size_t)(c0 + n) * HIDD + 2 * g;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float ga = rt<T>(acc[i]), up = rt<T>(acc[i + 2]);
+            const float sg = rt<T>(1.f / (1.f + __expf(-ga)));
+            __stcg(hb + i, rt<T>(rt<T>(ga * sg) * up));
+          }
+        });
+        __syncthreads();
+      }
+    }
+    grid_sync(sync, epoch);
+
+    // ---- S4: linear_out + residual
+    {
+      constexpr int XS = xs_size(HIDD);
+      const auto m = mat_at<BD, GS>(dw, ds, db, ((size_t)j * NSL + sw) * DD, HIDD);
+      for (int c0 = 0; c0 < B; c0 += NB) {
+        const int nb = min(NB, B - c0);
+        for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, hid + (size_t)(c0 + n) * HIDD, HIDD);
+        mv_rows<BD, GS, ST, R, NB>(m, DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
+          float* rs = resid + (size_t)(c0 + n) * DD + g * R;
+#pragma unroll
+          for (int r = 0; r < R; ++r) __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(acc[r])));
+        });
+        __syncthreads();
+      }
+    }
+    grid_sync(sync, epoch);
+  }
+
+  // ---- S5: this step's head -> logits of every row
+  {
+    constexpr int XS = xs_size(DD);
+    constexpr int PW = Bits<BHD>::per_word;
+    const size_t lrow = (size_t)s * CARD;
+    Mat<BHD, ST> m{reinterpret_cast<const uint32_t*>(lw) + lrow * (DD / PW), ls + lrow * (DD / GS),
+                   lb + lrow * (DD / GS), DD};
+    for (int c0 = 0; c0 < B; c0 += NB) {
+      const int nb = min(NB, B - c0);
+      for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, resid + (size_t)(c0 + n) * DD, DD);
+      mv_rows<BHD, GS, ST, R, NB>(m, CARD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
+        float* dst = lg + (size_t)(c0 + n) * CARD + g * R;
+#pragma unroll
+        for (int r = 0; r < R; ++r) __stcg(dst + r, rt<T>(acc[r]));
+      });
+      __syncthreads();
+    }
+  }
+  grid_sync(sync, epoch);
+
+  // ---- S6: row b sampled by block b (rows past the grid: by block b % grid); forced tokens win
+  for (int b = blockIdx.x; b < B; b += gridDim.x) {
+    const float tb = temp[b];
+    const int tok = sample_row<NSORT>(lg + (size_t)b * CARD, noise + ((size_t)b * NS + s) * CARD, CARD, tb <= 0.f,
+                                      tb, topk[b], xs);
+    const int f = forced[(size_t)b * NS + s];
+    if (threadIdx.x == 0) __stcg(toks + (size_t)b * NS + s, f >= 0 ? f : tok);
+  }
+  if (s + 1 < NS) grid_sync(sync, epoch);
+}
