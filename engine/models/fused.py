@@ -14,6 +14,9 @@ Each kernel runs one block per SM and walks its stages with a software grid barr
 cuda/common.cuh). Weights stay in MLX's formats (dense or affine-quantized); `FusedLM` only stacks
 each kind of matrix over layers (the modules keep views of the stacked arrays, no extra memory).
 Text sampling, the token ring and the KV write stay in MLX (a few dozen ops).
+
+`depformer_rows` is the depformer walk for B conversations in one launch (the batched server's
+opt-in path, engine/server/batch.py): per-row sampling parameters and forced codebooks.
 """
 from __future__ import annotations
 
