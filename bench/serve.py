@@ -176,8 +176,8 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     deadline = time.perf_counter() + 600
     for _ in range(sessions):
         while not joined.acquire(timeout=1.0):
-            if not loop.running:          # the loop died at startup: say why now, not in 600 s
-                loop._future.result()
+            if loop.failure is not None:  # the loop died at startup: say why now, not in 600 s
+                raise loop.failure
             if time.perf_counter() > deadline:
                 raise TimeoutError("soak: the sessions did not join within 600 s")
     print(f"soak: {sessions} joined, startup {loop.startup}", flush=True)

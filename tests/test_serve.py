@@ -752,6 +752,25 @@ def test_static_dir_option_serves_another_client(tiny_model, tmp_path):
     assert asset[0] == 200 and "reference client" in asset[1] and health[0] == 200
 
 
+def test_loop_failure_at_startup_is_reported(tiny_model):
+    """A loop that cannot start (here: the CUDA-only batched depformer asked for on the CPU) ends
+    at once with `failure` set and `running` false (what /healthz reports), not silently."""
+    from engine.models.fused import FusedUnavailable
+    from engine.server.loop import Metrics, StepLoop
+
+    loop = StepLoop(tiny_model, Metrics(), capacity=2)
+    assert loop.failure is None
+    loop.fused_depformer = True
+    loop.start()
+    t0 = time.monotonic()
+    while loop.running and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    assert not loop.running and isinstance(loop.failure, FusedUnavailable)
+    assert "CUDA" in str(loop.failure)
+    with pytest.raises(FusedUnavailable):
+        loop.stop(timeout=5)
+
+
 def test_loop_collects_garbage_between_steps_only(tiny_model):
     """While the step loop runs, automatic garbage collection is off (no pause inside a step);
     the loop collects after each step itself, and restores the collector when it stops."""

@@ -279,6 +279,13 @@ class StepLoop:
     def running(self) -> bool:
         return self._future is not None and not self._future.done()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The exception that ended the loop (at startup or later), or None while it runs."""
+        if self._future is None or not self._future.done():
+            return None
+        return self._future.exception()
+
     # -- worker thread
     def _admit(self, be: BatchEngine, active: dict, until: float | None = None) -> None:
         """Leaves, then joins (at most `max_joins_per_step`). With live sessions, `until` is when
