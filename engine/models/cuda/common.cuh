@@ -143,6 +143,14 @@ __device__ __forceinline__ void decode(uint32_t w, float* out) {
   }
 }
 
+// Warps that share one row group of a matrix-vector stage: enough that every lane loads about one
+// of the nvec 16-byte vectors of a row per round (at most the block's nw warps).
+__device__ __forceinline__ int mv_warps_per_group(int nvec, int nw) {
+  int ks = 1;
+  while (ks < nw && ks * 32 * 2 <= nvec) ks <<= 1;
+  return ks;
+}
+
 // One matrix-vector stage over the whole grid: for row groups g < ngroups (R rows each, row
 // indices from rowmap(g, rows)), acc = W[rows] . x, then epi(g, acc) in lanes 0..R-1 of one warp.
 // The 16-byte vectors of a row are split over KS warps of a block (KS chosen so every lane loads
@@ -157,8 +165,7 @@ __device__ __forceinline__ void mv_stage(const Mat<BITS, ST>& m, int ngroups, co
   __shared__ float part_sums[32 * R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int nvec = m.K / VV;
-  int ks = 1;
-  while (ks < nw && ks * 32 * 2 <= nvec) ks <<= 1;      // warps per row group
+  const int ks = mv_warps_per_group(nvec, nw);
   const int gpr = nw / ks;                               // row groups per block round
   const int gi = warp / ks, kk = warp % ks;
   const int words = m.K / PW, groups = m.K / GS;
@@ -449,6 +456,74 @@ __device__ int sample_row(const float* logits, const float* noise, int n, bool g
 
 }  // namespace ppx
 
+// ---------------------------------------------------------------- depformer attention
+namespace ppx {
+
+// The input of depformer step s for one conversation, normalised for layer 0 (block-cooperative):
+// x = rt(depformer_in(h, s) + E_s(prev)) (a negative token embeds as zeros, the reference's -1),
+// written to `resid` by block 0, and rms_norm(x) * w1 into xb (xi layout). E_0 is the text table
+// (te*), E_s for s >= 1 row (s - 1) * (CARD + 1) + prev of the stacked audio tables (ea*).
+template <typename T, int BE, int GS, int DD, int CARD, typename ST, typename WT>
+__device__ __forceinline__ void dep_step_input(float* xb, float* resid, const float* xin_s, int prev, int s,
+                                               const WT* tew, const ST* tes, const ST* teb, const WT* eaw,
+                                               const ST* eas, const ST* eab, const T* w1, float eps, float* red) {
+  const int row = s == 0 ? prev : prev + (s - 1) * (CARD + 1);
+  Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : eaw), s == 0 ? tes : eas, s == 0 ? teb : eab, DD};
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < DD; i += blockDim.x) {
+    const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
+    const float v = rt<T>(__ldcg(xin_s + i) + e);
+    xb[xi(i)] = v;
+    ss += v * v;
+    if (blockIdx.x == 0) __stcg(resid + i, v);
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / (float)DD + eps);
+  for (int i = threadIdx.x; i < DD; i += blockDim.x) xb[xi(i)] = rt<T>(xb[xi(i)] * inv * tof(w1[i]));
+  __syncthreads();
+}
+
+// Attention of one depformer query over this frame's steps 0..s, per head (block-cooperative; the
+// kernels compute it in every block, redundantly): a[xi(e)] = rt<T>(sum_t softmax_t(q.k_t * scale) v_t[e]).
+// q (DD), kb / vb (NS, DD) in global memory; sc >= NH * NS floats of shared memory. Ends synchronised.
+template <typename T, int DD, int NH, int NS>
+__device__ __forceinline__ void dep_attention(float* a, float* sc, const float* q, const float* kb, const float* vb,
+                                              int s, float scale) {
+  constexpr int HDD = DD / NH;
+  if (s == 0) {
+    for (int e = threadIdx.x; e < DD; e += blockDim.x) a[xi(e)] = __ldcg(vb + e);  // one key: weight 1
+  } else {
+    for (int idx = threadIdx.x; idx < NH * (s + 1); idx += blockDim.x) {
+      const int hh = idx / (s + 1), tt = idx % (s + 1);
+      float p = 0.f;
+      for (int d = 0; d < HDD; ++d)
+        p += (__ldcg(q + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
+      sc[hh * NS + tt] = p;
+    }
+    __syncthreads();
+    for (int hh = threadIdx.x; hh < NH; hh += blockDim.x) {
+      float m = -INFINITY;
+      for (int tt = 0; tt <= s; ++tt) m = fmaxf(m, sc[hh * NS + tt]);
+      float sum = 0.f;
+      for (int tt = 0; tt <= s; ++tt) {
+        const float e = __expf(sc[hh * NS + tt] - m);
+        sc[hh * NS + tt] = e;
+        sum += e;
+      }
+      for (int tt = 0; tt <= s; ++tt) sc[hh * NS + tt] /= sum;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < DD; e += blockDim.x) {
+      const int hh = e / HDD;
+      float acc = 0.f;
+      for (int tt = 0; tt <= s; ++tt) acc += sc[hh * NS + tt] * __ldcg(vb + (size_t)tt * DD + e);
+      a[xi(e)] = rt<T>(acc);
+    }
+  }
+  __syncthreads();
+}
+
+}  // namespace ppx
+
 // ---------------------------------------------------------------- several vectors at once
 namespace ppx {
 
@@ -466,8 +541,7 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
   __shared__ float part_rows[32 * R * NB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int nvec = m.K / VV;
-  int ks = 1;
-  while (ks < nw && ks * 32 * 2 <= nvec) ks <<= 1;      // warps per row group
+  const int ks = mv_warps_per_group(nvec, nw);
   const int gpr = nw / ks;                               // row groups per block round
   const int gi = warp / ks, kk = warp % ks;
   const int words = m.K / PW, groups = m.K / GS;
@@ -568,5 +642,18 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
     if (ks > 1) __syncthreads();
   }
 }
+
+// mv_rows epilogue of a projection into the residual streams of a chunk (Consecutive rows):
+// resid[n * stride + row] += W x_n.
+template <typename T, int R>
+struct ResidRowsEpi {
+  float* resid;        // the chunk's first row
+  int stride;
+  __device__ __forceinline__ void operator()(int g, int n, const float* acc) const {
+    float* rs = resid + (size_t)n * stride + g * R;
+#pragma unroll
+    for (int r = 0; r < R; ++r) __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(acc[r])));
+  }
+};
 
 }  // namespace ppx

@@ -51,26 +51,8 @@ for (int s = 0; s < NS; ++s) {
     // ---- S1: (step input) + norm1 + QKV
     {
       if (j == 0) {
-        // x = depformer_in(h, s) + E_s(prev); a negative token embeds as zeros (the reference's -1).
-        const float* xin_s = xin + (NSIN == 1 ? 0 : s) * DD;
-        constexpr int PWE = Bits<BE>::per_word;
-        const int rows_per_table = s == 0 ? 0 : CARD + 1;
-        const int row = s == 0 ? prev : prev + (s - 1) * rows_per_table;
-        Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : ew), s == 0 ? tes : es,
-                       s == 0 ? teb : eb, DD};
-        float ss = 0.f;
-        for (int i = threadIdx.x; i < DD; i += blockDim.x) {
-          const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
-          const float v = rt<T>(__ldcg(xin_s + i) + e);
-          xs[xi(i)] = v;
-          ss += v * v;
-          if (blockIdx.x == 0) __stcg(resid + i, v);
-        }
-        const float inv = rsqrtf(block_sum(ss, red) / (float)DD + eps);
-        const T* w1 = dn1;
-        for (int i = threadIdx.x; i < DD; i += blockDim.x) xs[xi(i)] = rt<T>(xs[xi(i)] * inv * tof(w1[i]));
-        __syncthreads();
-        (void)PWE;
+        dep_step_input<T, BE, GS, DD, CARD>(xs, resid, xin + (NSIN == 1 ? 0 : s) * DD, prev, s, tew, tes, teb,
+                                            ew, es, eb, dn1, eps, red);
       } else {
         rms_to_smem<T>(xs, resid, dn1 + (size_t)j * DD, DD, eps, red);
       }
@@ -91,37 +73,7 @@ for (int s = 0; s < NS; ++s) {
       float* sc = xs + xs_size(DD); // NH * NS
       const float* kb = dk + (size_t)j * NS * DD;
       const float* vb = dv + (size_t)j * NS * DD;
-      if (s == 0) {
-        for (int e = threadIdx.x; e < DD; e += blockDim.x) a[xi(e)] = __ldcg(vb + e);  // one key: weight 1
-      } else {
-        for (int idx = threadIdx.x; idx < NH * (s + 1); idx += blockDim.x) {
-          const int hh = idx / (s + 1), tt = idx % (s + 1);
-          float p = 0.f;
-          for (int d = 0; d < HDD; ++d)
-            p += (__ldcg(qv + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
-          sc[hh * NS + tt] = p;
-        }
-        __syncthreads();
-        for (int hh = threadIdx.x; hh < NH; hh += blockDim.x) {
-          float m = -INFINITY;
-          for (int tt = 0; tt <= s; ++tt) m = fmaxf(m, sc[hh * NS + tt]);
-          float sum = 0.f;
-          for (int tt = 0; tt <= s; ++tt) {
-            const float e = __expf(sc[hh * NS + tt] - m);
-            sc[hh * NS + tt] = e;
-            sum += e;
-          }
-          for (int tt = 0; tt <= s; ++tt) sc[hh * NS + tt] /= sum;
-        }
-        __syncthreads();
-        for (int e = threadIdx.x; e < DD; e += blockDim.x) {
-          const int hh = e / HDD;
-          float acc = 0.f;
-          for (int tt = 0; tt <= s; ++tt) acc += sc[hh * NS + tt] * __ldcg(vb + (size_t)tt * DD + e);
-          a[xi(e)] = rt<T>(acc);
-        }
-      }
-      __syncthreads();
+      dep_attention<T, DD, NH, NS>(a, sc, qv, kb, vb, s, scale);
       mv_stage<BD, GS, ST, R>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, a,
                               Consecutive{}, ResidEpi<T>{resid});
     }

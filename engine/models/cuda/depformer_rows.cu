@@ -61,23 +61,10 @@ for (int s = 0; s < NS; ++s) {
           const int b = c0 + n;
           float* xb = xs + n * XS;
           if (j == 0) {
-            // x = depformer_in(h, s) + E_s(prev); a negative token embeds as zeros.
             const int prev = s == 0 ? ttok[b] : __ldcg(toks + (size_t)b * NS + s - 1);
-            const float* xin_s = xin + ((size_t)b * XIN + (NSIN == 1 ? 0 : s)) * DD;
-            const int row = s == 0 ? prev : prev + (s - 1) * (CARD + 1);
-            Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : ew), s == 0 ? tes : es,
-                           s == 0 ? teb : eb, DD};
-            float ss = 0.f;
-            for (int i = threadIdx.x; i < DD; i += blockDim.x) {
-              const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
-              const float v = rt<T>(__ldcg(xin_s + i) + e);
-              xb[xi(i)] = v;
-              ss += v * v;
-              if (blockIdx.x == 0) __stcg(resid + (size_t)b * DD + i, v);
-            }
-            const float inv = rsqrtf(block_sum(ss, red) / (float)DD + eps);
-            for (int i = threadIdx.x; i < DD; i += blockDim.x) xb[xi(i)] = rt<T>(xb[xi(i)] * inv * tof(dn1[i]));
-            __syncthreads();
+            dep_step_input<T, BE, GS, DD, CARD>(xb, resid + (size_t)b * DD,
+                                                xin + ((size_t)b * XIN + (NSIN == 1 ? 0 : s)) * DD, prev, s,
+                                                tew, tes, teb, ew, es, eb, dn1, eps, red);
           } else {
             rms_to_smem<T>(xb, resid + (size_t)b * DD, dn1 + (size_t)j * DD, DD, eps, red);
           }
@@ -111,44 +98,10 @@ for (int s = 0; s < NS; ++s) {
           const float* q = qv + (size_t)b * DD;
           const float* kb = dk + ((size_t)b * LD + j) * NS * DD;
           const float* vb = dv + ((size_t)b * LD + j) * NS * DD;
-          if (s == 0) {
-            for (int e = threadIdx.x; e < DD; e += blockDim.x) a[xi(e)] = __ldcg(vb + e);  // one key: weight 1
-          } else {
-            for (int idx = threadIdx.x; idx < NH * (s + 1); idx += blockDim.x) {
-              const int hh = idx / (s + 1), tt = idx % (s + 1);
-              float p = 0.f;
-              for (int d = 0; d < HDD; ++d)
-                p += (__ldcg(q + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
-              sc[hh * NS + tt] = p;
-            }
-            __syncthreads();
-            for (int hh = threadIdx.x; hh < NH; hh += blockDim.x) {
-              float mx_ = -INFINITY;
-              for (int tt = 0; tt <= s; ++tt) mx_ = fmaxf(mx_, sc[hh * NS + tt]);
-              float sum = 0.f;
-              for (int tt = 0; tt <= s; ++tt) {
-                const float e = __expf(sc[hh * NS + tt] - mx_);
-                sc[hh * NS + tt] = e;
-                sum += e;
-              }
-              for (int tt = 0; tt <= s; ++tt) sc[hh * NS + tt] /= sum;
-            }
-            __syncthreads();
-            for (int e = threadIdx.x; e < DD; e += blockDim.x) {
-              const int hh = e / HDD;
-              float acc = 0.f;
-              for (int tt = 0; tt <= s; ++tt) acc += sc[hh * NS + tt] * __ldcg(vb + (size_t)tt * DD + e);
-              a[xi(e)] = rt<T>(acc);
-            }
-          }
-          __syncthreads();
+          dep_attention<T, DD, NH, NS>(a, sc, q, kb, vb, s, scale);
         }
         mv_rows<BD, GS, ST, R, NB>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, xs, XS, nb,
-                                   Consecutive{}, [&](int g, int n, const float* acc) {
-          float* rs = resid + (size_t)(c0 + n) * DD + g * R;
-#pragma unroll
-          for (int r = 0; r < R; ++r) __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(acc[r])));
-        });
+                                   Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * DD, DD});
         __syncthreads();
       }
     }
@@ -183,11 +136,7 @@ for (int s = 0; s < NS; ++s) {
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
         for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, hid + (size_t)(c0 + n) * HIDD, HIDD);
-        mv_rows<BD, GS, ST, R, NB>(m, DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
-          float* rs = resid + (size_t)(c0 + n) * DD + g * R;
-#pragma unroll
-          for (int r = 0; r < R; ++r) __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(acc[r])));
-        });
+        mv_rows<BD, GS, ST, R, NB>(m, DD / R, xs, XS, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * DD, DD});
         __syncthreads();
       }
     }
