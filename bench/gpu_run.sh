@@ -12,6 +12,8 @@
 #   call 4: same carry                          STAGES="serve" bash bench/gpu_run.sh
 #   server, next steps: STAGES="joins soak" STAGE_TIMEOUT=400 (bench/join_probe.py, then the 16 x 300 s soak; needs
 #           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
+#   before a GPU session: `python bench/cuda_check.py` here (nvcc, no GPU) catches compile errors and register
+#           counts that would not launch, without spending device time
 #   batched fused depformer (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py, bench/rows_probe.py: its launch
 #           shape and time per batch size); SOAK_ARGS=--fused-depformer STAGES=soak; STAGES=sweep: the 16-row sweep
 #           with the fused depformer and without, in one call
