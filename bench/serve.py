@@ -256,7 +256,9 @@ def main() -> None:
                          "runs one soak per value (default 0)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
-    fused = True if args.fused_depformer else False
+    if args.fused_depformer and args.device != "gpu":
+        ap.error("--fused-depformer needs --device gpu (MLX's CUDA backend); leave it out on the CPU")
+    fused = bool(args.fused_depformer)
 
     def run():
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
