@@ -115,6 +115,22 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t3 = time.perf_counter()
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2)):
                 stages[k].append(v * 1e3)
+        # Host vs GPU: build the whole step's graph (no evaluation), then async_eval (the host
+        # encodes and launches every kernel), then wait for the GPU. Host-bound: launch >> wait.
+        split = {"build": [], "launch": [], "wait": [], "build_cpu": [], "launch_cpu": []}
+        for _ in range(min(steps, 20)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            text, agent = be._lm_step(be._encode(frames))
+            pcm = be._decode(agent)
+            state = [pcm, text, be.tokens, be.keys, be.pos, be.offset, *be.k, *be.v]
+            t1, c1 = time.perf_counter(), time.thread_time()
+            mx.async_eval(state)
+            t2, c2 = time.perf_counter(), time.thread_time()
+            mx.eval(state)
+            t3 = time.perf_counter()
+            for k, v in zip(split, (t1 - t0, t2 - t1, t3 - t2, c1 - c0, c2 - c1)):
+                split[k].append(v * 1e3)
+        stages.update({f"split_{k}": v for k, v in split.items()})
         # inside the LM part: the temporal transformer alone, and the 1 + 8 sampling sites alone
         from engine.server.batch import sample_rows
         sp, c = SamplingParams(), be.lm.config

@@ -643,6 +643,115 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
   }
 }
 
+// ---- per-chunk prologues: all nb vectors of a chunk at once (one warp per vector, or the whole
+// block over every element), so a chunk costs one block barrier whatever nb is. Each vector's
+// arithmetic is the batch-1 helpers' (same expressions); only the norms sum in another order.
+
+// dst + n * dstride = the n-th vector of src (n * sstride floats apart), `xi` layout (block-cooperative).
+__device__ __forceinline__ void load_rows(float* dst, int dstride, const float* src, size_t sstride, int nb, int n) {
+  const int per = n / 4;
+  for (int i = threadIdx.x; i < nb * per; i += blockDim.x) {
+    const int r = i / per, e = 4 * (i % per);
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(src + r * sstride + e));
+    *reinterpret_cast<float4*>(dst + r * dstride + xi(e)) = v;
+  }
+  __syncthreads();
+}
+
+// As rms_to_smem for nb vectors, warp w normalising vectors w, w + warps, ... Each lane rescales
+// only the elements it loaded itself, so the warp needs no barrier inside.
+template <typename T, typename WT>
+__device__ __forceinline__ void rms_rows_to_smem(float* dst, int dstride, const float* src, size_t sstride, int nb,
+                                                 const WT* w, int n, float eps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int r = warp; r < nb; r += nw) {
+    float* d = dst + r * dstride;
+    const float* sp = src + r * sstride;
+    float ss = 0.f;
+    for (int i = 4 * lane; i < n; i += 128) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(sp + i));
+      *reinterpret_cast<float4*>(d + xi(i)) = v;
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)n + eps);
+    for (int i = 4 * lane; i < n; i += 128) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[xi(i + k)] = rt<T>(d[xi(i + k)] * inv * tof(w[i + k]));
+    }
+  }
+  __syncthreads();
+}
+
+// dep_step_input for one vector by one warp (the caller gives each warp its own vector; no barrier).
+template <typename T, int BE, int GS, int DD, int CARD, typename ST, typename WT>
+__device__ __forceinline__ void dep_step_input_warp(float* xb, float* resid, const float* xin_s, int prev, int s,
+                                                    const WT* tew, const ST* tes, const ST* teb, const WT* eaw,
+                                                    const ST* eas, const ST* eab, const T* w1, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int row = s == 0 ? prev : prev + (s - 1) * (CARD + 1);
+  Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : eaw), s == 0 ? tes : eas, s == 0 ? teb : eab, DD};
+  float ss = 0.f;
+  for (int i = lane; i < DD; i += 32) {
+    const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
+    const float v = rt<T>(__ldcg(xin_s + i) + e);
+    xb[xi(i)] = v;
+    ss += v * v;
+    if (blockIdx.x == 0) __stcg(resid + i, v);
+  }
+  const float inv = rsqrtf(warp_sum(ss) / (float)DD + eps);
+  for (int i = lane; i < DD; i += 32) xb[xi(i)] = rt<T>(xb[xi(i)] * inv * tof(w1[i]));
+}
+
+// dep_attention for nb vectors at once (block-cooperative, 3 barriers for the whole chunk): vector
+// n's query at q0 + n * DD, its keys / values (NS, DD) at k0 / v0 + n * kvstride, its output at
+// a0 + n * astride (`xi` layout); sc >= nb * NH * NS floats of shared memory. Ends synchronised.
+template <typename T, int DD, int NH, int NS>
+__device__ __forceinline__ void dep_attention_rows(float* a0, int astride, float* sc, const float* q0, const float* k0,
+                                                   const float* v0, size_t kvstride, int nb, int s, float scale) {
+  constexpr int HDD = DD / NH;
+  if (s == 0) {
+    for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) {
+      const int n = i / DD, e = i % DD;
+      a0[n * astride + xi(e)] = __ldcg(v0 + n * kvstride + e);   // one key: weight 1
+    }
+  } else {
+    const int per = NH * (s + 1);
+    for (int idx = threadIdx.x; idx < nb * per; idx += blockDim.x) {
+      const int n = idx / per, hh = (idx % per) / (s + 1), tt = (idx % per) % (s + 1);
+      const float* q = q0 + (size_t)n * DD;
+      const float* kb = k0 + n * kvstride;
+      float p = 0.f;
+      for (int d = 0; d < HDD; ++d)
+        p += (__ldcg(q + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
+      sc[(n * NH + hh) * NS + tt] = p;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nb * NH; i += blockDim.x) {
+      float* r = sc + i * NS;
+      float m = -INFINITY;
+      for (int tt = 0; tt <= s; ++tt) m = fmaxf(m, r[tt]);
+      float sum = 0.f;
+      for (int tt = 0; tt <= s; ++tt) {
+        const float e = __expf(r[tt] - m);
+        r[tt] = e;
+        sum += e;
+      }
+      for (int tt = 0; tt <= s; ++tt) r[tt] /= sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) {
+      const int n = i / DD, e = i % DD;
+      const int hh = e / HDD;
+      const float* vb = v0 + n * kvstride;
+      const float* r = sc + (n * NH + hh) * NS;
+      float acc = 0.f;
+      for (int tt = 0; tt <= s; ++tt) acc += r[tt] * __ldcg(vb + (size_t)tt * DD + e);
+      a0[n * astride + xi(e)] = rt<T>(acc);
+    }
+  }
+  __syncthreads();
+}
+
 // mv_rows epilogue of a projection into the residual streams of a chunk (Consecutive rows):
 // resid[n * stride + row] += W x_n.
 template <typename T, int R>

@@ -2,7 +2,9 @@
 // engine/server/batch.py and FusedLM.depformer_rows in engine/models/fused.py). The same stages as
 // depformer.cu (batch 1); every matrix stage runs its rows in chunks of NB (mv_rows: each weight
 // vector is decoded once per chunk and dotted with all of the chunk's vectors), so the number of
-// grid barriers does not grow with B. Per row: its own sampling parameters and forced tokens.
+// grid barriers does not grow with B. A chunk's prologues (norms, attention, embeddings, loads) take
+// all its vectors at once: one warp per vector, or the block over every element, so a chunk costs a
+// few block barriers whatever NB is. Per row: its own sampling parameters and forced tokens.
 //
 // Template constants: as depformer.cu (T, D, DD, NH, LD, HIDD, CARD, NS, NSIN, NSL, BD, BE, BHD, GS,
 // NSORT, NT) plus NB (vectors per chunk). No TOPK / GREEDY: they are per row here.
@@ -16,7 +18,7 @@ constexpr int R = 4;
 constexpr int HDD = DD / NH;
 constexpr int XIN = NSIN == 1 ? 1 : NS;
 extern __shared__ float xs[];
-__shared__ float red[32];
+const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 const int B = meta[0];
 unsigned int* sync = reinterpret_cast<unsigned int*>(scratch);
 float* xin = scratch + 32;                        // (B, XIN, DD)
@@ -37,7 +39,7 @@ using ST = T;
   Mat<BD, ST> m{reinterpret_cast<const uint32_t*>(win), sin_, bin, D};
   for (int c0 = 0; c0 < B; c0 += NB) {
     const int nb = min(NB, B - c0);
-    for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, h + (size_t)(c0 + n) * D, D);
+    load_rows(xs, XS, h + (size_t)c0 * D, D, nb, D);
     mv_rows<BD, GS, ST, R, NB>(m, XIN * DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
       float* dst = xin + (size_t)(c0 + n) * XIN * DD + g * R;
 #pragma unroll
@@ -57,17 +59,17 @@ for (int s = 0; s < NS; ++s) {
       const auto m = mat_at<BD, GS>(qw, qs, qb, ((size_t)j * NSL + sw) * 3 * DD, DD);
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
-        for (int n = 0; n < nb; ++n) {
-          const int b = c0 + n;
-          float* xb = xs + n * XS;
-          if (j == 0) {
+        if (j == 0) {
+          for (int n = warp; n < nb; n += nw) {     // one warp per row
+            const int b = c0 + n;
             const int prev = s == 0 ? ttok[b] : __ldcg(toks + (size_t)b * NS + s - 1);
-            dep_step_input<T, BE, GS, DD, CARD>(xb, resid + (size_t)b * DD,
-                                                xin + ((size_t)b * XIN + (NSIN == 1 ? 0 : s)) * DD, prev, s,
-                                                tew, tes, teb, ew, es, eb, dn1, eps, red);
-          } else {
-            rms_to_smem<T>(xb, resid + (size_t)b * DD, dn1 + (size_t)j * DD, DD, eps, red);
+            dep_step_input_warp<T, BE, GS, DD, CARD>(xs + n * XS, resid + (size_t)b * DD,
+                                                     xin + ((size_t)b * XIN + (NSIN == 1 ? 0 : s)) * DD, prev, s,
+                                                     tew, tes, teb, ew, es, eb, dn1, eps);
           }
+          __syncthreads();
+        } else {
+          rms_rows_to_smem<T>(xs, XS, resid + (size_t)c0 * DD, DD, nb, dn1 + (size_t)j * DD, DD, eps);
         }
         mv_rows<BD, GS, ST, R, NB>(m, 3 * DD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
           const int b = c0 + n;
@@ -91,15 +93,9 @@ for (int s = 0; s < NS; ++s) {
       float* sc_all = xs + NB * XS;                // NB x NH x NS
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
-        for (int n = 0; n < nb; ++n) {
-          const int b = c0 + n;
-          float* a = xs + n * XS;
-          float* sc = sc_all + n * NH * NS;
-          const float* q = qv + (size_t)b * DD;
-          const float* kb = dk + ((size_t)b * LD + j) * NS * DD;
-          const float* vb = dv + ((size_t)b * LD + j) * NS * DD;
-          dep_attention<T, DD, NH, NS>(a, sc, q, kb, vb, s, scale);
-        }
+        const size_t kv0 = ((size_t)c0 * LD + j) * NS * DD;
+        dep_attention_rows<T, DD, NH, NS>(xs, XS, sc_all, qv + (size_t)c0 * DD, dk + kv0, dv + kv0,
+                                          (size_t)LD * NS * DD, nb, s, scale);
         mv_rows<BD, GS, ST, R, NB>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, xs, XS, nb,
                                    Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * DD, DD});
         __syncthreads();
@@ -113,8 +109,7 @@ for (int s = 0; s < NS; ++s) {
       const auto m = mat_at<BD, GS>(iw, is, ib, ((size_t)j * NSL + sw) * 2 * HIDD, DD);
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
-        for (int n = 0; n < nb; ++n)
-          rms_to_smem<T>(xs + n * XS, resid + (size_t)(c0 + n) * DD, dn2 + (size_t)j * DD, DD, eps, red);
+        rms_rows_to_smem<T>(xs, XS, resid + (size_t)c0 * DD, DD, nb, dn2 + (size_t)j * DD, DD, eps);
         mv_rows<BD, GS, ST, R, NB>(m, HIDD / 2, xs, XS, nb, GatePairs{HIDD}, [&](int g, int n, const float* acc) {
           float* hb = hid + (size_t)(c0 + n) * HIDD + 2 * g;
 #pragma unroll
@@ -135,7 +130,7 @@ for (int s = 0; s < NS; ++s) {
       const auto m = mat_at<BD, GS>(dw, ds, db, ((size_t)j * NSL + sw) * DD, HIDD);
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
-        for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, hid + (size_t)(c0 + n) * HIDD, HIDD);
+        load_rows(xs, XS, hid + (size_t)c0 * HIDD, HIDD, nb, HIDD);
         mv_rows<BD, GS, ST, R, NB>(m, DD / R, xs, XS, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * DD, DD});
         __syncthreads();
       }
@@ -152,7 +147,7 @@ for (int s = 0; s < NS; ++s) {
                    lb + lrow * (DD / GS), DD};
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
-      for (int n = 0; n < nb; ++n) load_vec(xs + n * XS, resid + (size_t)(c0 + n) * DD, DD);
+      load_rows(xs, XS, resid + (size_t)c0 * DD, DD, nb, DD);
       mv_rows<BHD, GS, ST, R, NB>(m, CARD / R, xs, XS, nb, Consecutive{}, [&](int g, int n, const float* acc) {
         float* dst = lg + (size_t)(c0 + n) * CARD + g * R;
 #pragma unroll
