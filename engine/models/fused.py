@@ -306,7 +306,7 @@ class FusedLM:
     def _rows_smem_floats(self, nb: int) -> int:
         c = self.c
         return max(nb * _xs(c.dim), nb * _xs(c.depformer_hidden),
-                   nb * (_xs(c.depformer_dim) + c.depformer_num_heads * c.dep_q), self._nsort)
+                   nb * (_xs(c.depformer_dim) + c.depformer_num_heads * c.dep_q + c.depformer_dim), self._nsort)
 
     def depformer_rows(self, h: mx.array, ttok: mx.array, forced: mx.array, temp: mx.array, top_k: mx.array,
                        noise: mx.array | None, n_steps: int):

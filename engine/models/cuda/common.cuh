@@ -590,8 +590,19 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
               if (n < nb) {
                 // a word's PW (<= 8) values lie inside one 32-float run of the padded layout
                 const float* xp = xs + n * xstride + xi(b0 + k * PW);
+                if constexpr (PW >= 4) {   // 16-byte aligned (xstride % 4 == 0): vector reads
 #pragma unroll
-                for (int j = 0; j < PW; ++j) d[n] = fmaf(q[j], xp[j], d[n]);
+                  for (int j = 0; j < PW; j += 4) {
+                    const float4 f = *reinterpret_cast<const float4*>(xp + j);
+                    d[n] = fmaf(q[j], f.x, d[n]);
+                    d[n] = fmaf(q[j + 1], f.y, d[n]);
+                    d[n] = fmaf(q[j + 2], f.z, d[n]);
+                    d[n] = fmaf(q[j + 3], f.w, d[n]);
+                  }
+                } else {
+#pragma unroll
+                  for (int j = 0; j < PW; ++j) d[n] = fmaf(q[j], xp[j], d[n]);
+                }
               }
             }
           }
@@ -650,6 +661,7 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
 // dst + n * dstride = the n-th vector of src (n * sstride floats apart), `xi` layout (block-cooperative).
 __device__ __forceinline__ void load_rows(float* dst, int dstride, const float* src, size_t sstride, int nb, int n) {
   const int per = n / 4;
+#pragma unroll 4
   for (int i = threadIdx.x; i < nb * per; i += blockDim.x) {
     const int r = i / per, e = 4 * (i % per);
     const float4 v = __ldcg(reinterpret_cast<const float4*>(src + r * sstride + e));
@@ -668,6 +680,7 @@ __device__ __forceinline__ void rms_rows_to_smem(float* dst, int dstride, const 
     float* d = dst + r * dstride;
     const float* sp = src + r * sstride;
     float ss = 0.f;
+#pragma unroll 8
     for (int i = 4 * lane; i < n; i += 128) {
       const float4 v = __ldcg(reinterpret_cast<const float4*>(sp + i));
       *reinterpret_cast<float4*>(d + xi(i)) = v;
@@ -691,6 +704,7 @@ __device__ __forceinline__ void dep_step_input_warp(float* xb, float* resid, con
   const int row = s == 0 ? prev : prev + (s - 1) * (CARD + 1);
   Mat<BE, ST> te{reinterpret_cast<const uint32_t*>(s == 0 ? tew : eaw), s == 0 ? tes : eas, s == 0 ? teb : eab, DD};
   float ss = 0.f;
+#pragma unroll 8
   for (int i = lane; i < DD; i += 32) {
     const float e = prev >= 0 ? rt<T>(table_value<BE, GS, ST>(te, row, i)) : 0.f;
     const float v = rt<T>(__ldcg(xin_s + i) + e);
@@ -702,52 +716,74 @@ __device__ __forceinline__ void dep_step_input_warp(float* xb, float* resid, con
   for (int i = lane; i < DD; i += 32) xb[xi(i)] = rt<T>(xb[xi(i)] * inv * tof(w1[i]));
 }
 
-// dep_attention for nb vectors at once (block-cooperative, 3 barriers for the whole chunk): vector
+// dep_attention for nb vectors at once (block-cooperative, 4 barriers for the whole chunk): vector
 // n's query at q0 + n * DD, its keys / values (NS, DD) at k0 / v0 + n * kvstride, its output at
-// a0 + n * astride (`xi` layout); sc >= nb * NH * NS floats of shared memory. Ends synchronised.
+// a0 + n * astride (`xi` layout). sm >= nb * (NH * NS + DD) floats of shared memory (scores, then the
+// scaled queries). Every thread issues all the loads of an item before using them (16-byte key
+// rows; one value per step held in registers), so an item costs one L2 round trip, not one per
+// element. The sums run in dep_attention's order. Ends synchronised.
 template <typename T, int DD, int NH, int NS>
-__device__ __forceinline__ void dep_attention_rows(float* a0, int astride, float* sc, const float* q0, const float* k0,
+__device__ __forceinline__ void dep_attention_rows(float* a0, int astride, float* sm, const float* q0, const float* k0,
                                                    const float* v0, size_t kvstride, int nb, int s, float scale) {
   constexpr int HDD = DD / NH;
+  static_assert(HDD % 4 == 0 && DD % 4 == 0, "16-byte rows");
   if (s == 0) {
-    for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) {
-      const int n = i / DD, e = i % DD;
-      a0[n * astride + xi(e)] = __ldcg(v0 + n * kvstride + e);   // one key: weight 1
-    }
-  } else {
-    const int per = NH * (s + 1);
-    for (int idx = threadIdx.x; idx < nb * per; idx += blockDim.x) {
-      const int n = idx / per, hh = (idx % per) / (s + 1), tt = (idx % per) % (s + 1);
-      const float* q = q0 + (size_t)n * DD;
-      const float* kb = k0 + n * kvstride;
-      float p = 0.f;
-      for (int d = 0; d < HDD; ++d)
-        p += (__ldcg(q + hh * HDD + d) * scale) * __ldcg(kb + (size_t)tt * DD + hh * HDD + d);
-      sc[(n * NH + hh) * NS + tt] = p;
+    for (int i = threadIdx.x; i < nb * DD / 4; i += blockDim.x) {
+      const int n = i / (DD / 4), e = 4 * (i % (DD / 4));
+      *reinterpret_cast<float4*>(a0 + n * astride + xi(e)) =
+          __ldcg(reinterpret_cast<const float4*>(v0 + n * kvstride + e));   // one key: weight 1
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < nb * NH; i += blockDim.x) {
-      float* r = sc + i * NS;
-      float m = -INFINITY;
-      for (int tt = 0; tt <= s; ++tt) m = fmaxf(m, r[tt]);
-      float sum = 0.f;
-      for (int tt = 0; tt <= s; ++tt) {
-        const float e = __expf(r[tt] - m);
-        r[tt] = e;
-        sum += e;
-      }
-      for (int tt = 0; tt <= s; ++tt) r[tt] /= sum;
+    return;
+  }
+  float* sc = sm;                      // (nb, NH, NS)
+  float* qs = sm + nb * NH * NS;       // (nb, DD) queries * scale
+  for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) qs[i] = __ldcg(q0 + i) * scale;
+  __syncthreads();
+  const int per = NH * (s + 1);
+  for (int idx = threadIdx.x; idx < nb * per; idx += blockDim.x) {
+    const int n = idx / per, hh = (idx % per) / (s + 1), tt = (idx % per) % (s + 1);
+    float4 kr[HDD / 4];
+    const float4* kp = reinterpret_cast<const float4*>(k0 + n * kvstride + (size_t)tt * DD + hh * HDD);
+#pragma unroll
+    for (int i = 0; i < HDD / 4; ++i) kr[i] = __ldcg(kp + i);
+    const float* q = qs + n * DD + hh * HDD;
+    float p = 0.f;
+#pragma unroll
+    for (int i = 0; i < HDD / 4; ++i) {
+      p += q[4 * i] * kr[i].x;
+      p += q[4 * i + 1] * kr[i].y;
+      p += q[4 * i + 2] * kr[i].z;
+      p += q[4 * i + 3] * kr[i].w;
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) {
-      const int n = i / DD, e = i % DD;
-      const int hh = e / HDD;
-      const float* vb = v0 + n * kvstride;
-      const float* r = sc + (n * NH + hh) * NS;
-      float acc = 0.f;
-      for (int tt = 0; tt <= s; ++tt) acc += r[tt] * __ldcg(vb + (size_t)tt * DD + e);
-      a0[n * astride + xi(e)] = rt<T>(acc);
+    sc[(n * NH + hh) * NS + tt] = p;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nb * NH; i += blockDim.x) {
+    float* r = sc + i * NS;
+    float m = -INFINITY;
+    for (int tt = 0; tt <= s; ++tt) m = fmaxf(m, r[tt]);
+    float sum = 0.f;
+    for (int tt = 0; tt <= s; ++tt) {
+      const float e = __expf(r[tt] - m);
+      r[tt] = e;
+      sum += e;
     }
+    for (int tt = 0; tt <= s; ++tt) r[tt] /= sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nb * DD; i += blockDim.x) {
+    const int n = i / DD, e = i % DD;
+    const float* vb = v0 + n * kvstride + e;
+    const float* r = sc + (n * NH + e / HDD) * NS;
+    float vv[NS];
+#pragma unroll
+    for (int tt = 0; tt < NS; ++tt) vv[tt] = tt <= s ? __ldcg(vb + (size_t)tt * DD) : 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int tt = 0; tt < NS; ++tt)
+      if (tt <= s) acc += r[tt] * vv[tt];
+    a0[n * astride + xi(e)] = rt<T>(acc);
   }
   __syncthreads();
 }

@@ -90,11 +90,11 @@ for (int s = 0; s < NS; ++s) {
     // ---- S2: attention over this frame's steps 0..s (every block, redundantly) + out_proj
     {
       constexpr int XS = xs_size(DD);
-      float* sc_all = xs + NB * XS;                // NB x NH x NS
+      float* sm = xs + NB * XS;                    // NB x (NH x NS + DD)
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
         const size_t kv0 = ((size_t)c0 * LD + j) * NS * DD;
-        dep_attention_rows<T, DD, NH, NS>(xs, XS, sc_all, qv + (size_t)c0 * DD, dk + kv0, dv + kv0,
+        dep_attention_rows<T, DD, NH, NS>(xs, XS, sm, qv + (size_t)c0 * DD, dk + kv0, dv + kv0,
                                           (size_t)LD * NS * DD, nb, s, scale);
         mv_rows<BD, GS, ST, R, NB>(mat_at<BD, GS>(ow, os, ob, ((size_t)j * NSL + sw) * DD, DD), DD / R, xs, XS, nb,
                                    Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * DD, DD});
