@@ -45,7 +45,24 @@ KERNELS = {
     "depformer_rows": (dict(_DEP, NB=8), [("h", F), ("meta", I), ("ttok", I), ("forced", I), ("temp", F),
                                            ("topk", I), ("noise", F)] + _DEP_W,
                        [("toks", I), ("scratch", F)]),
+    "temporal_rows": (dict(D=4096, H=32, HD=128, L=32, C=3000, HID=11264, TXT=32000, BT=4, BH=16, GS=64, NCH=4,
+                           NT=512, NB=4),
+                      [("x", T), ("meta", I), ("pos", I), ("offs", I)] + [(f"k{i}", T) for i in range(32)]
+                      + [(f"v{i}", T) for i in range(32)]
+                      + [("wq", U), ("sq", T), ("bq", T), ("wo", U), ("so", T), ("bo", T), ("wi", U), ("si", T),
+                         ("bi_", T), ("wd", U), ("sd", T), ("bd", T), ("n1", T), ("n2", T), ("onorm", T),
+                         ("wt", T), ("st", T), ("bt", T), ("fp", F)],
+                      [("h", F), ("logits", F), ("scratch", F)]),
 }
+
+
+def body(name: str) -> str:
+    """The kernel body as engine/models/fused.py hands it to MLX."""
+    if name == "temporal_rows":
+        sys.path.insert(0, str(SRC.parents[2]))
+        from engine.models.fused import FusedLM
+        return FusedLM.temporal_rows_source(KERNELS[name][0]["L"])
+    return (SRC / f"{name}.cu").read_text()
 
 
 def source(name: str, float32: bool = False) -> str:
@@ -59,7 +76,7 @@ def source(name: str, float32: bool = False) -> str:
     defs = "".join(f"constexpr {'bool' if v in ('true', 'false') else 'int'} {k} = {v};\n" for k, v in consts.items())
     header = (SRC / "common.cuh").read_text().replace("#pragma once", "")
     return (f"#include <cstdint>\n{header}\nusing T = {t_model};\n{defs}"
-            f"__global__ void {name}_check({', '.join(params)}) {{\n{(SRC / f'{name}.cu').read_text()}\n}}\n")
+            f"__global__ void {name}_check({', '.join(params)}) {{\n{body(name)}\n}}\n")
 
 
 def check(name: str, nvcc: str, float32: bool = False) -> dict:

@@ -14,8 +14,9 @@
 #           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
 #   before a GPU session: `python bench/cuda_check.py` here (nvcc, no GPU) catches compile errors and register
 #           counts that would not launch, without spending device time
-#   batched fused depformer (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py, bench/rows_probe.py: its launch
-#           shape and time per batch size); SOAK_ARGS=--fused-depformer STAGES=soak; STAGES=sweep: the 16-row sweep
+#   batched fused kernels (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py:
+#           the depformer's launch shape and time per batch size); SOAK_ARGS="--fused all" STAGES=soak;
+#           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default all) and without the kernels
 #           with the fused depformer and without, in one call
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
@@ -36,8 +37,8 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
   echo "=== $s $(date +%T)"
   case $s in
     ref)     PYTHONPATH=$PWD/.ref/moshi:/tmp/site:$PWD/.device/b/stub N=100 WARM=10 timeout $T python3 .device/b/peers_gpu.py ref "$OUT/ref.jsonl" ;;
-    fused)   timeout 250 python3 tests/test_fused.py
-             timeout $T python3 bench/fused_step.py --quantize ${FUSED_Q:-4} --steps 200 --json "$OUT/fused_step.jsonl" ;;
+    fused)   timeout 250 python3 tests/test_fused.py ${FUSED_K:+-k $FUSED_K}
+             [ "${FUSED_BENCH:-1}" = 1 ] && timeout $T python3 bench/fused_step.py --quantize ${FUSED_Q:-4} --steps 200 --json "$OUT/fused_step.jsonl" ;;
     fmimi)   timeout 250 python3 tests/test_fused_mimi.py
              timeout 150 python3 bench/fused_mimi.py --frames 300 --json "$OUT/fused_mimi.jsonl" ;;
     lm)      timeout $T python3 bench/lm_step.py --device gpu --steps 100 --warmup 10 --json "$OUT/lm_step.jsonl" ;;
@@ -50,7 +51,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
     rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ;;
     rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
-    sweep)   for f in --fused-depformer ""; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
+    sweep)   for f in "--fused ${SWEEP_FUSED:-all}" ""; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;
     soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ${SOAK_ARGS:-} ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;

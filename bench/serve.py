@@ -32,7 +32,7 @@ import mlx.core as mx
 from engine.models.gen import LmGen, SamplingParams
 from engine.models.lm import LM, LmConfig
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
-from engine.server.batch import BatchEngine, SlotParams
+from engine.server.batch import FUSED_PARTS, BatchEngine, SlotParams
 from engine.server.loop import host_counters
 from engine.worker import ModelWorker
 
@@ -80,7 +80,7 @@ def fill_context(be: BatchEngine) -> None:
     be.set_offsets(2 * be.lm.config.context + np.arange(be.size, dtype=np.int64) * 7)
 
 
-def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True, fused=False) -> list[dict]:
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True, fused=()) -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
@@ -88,7 +88,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused)
+        be = BatchEngine(model, compiled=compiled, capacity=b, fused=bool(fused), fused_parts=fused or FUSED_PARTS)
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
         if full:
@@ -169,12 +169,12 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
 
 
 def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0,
-         fused=False) -> dict:
+         fused=()) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
     loop = StepLoop(model, metrics, compiled=compiled, capacity=sessions)
-    loop.fused_depformer = fused
+    loop.fused, loop.fused_parts = bool(fused), fused or loop.fused_parts
     loop.spin_s = spin_ms / 1e3
     joined = threading.Semaphore(0)
     received = [0] * sessions
@@ -259,8 +259,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
     ap.add_argument("--prompt-len", type=int, default=60, help="text prompt tokens of every session")
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
-    ap.add_argument("--fused-depformer", action="store_true",
-                    help="the depformer of all rows as one CUDA kernel (FusedLM.depformer_rows; GPU only)")
+    ap.add_argument("--fused", default="",
+                    help="batched CUDA kernels to use, comma list of temporal,depformer or 'all' "
+                         "(FusedLM.temporal_rows / depformer_rows; GPU only; default: none, the MLX path)")
+    ap.add_argument("--fused-depformer", action="store_true", help="the same as --fused depformer")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
     ap.add_argument("--blas-threads", type=int, default=1,
@@ -272,9 +274,14 @@ def main() -> None:
                          "runs one soak per value (default 0)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
-    if args.fused_depformer and args.device != "gpu":
-        ap.error("--fused-depformer needs --device gpu (MLX's CUDA backend); leave it out on the CPU")
-    fused = bool(args.fused_depformer)
+    from engine.server.batch import FUSED_PARTS
+    parts = FUSED_PARTS if args.fused == "all" else tuple(p for p in args.fused.split(",") if p)
+    parts += ("depformer",) * (args.fused_depformer and "depformer" not in parts)
+    if set(parts) - set(FUSED_PARTS):
+        ap.error(f"--fused {args.fused!r}: give 'all' or a comma list of {','.join(FUSED_PARTS)}")
+    if parts and args.device != "gpu":
+        ap.error("--fused / --fused-depformer need --device gpu (MLX's CUDA backend); leave them out on the CPU")
+    fused = parts                         # () = the MLX path
 
     def run():
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)

@@ -1,5 +1,6 @@
-"""The batched server's fused depformer (FusedLM.depformer_rows, cuda/depformer_rows.cu) against the
-MLX depformer loop it replaces in engine.server.batch.BatchEngine.
+"""The batched server's fused kernels (FusedLM.temporal_rows / depformer_rows, cuda/temporal_rows.cu and
+depformer_rows.cu) against the MLX temporal step and depformer loop they replace in
+engine.server.batch.BatchEngine.
 
 GPU only (MLX CUDA backend): `python -m pytest -m gpu tests/test_fused_rows.py`, or
 `python3 tests/test_fused_rows.py` on the device where pytest is missing. In float32 both paths
@@ -38,11 +39,11 @@ def _sampling(k):
     return SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.6 + 0.1 * k, top_k_audio=40 * k)
 
 
-def _run(model, fused, T=16, n=11, force_seed=None):
+def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer")):
     """n sessions with different sampling (one greedy), joining over the first steps and one leaving
     midway; returns per-step (slots, text, agent codes, pcm) and the engine."""
     from engine.server.batch import BatchEngine, SlotParams
-    be = BatchEngine(model, compiled=False, fused=fused)
+    be = BatchEngine(model, compiled=False, fused=fused, fused_parts=parts)
     rng = np.random.default_rng(5)
     frng = np.random.default_rng(force_seed) if force_seed is not None else None
     out = []
@@ -73,11 +74,52 @@ def _compare(a, b, exact=True):
 def test_rows_kernel_matches_mlx_depformer_float32():
     model = _model()
     ref, be_ref = _run(model, False)
-    got, be = _run(model, True)
-    assert be_ref.fused is None and be.fused is not None
+    got, be = _run(model, True, parts=("depformer",))
+    assert be_ref.fused is None and be.fused is not None and not be.fused_temporal
     assert max(len(s) for s, *_ in got) > 8          # more rows than one chunk of NB = 8
     # the outputs vary (not a degenerate model) and the greedy rows differ from the sampled ones
     assert len({tuple(k[:, 1:9].reshape(-1)) for *_, k, _ in got}) > 5
+    _compare(ref, got)
+
+
+def test_temporal_rows_kernel_matches_mlx_float32():
+    """The batched temporal kernel against MLX's batched temporal step (`_temporal_pure`) from the
+    same state, 11 rows (more than one chunk), fresh rings and then full rings where some rows wrap
+    around: h, text logits, the K/V rows written and the positions. At positions near 2 x context a
+    float32 RoPE angle is only good to ~5e-4 rad in either implementation: looser there."""
+    from engine.server.batch import BatchEngine, SlotParams, _temporal_pure
+    model = _model()
+    be = BatchEngine(model, fused=True, fused_parts=("temporal",))
+    assert be.fused_temporal and not be.fused_dep
+    c = model.lm.config
+    for i in range(11):
+        be.join(i, model._prompted_state(None, None, 100 + i), SlotParams(_sampling(i % 6), 100 + i))
+    assert be.size > be.fused._tnb
+    rng = np.random.default_rng(2)
+    B = be.size
+    for full in (False, True):
+        tol = 2e-3 if full else 2e-4
+        if full:     # rows 0..2 write slots C-3..C-1, the others wrap to slots 0.. (older keys there)
+            be.set_offsets(2 * c.context - 3 + np.arange(B))
+        for _ in range(3):
+            x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
+            kv = [a[:B] * 1 for a in be.k + be.v]
+            h_ref, lg_ref, pos_ref, off_ref, *kv_ref = _temporal_pure(model.lm, c.context, B, False, x, be.pos,
+                                                                      be.offset, *kv)
+            h, lg = be._temporal(x)
+            np.testing.assert_allclose(np.array(h), np.array(h_ref), rtol=tol, atol=tol)
+            np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=tol, atol=10 * tol)
+            np.testing.assert_array_equal(np.array(be.pos), np.array(pos_ref))
+            np.testing.assert_array_equal(np.array(be.offset), np.array(off_ref))
+            for a, b in zip(be.k + be.v, kv_ref):
+                np.testing.assert_allclose(np.array(a[:B]), np.array(b), rtol=tol, atol=tol)
+
+
+def test_both_rows_kernels_match_mlx_float32():
+    model = _model()
+    ref, _ = _run(model, False, T=14, force_seed=3)
+    got, be = _run(model, True, T=14, force_seed=3)
+    assert be.fused_temporal and be.fused_dep
     _compare(ref, got)
 
 
@@ -154,6 +196,10 @@ def test_rows_kernel_is_one_launch_and_has_no_barrier_error():
     assert not fz.FusedLM.barrier_error(scr)
     t = np.array(toks)
     assert t.shape == (3, 8) and (t >= 0).all() and (t < c.card).all()
+    h, lg, scr = be.fused.temporal_rows(mx.random.normal((3, c.dim)), be.pos, be.offset, be.k, be.v)
+    mx.eval(h, lg)
+    assert not fz.FusedLM.barrier_error(scr)
+    assert h.shape == (3, c.dim) and lg.shape == (3, c.text_out) and np.isfinite(np.array(lg)).all()
 
 
 if __name__ == "__main__":

@@ -243,14 +243,26 @@ def test_batch_errors(tiny_model):
 
 
 class _RowsContract:
-    """What FusedLM.depformer_rows computes (cuda/depformer_rows.cu), written with MLX ops: the CPU
-    stand-in that checks BatchEngine's side of the call (keys -> Gumbel noise, forced codebooks,
-    greedy rows) against the MLX depformer loop. tests/test_fused_rows.py checks the kernel itself
-    against this loop on a GPU."""
+    """What FusedLM.depformer_rows and temporal_rows compute (cuda/depformer_rows.cu,
+    temporal_rows.cu), written with MLX ops: the CPU stand-in that checks BatchEngine's side of the
+    calls (keys -> Gumbel noise, forced codebooks, greedy rows; rings written in place, positions
+    advanced by the caller) against the MLX path. tests/test_fused_rows.py checks the kernels
+    themselves against the MLX path on a GPU."""
 
     def __init__(self, lm):
         self.lm = lm
         self.calls = 0
+        self.tcalls = 0
+
+    def temporal_rows(self, x, pos, offs, keys, values):
+        import mlx.core as mx
+        from engine.server.batch import _temporal_pure
+        self.tcalls += 1
+        L, B = len(keys), x.shape[0]
+        h, logits, _, _, *kv = _temporal_pure(self.lm, self.lm.config.context, B, False, x, pos, offs,
+                                               *keys, *values)
+        keys[:], values[:] = kv[:L], kv[L:]          # the kernel writes the callers' rings in place
+        return h.astype(mx.float32), logits.astype(mx.float32), None
 
     def depformer_rows(self, h, ttok, forced, temp, top_k, noise, n):
         import mlx.core as mx
@@ -272,10 +284,11 @@ class _RowsContract:
         return mx.stack(out, axis=1), None
 
 
-def test_fused_depformer_call_gives_the_mlx_loops_tokens(tiny_model):
-    """BatchEngine with the batched fused depformer (here its contract in MLX) gives the tokens of
-    the MLX depformer loop: 7 rows with different sampling (greedy, top-k), joins, a leave, and
-    random agent codebooks forced. On the CPU the real kernel is unavailable: fused=True says so."""
+def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
+    """BatchEngine with the batched fused kernels (here their contracts in MLX), each alone and both,
+    gives the tokens of the MLX path: 7 rows with different sampling (greedy, top-k), joins, a leave,
+    random agent codebooks forced, and full rings that wrap. On the CPU the real kernels are
+    unavailable: fused=True says so."""
     from engine.errors import EngineError
     from engine.server.batch import BatchEngine, SlotParams
     from engine.models.gen import SamplingParams
@@ -284,10 +297,10 @@ def test_fused_depformer_call_gives_the_mlx_loops_tokens(tiny_model):
         return (SamplingParams(greedy=True) if i % 4 == 0 else
                 SamplingParams(temp_text=0.9, top_k_text=5, temp_audio=0.6 + 0.1 * i, top_k_audio=30 * i))
 
-    def run(fused):
+    def run(parts):
         be = BatchEngine(tiny_model)
-        if fused:
-            be.fused = _RowsContract(tiny_model.lm)
+        if parts:
+            be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
         rng, frng = np.random.default_rng(5), np.random.default_rng(7)
         out = []
         for t in range(8):
@@ -296,26 +309,31 @@ def test_fused_depformer_call_gives_the_mlx_loops_tokens(tiny_model):
                     be.join(i, tiny_model._prompted_state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
             if t == 5:
                 be.leave(2)
+            if t == 6:                   # long sessions: every ring full, the newest slot wraps around
+                be.set_offsets(2 * be.lm.config.context - 3 + np.arange(be.size))
             col = be.phase % be.ct
             be.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
             pcm, text = be.step((0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32))
             out.append((list(be.slots), text.tolist(), np.array(be.tokens)))
         return out, be
 
-    def both():
+    def all_runs():
         with pytest.raises(EngineError, match="CUDA"):
             BatchEngine(tiny_model, fused=True)
         with pytest.raises(EngineError, match="fused="):
             BatchEngine(tiny_model, fused="yes")
+        with pytest.raises(EngineError, match="fused_parts"):
+            BatchEngine(tiny_model, fused="auto", fused_parts=("mimi",))
         assert BatchEngine(tiny_model, fused="auto").fused is None       # CPU: the MLX path
-        return run(False), run(True)
+        return [run(p) for p in ((), ("depformer",), ("temporal",), ("temporal", "depformer"))]
 
-    (ref, _), (got, be) = tiny_model.worker.call(both)
-    assert be.fused.calls == 8
-    assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
-    for t, (a, b) in enumerate(zip(ref, got)):
-        assert a[0] == b[0] and a[1] == b[1], f"step {t}: text differs"
-        np.testing.assert_array_equal(a[2], b[2], err_msg=f"step {t}: token rings differ")
+    (ref, _), *fused = tiny_model.worker.call(all_runs)
+    for parts, (got, be) in zip((("depformer",), ("temporal",), ("temporal", "depformer")), fused):
+        assert (be.fused.calls, be.fused.tcalls) == (8 * ("depformer" in parts), 8 * ("temporal" in parts))
+        assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
+        for t, (a, b) in enumerate(zip(ref, got)):
+            assert a[0] == b[0] and a[1] == b[1], f"{parts} step {t}: text differs"
+            np.testing.assert_array_equal(a[2], b[2], err_msg=f"{parts} step {t}: token rings differ")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -753,14 +771,14 @@ def test_static_dir_option_serves_another_client(tiny_model, tmp_path):
 
 
 def test_loop_failure_at_startup_is_reported(tiny_model):
-    """A loop that cannot start (here: the CUDA-only batched depformer asked for on the CPU) ends
+    """A loop that cannot start (here: the CUDA-only batched kernels asked for on the CPU) ends
     at once with `failure` set and `running` false (what /healthz reports), not silently."""
     from engine.models.fused import FusedUnavailable
     from engine.server.loop import Metrics, StepLoop
 
     loop = StepLoop(tiny_model, Metrics(), capacity=2)
     assert loop.failure is None
-    loop.fused_depformer = True
+    loop.fused = True
     loop.start()
     t0 = time.monotonic()
     while loop.running and time.monotonic() - t0 < 30:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
+FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEngine(fused=...) may use
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,12 @@ def _temporal_pure(lm, width, rows, full, x, pos, off, *kv):
     return (h, logits[:B] if rows > B else logits, pos, off + 1, *ks, *vs)
 
 
+def _advance_rows(pos: mx.array, off: mx.array, context: int) -> tuple[mx.array, mx.array]:
+    """Each row's ring after a step at position off: slot off % context now holds off (the
+    bookkeeping half of `_temporal_pure`, for the fused kernel) -> (pos, off + 1)."""
+    return mx.put_along_axis(pos, (off % context)[:, None], off[:, None], axis=1), off + 1
+
+
 def _depformer_pure(lm, s, h, prev, *kv):
     """Depformer step s, as `LM._depformer` with 2-D activations: h (R, D) the temporal output
     (rows >= B zero padding), prev (B,) the previous token, kv this frame's depformer keys/values
@@ -344,7 +351,7 @@ class BatchEngine:
     """
 
     def __init__(self, model, compiled: bool = False, capacity: int | None = None,
-                 fused: bool | str = False):
+                 fused: bool | str = False, fused_parts=FUSED_PARTS):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
@@ -387,29 +394,45 @@ class BatchEngine:
         # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
         self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
         self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
-        # The depformer walk of all rows as ONE CUDA kernel launch (FusedLM.depformer_rows) instead
-        # of ~9 MLX graphs and sampling sites per step. Opt-in: on an H100 with 16 sessions it cut
-        # the loop thread's CPU time per step by ~10 ms but took 15 ms of GPU time, so steps got
-        # slower (docs/performance_serve.md). "auto": where the model's fused engine exists (MLX on
+        # The temporal step and the depformer walk of all rows as ONE CUDA kernel launch each
+        # (FusedLM.temporal_rows / depformer_rows) instead of ~40 MLX graphs, sampling sites and
+        # their ~1500 kernels: MLX on CUDA is host-bound, and at 16 rows the temporal graph alone
+        # took ~27 ms of host time per step (docs/performance_serve.md). `fused_parts` picks the
+        # kernels ("temporal", "depformer"). "auto": where the model's fused engine exists (MLX on
         # CUDA, PERSONAPLEX_FUSED not 0); True raises where it does not; False (default): MLX.
         if fused not in ("auto", True, False):
             raise ConfigError(f"fused={fused!r} must be 'auto', True or False")
+        bad = set(fused_parts) - set(FUSED_PARTS)
+        if bad or not fused_parts:
+            raise ConfigError(f"fused_parts={tuple(fused_parts)!r}: choose from {FUSED_PARTS}")
         self.fused = None
+        self.fused_parts = frozenset()
         if fused is not False:
             fe = self.gen.fused_engine() if fused == "auto" else _fused_engine_or_raise(self.gen)
             if fe is not None:
                 from ..models.fused import FusedUnavailable
-                try:      # builds and launches it once now (NVRTC: seconds), not on a live step
-                    fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
-                    self.fused = fe
+                try:      # builds and launches them once now (NVRTC: seconds), not on a live step
+                    if "depformer" in fused_parts:
+                        fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
+                    if "temporal" in fused_parts:
+                        fe.prepare_temporal_rows()
+                    self.fused, self.fused_parts = fe, frozenset(fused_parts)
                 except FusedUnavailable as e:
                     if fused is True:
                         raise
-                    log.warning("batched fused depformer unavailable, using the MLX path: %s", e)
+                    log.warning("batched fused kernels unavailable, using the MLX path: %s", e)
 
     @property
     def size(self) -> int:
         return len(self.slots)
+
+    @property
+    def fused_temporal(self) -> bool:
+        return self.fused is not None and "temporal" in self.fused_parts
+
+    @property
+    def fused_dep(self) -> bool:
+        return self.fused is not None and "depformer" in self.fused_parts
 
     def reserve(self) -> None:
         """Allocate the KV rows of `capacity` sessions (and build their kernels) now; compiled:
@@ -432,18 +455,24 @@ class BatchEngine:
         variants = [(C, 0), (C, C)]                       # (width, offset): fresh and full rings
         if self.width_step:
             variants += [(w, 0) for w in range(self.width_step, C, self.width_step)]
-        for width, off in variants:
-            pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
-            fn = self._temporal_fn(width, rows, off >= C - 1)
-            kv = self.k + self.v
-            self.k = self.v = None
-            h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
-            self.k, self.v = list(kv[:L]), list(kv[L:])
+        if self.fused_temporal:                           # one kernel, nothing to trace
+            variants = [None]
+        for variant in variants:
+            if variant is None:
+                h, logits = mx.zeros((rows, c.dim), self.lm.dtype), None
+            else:
+                width, off = variant
+                pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
+                fn = self._temporal_fn(width, rows, off >= C - 1)
+                kv = self.k + self.v
+                self.k = self.v = None
+                h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
+                self.k, self.v = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
-            if self.fused is None:
+            if not self.fused_dep:
                 for s in range(c.dep_q):
                     _, dkv = self._depformer(s, h, prev, dkv)
-            mx.eval(logits, dkv, self.k, self.v)
+            mx.eval([a for a in (logits, h) if a is not None], dkv, self.k, self.v)
         # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
         # shape on CUDA: seconds, which would stall every session on the first live step).
         sp = SamplingParams()
@@ -655,6 +684,15 @@ class BatchEngine:
         """x (B, D) -> (h (R, D) with R >= B (rows past B: padding), text_logits (B, V)); advances
         every row by one position."""
         C = self.lm.config.context
+        if self.fused_temporal:
+            B = x.shape[0]
+            # The kernel writes each row's K/V into self.k / self.v in place; pos and offset move on here.
+            h, logits, _ = self.fused.temporal_rows(x, self.pos, self.offset, self.k, self.v)
+            self.pos, self.offset = _advance_rows(self.pos, self.offset, C)
+            self.off_host += 1
+            if not self.fused_dep:                    # the MLX depformer's traced shapes: padded rows, model dtype
+                h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
+            return h, logits
         step = self.width_step
         width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
         fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
@@ -722,7 +760,7 @@ class BatchEngine:
 
         prev = pick(0, text)
         new_col = [prev]
-        if self.fused is not None:
+        if self.fused_dep:
             toks = self._fused_depformer(h, prev, prov, target, site, n_steps)
             new_col.extend(toks[:, s] for s in range(n_steps))
         else:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batch import BatchEngine, SlotParams
+from .batch import FUSED_PARTS, BatchEngine, SlotParams
 
 try:
     from .. import _blas
@@ -422,7 +422,7 @@ class StepLoop:
             except Exception as e:  # noqa: BLE001 - a missing voice only matters when asked for
                 log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity,
-                                      fused=self.fused_depformer)
+                                      fused=self.fused, fused_parts=self.fused_parts)
         if self.capacity:
             t0 = time.perf_counter()
             be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
@@ -450,7 +450,8 @@ class StepLoop:
                 gc.enable()
 
     gc_full_every = 750                  # steps (one minute of audio)
-    fused_depformer: bool | str = False  # BatchEngine(fused=...): the batched CUDA depformer (opt-in)
+    fused: bool | str = False            # BatchEngine(fused=...): the batched CUDA kernels (opt-in)
+    fused_parts = FUSED_PARTS            # which of them (BatchEngine(fused_parts=...))
 
     def _wait_until(self, start: float, now: float) -> None:
         """Sleep until `start` (perf_counter); the last `spin_s` of it polls instead, yielding

@@ -456,6 +456,108 @@ __device__ int sample_row(const float* logits, const float* noise, int n, bool g
 
 }  // namespace ppx
 
+// ---------------------------------------------------------------- temporal attention
+namespace ppx {
+
+// One query head's attention over ring keys j0..j1-1 (block-cooperative): index C stands for this
+// step's key and value (kcur / vcur, float), the ring `slot` it will overwrite holds an older key and
+// is skipped, and slots with pos[j] < 0 are empty. Writes the partial (max, sum, acc[HD]) to out.
+// Each warp takes 32 keys at a time, one per lane (all key rows load at once), then accumulates
+// their values with lanes over the head dims. q: the head's query (global, unscaled); kh / vh: the
+// head's (C, HD) ring. Shared memory: xs >= HD + 64 + warps * HD floats.
+template <typename T, int HD, int C>
+__device__ __forceinline__ void attn_partial(float* xs, float* out, const float* q, const T* kh, const T* vh,
+                                             const float* kcur, const float* vcur, const int* pos, int slot,
+                                             int j0, int j1, float scale) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* qs = xs;                       // HD
+  float* wm = xs + HD;                  // nw (max) + nw (sum)
+  float* wacc = wm + 2 * 32;            // nw * HD
+  constexpr int DPL = HD / 32;          // value dims per lane (contiguous)
+  for (int d = threadIdx.x; d < HD; d += blockDim.x) qs[d] = __ldcg(q + d) * scale;
+  __syncthreads();
+  float m = -INFINITY, ssum = 0.f;
+  float acc[DPL];
+#pragma unroll
+  for (int k = 0; k < DPL; ++k) acc[k] = 0.f;
+  for (int jb = j0 + warp * 32; jb < j1; jb += nw * 32) {
+    const int j = jb + lane;
+    const bool valid = j < j1 && (j == C || (j != slot && pos[j] >= 0));
+    float p = -INFINITY;
+    if (valid) p = j == C ? dot_q<float, HD>(qs, kcur) : dot_q<T, HD>(qs, kh + (size_t)j * HD);
+    const float mb = warp_max(p);
+    const float mn = fmaxf(m, mb);
+    if (mn == -INFINITY) continue;    // no valid key yet (warp-uniform)
+    const float corr = __expf(m - mn);
+    const float e = valid ? __expf(p - mn) : 0.f;
+    ssum = ssum * corr + warp_sum(e);
+#pragma unroll
+    for (int k = 0; k < DPL; ++k) acc[k] *= corr;
+    const int nt = min(32, j1 - jb);
+#pragma unroll 8
+    for (int tt = 0; tt < nt; ++tt) {
+      const float et = __shfl_sync(0xffffffffu, e, tt);
+      const int jt = jb + tt;
+      if (jt == C) {
+#pragma unroll
+        for (int k = 0; k < DPL; ++k) acc[k] += et * __ldcg(vcur + lane * DPL + k);
+      } else {
+        const T* vr = vh + (size_t)jt * HD + lane * DPL;
+#pragma unroll
+        for (int k = 0; k < DPL; ++k) acc[k] += et * tof(vr[k]);
+      }
+    }
+    m = mn;
+  }
+  if (lane == 0) {
+    wm[warp] = m;
+    wm[32 + warp] = ssum;
+  }
+#pragma unroll
+  for (int k = 0; k < DPL; ++k) wacc[warp * HD + lane * DPL + k] = acc[k];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w]);
+  if (M == -INFINITY) {
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) __stcg(out + 2 + d, 0.f);
+    if (threadIdx.x == 0) {
+      __stcg(out, -INFINITY);
+      __stcg(out + 1, 0.f);
+    }
+  } else {
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+      float a = 0.f;
+      for (int w = 0; w < nw; ++w) a += wm[w] == -INFINITY ? 0.f : wacc[w * HD + d] * __expf(wm[w] - M);
+      __stcg(out + 2 + d, a);
+    }
+    if (threadIdx.x == 0) {
+      float S = 0.f;
+      for (int w = 0; w < nw; ++w) S += wm[w] == -INFINITY ? 0.f : wm[32 + w] * __expf(wm[w] - M);
+      __stcg(out, M);
+      __stcg(out + 1, S);
+    }
+  }
+  __syncthreads();
+}
+
+// Dimension d of one head's attention output from its NCH partials (HD + 2 floats each, at p0).
+template <int HD, int NCH>
+__device__ __forceinline__ float attn_combine(const float* p0, int d) {
+  float M = -INFINITY;
+  for (int c = 0; c < NCH; ++c) M = fmaxf(M, __ldcg(p0 + c * (HD + 2)));
+  float S = 0.f, A = 0.f;
+  for (int c = 0; c < NCH; ++c) {
+    const float mc = __ldcg(p0 + c * (HD + 2));
+    if (mc == -INFINITY) continue;
+    const float f = __expf(mc - M);
+    S += __ldcg(p0 + c * (HD + 2) + 1) * f;
+    A += __ldcg(p0 + c * (HD + 2) + 2 + d) * f;
+  }
+  return A / S;
+}
+
+}  // namespace ppx
+
 // ---------------------------------------------------------------- depformer attention
 namespace ppx {
 
@@ -787,6 +889,23 @@ __device__ __forceinline__ void dep_attention_rows(float* a0, int astride, float
   }
   __syncthreads();
 }
+
+// mv_rows epilogue of a SiLU-gating stage (GatePairs rows) for a chunk: hid[n * stride + 2g + i] =
+// silu(gate) * up, rounded where the MLX graph rounds (as GateEpi).
+template <typename T>
+struct GateRowsEpi {
+  float* hid;          // the chunk's first row
+  int stride;
+  __device__ __forceinline__ void operator()(int g, int n, const float* acc) const {
+    float* hb = hid + (size_t)n * stride + 2 * g;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float ga = rt<T>(acc[i]), up = rt<T>(acc[i + 2]);
+      const float sg = rt<T>(1.f / (1.f + __expf(-ga)));
+      __stcg(hb + i, rt<T>(rt<T>(ga * sg) * up));
+    }
+  }
+};
 
 // mv_rows epilogue of a projection into the residual streams of a chunk (Consecutive rows):
 // resid[n * stride + row] += W x_n.

@@ -110,15 +110,8 @@ for (int s = 0; s < NS; ++s) {
       for (int c0 = 0; c0 < B; c0 += NB) {
         const int nb = min(NB, B - c0);
         rms_rows_to_smem<T>(xs, XS, resid + (size_t)c0 * DD, DD, nb, dn2 + (size_t)j * DD, DD, eps);
-        mv_rows<BD, GS, ST, R, NB>(m, HIDD / 2, xs, XS, nb, GatePairs{HIDD}, [&](int g, int n, const float* acc) {
-          float* hb = hid + (size_t)(c0 + n) * HIDD + 2 * g;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float ga = rt<T>(acc[i]), up = rt<T>(acc[i + 2]);
-            const float sg = rt<T>(1.f / (1.f + __expf(-ga)));
-            __stcg(hb + i, rt<T>(rt<T>(ga * sg) * up));
-          }
-        });
+        mv_rows<BD, GS, ST, R, NB>(m, HIDD / 2, xs, XS, nb, GatePairs{HIDD},
+                                   GateRowsEpi<T>{hid + (size_t)c0 * HIDD, HIDD});
         __syncthreads();
       }
     }

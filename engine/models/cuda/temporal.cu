@@ -26,7 +26,7 @@ const int t = offs[0];
 const int slot = t % C;
 const float eps = fp[0];
 const float log2_base = log2f(fp[1]);
-const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+const int lane = threadIdx.x & 31;
 constexpr int CH = (C + 1 + NCH - 1) / NCH;   // keys per attention chunk (index C = this step's key)
 const float scale = rsqrtf((float)HD);
 using ST_T = T;
@@ -76,107 +76,24 @@ for (int l = 0; l < L; ++l) {
   }
   grid_sync(sync, epoch);
 
-  // ---- S2: attention partials, one (head, chunk of keys) per block iteration. Each warp takes 32
-  // keys at a time, one per lane (all key rows load at once), then accumulates their values with
-  // lanes over the head dims.
+  // ---- S2: attention partials, one (head, chunk of keys) per block iteration (attn_partial)
   {
-    float* qs = xs;                       // HD
-    float* wm = xs + HD;                  // nw (max) + nw (sum)
-    float* wacc = wm + 2 * 32;            // nw * HD
     const T* kbase = kv + (size_t)(l * 2 + 0) * H * C * HD;
     const T* vbase = kv + (size_t)(l * 2 + 1) * H * C * HD;
-    constexpr int DPL = HD / 32;          // value dims per lane (contiguous)
     for (int item = blockIdx.x; item < H * NCH; item += gridDim.x) {
       const int head = item / NCH, c = item % NCH;
-      for (int d = threadIdx.x; d < HD; d += blockDim.x) qs[d] = __ldcg(qv + head * HD + d) * scale;
-      __syncthreads();
-      float m = -INFINITY, ssum = 0.f;
-      float acc[DPL];
-#pragma unroll
-      for (int k = 0; k < DPL; ++k) acc[k] = 0.f;
       const int j0 = c * CH, j1 = min(C + 1, j0 + CH);
-      const float* kcur = kc + head * HD;
-      const float* vcur = vc + head * HD;
-      for (int jb = j0 + warp * 32; jb < j1; jb += nw * 32) {
-        const int j = jb + lane;
-        const bool valid = j < j1 && (j == C || (j != slot && pos[j] >= 0));
-        float p = -INFINITY;
-        if (valid) p = j == C ? dot_q<float, HD>(qs, kcur) : dot_q<T, HD>(qs, kbase + ((size_t)head * C + j) * HD);
-        const float mb = warp_max(p);
-        const float mn = fmaxf(m, mb);
-        if (mn == -INFINITY) continue;    // no valid key yet (warp-uniform)
-        const float corr = __expf(m - mn);
-        const float e = valid ? __expf(p - mn) : 0.f;
-        ssum = ssum * corr + warp_sum(e);
-#pragma unroll
-        for (int k = 0; k < DPL; ++k) acc[k] *= corr;
-        const int nt = min(32, j1 - jb);
-#pragma unroll 8
-        for (int tt = 0; tt < nt; ++tt) {
-          const float et = __shfl_sync(0xffffffffu, e, tt);
-          const int jt = jb + tt;
-          if (jt == C) {
-#pragma unroll
-            for (int k = 0; k < DPL; ++k) acc[k] += et * __ldcg(vcur + lane * DPL + k);
-          } else {
-            const T* vr = vbase + ((size_t)head * C + jt) * HD + lane * DPL;
-#pragma unroll
-            for (int k = 0; k < DPL; ++k) acc[k] += et * tof(vr[k]);
-          }
-        }
-        m = mn;
-      }
-      if (lane == 0) {
-        wm[warp] = m;
-        wm[32 + warp] = ssum;
-      }
-#pragma unroll
-      for (int k = 0; k < DPL; ++k) wacc[warp * HD + lane * DPL + k] = acc[k];
-      __syncthreads();
-      float M = -INFINITY;
-      for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w]);
-      float* out = part + (size_t)item * (HD + 2);
-      if (M == -INFINITY) {
-        for (int d = threadIdx.x; d < HD; d += blockDim.x) __stcg(out + 2 + d, 0.f);
-        if (threadIdx.x == 0) {
-          __stcg(out, -INFINITY);
-          __stcg(out + 1, 0.f);
-        }
-      } else {
-        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-          float a = 0.f;
-          for (int w = 0; w < nw; ++w) a += wm[w] == -INFINITY ? 0.f : wacc[w * HD + d] * __expf(wm[w] - M);
-          __stcg(out + 2 + d, a);
-        }
-        if (threadIdx.x == 0) {
-          float S = 0.f;
-          for (int w = 0; w < nw; ++w) S += wm[w] == -INFINITY ? 0.f : wm[32 + w] * __expf(wm[w] - M);
-          __stcg(out, M);
-          __stcg(out + 1, S);
-        }
-      }
-      __syncthreads();
+      attn_partial<T, HD, C>(xs, part + (size_t)item * (HD + 2), qv + head * HD, kbase + (size_t)head * C * HD,
+                             vbase + (size_t)head * C * HD, kc + head * HD, vc + head * HD, pos, slot, j0, j1,
+                             scale);
     }
   }
   grid_sync(sync, epoch);
 
   // ---- S3: combine the partials (every block, redundantly) + out_proj + residual
   {
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
-      const int head = e / HD, d = e % HD;
-      const float* p0 = part + (size_t)head * NCH * (HD + 2);
-      float M = -INFINITY;
-      for (int c = 0; c < NCH; ++c) M = fmaxf(M, __ldcg(p0 + c * (HD + 2)));
-      float S = 0.f, A = 0.f;
-      for (int c = 0; c < NCH; ++c) {
-        const float mc = __ldcg(p0 + c * (HD + 2));
-        if (mc == -INFINITY) continue;
-        const float f = __expf(mc - M);
-        S += __ldcg(p0 + c * (HD + 2) + 1) * f;
-        A += __ldcg(p0 + c * (HD + 2) + 2 + d) * f;
-      }
-      xs[xi(e)] = rt<T>(A / S);
-    }
+    for (int e = threadIdx.x; e < D; e += blockDim.x)
+      xs[xi(e)] = rt<T>(attn_combine<HD, NCH>(part + (size_t)(e / HD) * NCH * (HD + 2), e % HD));
     __syncthreads();
     mv_stage<BT, GS, ST_T, R>(mat_at<BT, GS>(wo, so, bo, (size_t)l * D, D), D / R, xs, Consecutive{},
                               ResidEpi<T>{resid});
