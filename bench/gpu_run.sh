@@ -17,7 +17,6 @@
 #   batched fused kernels (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py:
 #           the depformer's launch shape and time per batch size); SOAK_ARGS="--fused all" STAGES=soak;
 #           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default all) and without the kernels
-#           with the fused depformer and without, in one call
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
