@@ -48,7 +48,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout 100 python3 bench/mimi.py --device gpu --dtype bfloat16 --modes compiled,eager --no-ref --frames 100 ;;
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
-    rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ;;
+    rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ${RPROBE_ARGS:-} ;;
     rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
     sweep)   for f in "--fused ${SWEEP_FUSED:-all}" ""; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;

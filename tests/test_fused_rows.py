@@ -10,6 +10,7 @@ kernel chunk (NB).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# MLX runs float32 matmuls of 2+ rows as TF32 on CUDA by default (~1e-3 relative): the float32
+# references here must be full precision, or they differ from the kernels by more than the kernels err.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 import mlx.core as mx  # noqa: E402
 
 from engine.models import fused as fz  # noqa: E402

@@ -438,7 +438,7 @@ class FusedLM:
         self._tkr = None
         raise FusedUnavailable("the batched temporal kernel does not launch here: " + "; ".join(errors))
 
-    def temporal_rows(self, x: mx.array, pos: mx.array, offs: mx.array, keys: list, values: list):
+    def temporal_rows(self, x: mx.array, pos: mx.array, offs: mx.array, keys: list, values: list, skip: int = 0):
         """The temporal step of B conversations in one launch (the batched server).
 
         x (B, dim) summed input embeddings, pos (B, context) int32 each row's ring slot positions
@@ -446,7 +446,7 @@ class FusedLM:
         (cap >= B, heads, context, head_dim) rings, rows in batch order -> (h (B, dim) float32,
         text logits (B, text_out) float32, scratch). Writes each row's K/V of this step into its
         ring IN PLACE (slot offs % context): the caller owns those arrays, and advances pos and
-        offs itself."""
+        offs itself. `skip`: bench/rows_probe.py's time split only (see temporal_rows.cu)."""
         c = self.c
         B = int(x.shape[0])
         if self._tkr is None:
@@ -464,7 +464,8 @@ class FusedLM:
             inputs=inputs,
             template=[("T", self.dtype), ("D", c.dim), ("H", H), ("HD", hd), ("L", c.num_layers),
                       ("C", c.context), ("HID", c.hidden), ("TXT", c.text_out), ("BT", self.bt),
-                      ("BH", self.bh), ("GS", self.group_size), ("NCH", nch), ("NT", nt), ("NB", self._tnb)],
+                      ("BH", self.bh), ("GS", self.group_size), ("NCH", nch), ("NT", nt), ("NB", self._tnb),
+                      ("SKIP", skip)],
             grid=(self.blocks * nt, 1, 1), threadgroup=(nt, 1, 1),
             output_shapes=[(B, c.dim), (B, c.text_out), (scratch,)],
             output_dtypes=[mx.float32, mx.float32, mx.float32],

@@ -3,7 +3,8 @@
 // temporal.cu (batch 1); every matrix stage runs the rows in chunks of NB vectors (mv_rows: each
 // weight vector decoded once per chunk), so the grid barriers do not grow with B.
 //
-// Template constants: as temporal.cu (T, D, H, HD, L, C, HID, TXT, BT, BH, GS, NCH, NT) plus NB.
+// Template constants: as temporal.cu (T, D, H, HD, L, C, HID, TXT, BT, BH, GS, NCH, NT) plus NB and
+// SKIP (0; for bench/rows_probe.py's time split only: bit 0 skips the attention, bit 1 the matrices).
 // Inputs: x (B, D) T (summed input embeddings), meta (1) int32 = B, pos (B, C) int32 (each row's
 // ring slot positions before this step, -1 = empty), offs (B) int32 (each row's position now),
 // k0..k{L-1} / v0..v{L-1}: layer l's keys / values (cap >= B, H, C, HD) T, the weights as in
@@ -57,6 +58,7 @@ for (int l = 0; l < L; ++l) {
       } else {
         rms_rows_to_smem<T>(xs, XD, resid + (size_t)c0 * D, D, nb, w1, D, eps);
       }
+      if constexpr ((SKIP & 2) == 0)
       mv_rows<BT, GS, ST_T, R, NB>(m, 3 * D / R, xs, XD, nb, Consecutive{}, [&](int g, int n, const float* acc) {
         const int b = c0 + n;
         const int t = offs[b];
@@ -87,7 +89,7 @@ for (int l = 0; l < L; ++l) {
   grid_sync(sync, epoch);
 
   // ---- S2: attention partials, one (row, head, chunk of keys) per block iteration
-  for (int item = blockIdx.x; item < B * H * NCH; item += gridDim.x) {
+  for (int item = blockIdx.x; item < ((SKIP & 1) ? 0 : B * H * NCH); item += gridDim.x) {
     const int b = item / (H * NCH), head = (item / NCH) % H, c = item % NCH;
     const int j0 = c * CH, j1 = min(C + 1, j0 + CH);
     const size_t ring = ((size_t)b * H + head) * C * HD;
@@ -108,7 +110,8 @@ for (int l = 0; l < L; ++l) {
         xs[n * XD + xi(e)] = rt<T>(attn_combine<HD, NCH>(p0, e % HD));
       }
       __syncthreads();
-      mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XD, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * D, D});
+      if constexpr ((SKIP & 2) == 0)
+        mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XD, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * D, D});
       __syncthreads();
     }
   }
@@ -120,7 +123,8 @@ for (int l = 0; l < L; ++l) {
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
       rms_rows_to_smem<T>(xs, XD, resid + (size_t)c0 * D, D, nb, n2 + (size_t)l * D, D, eps);
-      mv_rows<BT, GS, ST_T, R, NB>(m, HID / 2, xs, XD, nb, GatePairs{HID}, GateRowsEpi<T>{hid + (size_t)c0 * HID, HID});
+      if constexpr ((SKIP & 2) == 0)
+        mv_rows<BT, GS, ST_T, R, NB>(m, HID / 2, xs, XD, nb, GatePairs{HID}, GateRowsEpi<T>{hid + (size_t)c0 * HID, HID});
       __syncthreads();
     }
   }
@@ -133,7 +137,8 @@ for (int l = 0; l < L; ++l) {
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
       load_rows(xs, XH, hid + (size_t)c0 * HID, HID, nb, HID);
-      mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XH, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * D, D});
+      if constexpr ((SKIP & 2) == 0)
+        mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XH, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * D, D});
       __syncthreads();
     }
   }
@@ -148,6 +153,7 @@ for (int l = 0; l < L; ++l) {
     rms_rows_to_smem<T>(xs, XD, resid + (size_t)c0 * D, D, nb, onorm, D, eps);
     if (blockIdx.x == 0)
       for (int i = threadIdx.x; i < nb * D; i += blockDim.x) h[(size_t)c0 * D + i] = xs[(i / D) * XD + xi(i % D)];
+    if constexpr ((SKIP & 2) == 0)
     mv_rows<BH, GS, ST_T, R, NB>(m, TXT / R, xs, XD, nb, Consecutive{}, [&](int g, int n, const float* acc) {
       float* dst = logits + (size_t)(c0 + n) * TXT + g * R;
 #pragma unroll
