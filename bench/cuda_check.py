@@ -46,7 +46,7 @@ KERNELS = {
                                            ("topk", I), ("noise", F)] + _DEP_W,
                        [("toks", I), ("scratch", F)]),
     "temporal_rows": (dict(D=4096, H=32, HD=128, L=32, C=3000, HID=11264, TXT=32000, BT=4, BH=16, GS=64, NCH=4,
-                           NT=512, NB=4, SKIP=0),
+                           NT=256, NB=8, KS5=2, SKIP=0),
                       [("x", T), ("meta", I), ("pos", I), ("offs", I)] + [(f"k{i}", T) for i in range(32)]
                       + [(f"v{i}", T) for i in range(32)]
                       + [("wq", U), ("sq", T), ("bq", T), ("wo", U), ("so", T), ("bo", T), ("wi", U), ("si", T),

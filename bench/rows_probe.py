@@ -73,8 +73,8 @@ def main() -> None:
 
 def temporal(f, c, sizes, reps):
     t0 = time.perf_counter()
-    nt, nb = f.prepare_temporal_rows()
-    print(f"temporal: {nt} threads x {nb} vectors per chunk, {f.blocks} blocks; prepared in "
+    nt, nb, ks = f.prepare_temporal_rows()
+    print(f"temporal: {nt} threads x {nb} vectors per chunk, linear_out in {ks} parts, {f.blocks} blocks; prepared in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     cap = max(sizes)
     ring = (cap, c.num_heads, c.context, c.head_dim)

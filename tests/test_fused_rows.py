@@ -91,10 +91,17 @@ def test_temporal_rows_kernel_matches_mlx_float32():
     same state, 11 rows (more than one chunk), fresh rings and then full rings where some rows wrap
     around: h, text logits, the K/V rows written and the positions. At positions near 2 x context a
     float32 RoPE angle is only good to ~5e-4 rad in either implementation: looser there."""
+    for shape in ((8, 1), (4, 2)):       # linear_out's input whole, and in two column parts
+        _temporal_rows_vs_mlx(shape)
+
+
+def _temporal_rows_vs_mlx(shape):
     from engine.server.batch import BatchEngine, SlotParams, _temporal_pure
     model = _model()
     be = BatchEngine(model, fused=True, fused_parts=("temporal",))
     assert be.fused_temporal and not be.fused_dep
+    be.fused._tkr, be.fused.temporal_rows_shape = None, shape
+    assert be.fused.prepare_temporal_rows()[1:] == shape
     c = model.lm.config
     for i in range(11):
         be.join(i, model._prompted_state(None, None, 100 + i), SlotParams(_sampling(i % 6), 100 + i))

@@ -121,6 +121,8 @@ def _bits(mod) -> int:
 class FusedLM:
     """Packs an `engine.models.lm.LM` for the fused kernels and runs them."""
 
+    temporal_rows_shape = None     # tests: force the batched temporal step's (NB, KS5)
+
     def __init__(self, lm, blocks: int | None = None):
         reason = self.unsupported(lm)
         if reason:
@@ -152,7 +154,7 @@ class FusedLM:
         self._dkr = None           # the batched depformer (`depformer_rows`), built on first use
         self._nb, self._rows_nt = 0, NT
         self._tkr = None           # the batched temporal step (`temporal_rows`), built on first use
-        self._tnb, self._trows_nt = 0, NT
+        self._tnb, self._trows_nt, self._tks = 0, NT, 1
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -396,43 +398,52 @@ class FusedLM:
                   f"const T* const VP[{L}] = {{{', '.join(f'v{i}' for i in range(L))}}};\n")
         return tables + (_SRC / "temporal_rows.cu").read_text()
 
-    def _rows_nb_temporal(self) -> int:
-        """Vectors per chunk of the batched temporal step: its widest stage input (the gating
-        hidden) times NB must fit the shared memory."""
+    def _temporal_rows_shapes(self) -> list:
+        """(vectors per chunk NB, linear_out input parts KS5) of the batched temporal step, best
+        first: NB vectors of every stage input (the gating hidden split in KS5 parts) must fit the
+        shared memory; more vectors per chunk = fewer passes over the weights."""
+        if self.temporal_rows_shape is not None:
+            return [self.temporal_rows_shape]
         c = self.c
+        out = []
         for nb in (8, 4, 2, 1):
-            if 4 * nb * _xs(max(c.dim, c.hidden)) <= _SMEM_LIMIT:
-                return nb
-        raise FusedUnavailable("the batched temporal step's vectors do not fit the kernels' shared memory")
+            for ks in (1, 2):
+                part = c.hidden // ks
+                unit = max(self.group_size, 32)       # whole quantization groups and 16-byte vectors
+                if c.hidden % ks or (ks > 1 and part % unit):
+                    continue
+                if 4 * nb * _xs(max(c.dim, part)) <= _SMEM_LIMIT:
+                    out.append((nb, ks))
+                    break
+        if not out:
+            raise FusedUnavailable("the batched temporal step's vectors do not fit the kernels' shared memory")
+        return out
 
-    def prepare_temporal_rows(self) -> tuple[int, int]:
+    def prepare_temporal_rows(self) -> tuple[int, int, int]:
         """Build the batched temporal kernel and pick its launch shape (threads per block, vectors
-        per chunk), as `prepare_rows`: each candidate runs once on a dummy row. Raises
-        FusedUnavailable when none launches."""
+        per chunk, linear_out input parts), as `prepare_rows`: each candidate runs once on a dummy
+        row. Raises FusedUnavailable when none launches."""
         if self._tkr is not None:
-            return self._trows_nt, self._tnb
+            return self._trows_nt, self._tnb, self._tks
         c = self.c
         L = c.num_layers
         errors = []
-        best = self._rows_nb_temporal()
         names = ["x", "meta", "pos", "offs", *(f"k{i}" for i in range(L)), *(f"v{i}" for i in range(L)),
                  "wq", "sq", "bq", "wo", "so", "bo", "wi", "si", "bi_", "wd", "sd", "bd", "n1", "n2", "onorm",
                  "wt", "st", "bt", "fp"]
         kv = mx.zeros((1, c.num_heads, c.context, c.head_dim), self.dtype)    # every layer's dummy ring
-        for nt, nb in ((NT, best), (NT // 2, best), (NT, best // 2), (NT // 2, best // 2)):
-            if nb < 1:
-                continue
-            self._trows_nt, self._tnb = nt, nb
-            smem = 4 * max(nb * _xs(max(c.dim, c.hidden)), c.head_dim + 64 + (nt // 32) * c.head_dim)
+        for (nb, ks), nt in [(shape, nt) for shape in self._temporal_rows_shapes()[:2] for nt in (NT, NT // 2)]:
+            self._trows_nt, self._tnb, self._tks = nt, nb, ks
+            smem = 4 * max(nb * _xs(max(c.dim, c.hidden // ks)), c.head_dim + 64 + (nt // 32) * c.head_dim)
             self._tkr = mx.fast.cuda_kernel(
-                name=f"pp_temporal_rows_{nt}_{nb}", source=self.temporal_rows_source(L),
+                name=f"pp_temporal_rows_{nt}_{nb}_{ks}", source=self.temporal_rows_source(L),
                 header=(_SRC / "common.cuh").read_text(), input_names=names,
                 output_names=["h", "logits", "scratch"], shared_memory=smem)
             try:
                 h, logits, scr = self.temporal_rows(mx.zeros((1, c.dim), self.dtype), mx.full((1, c.context), -1, mx.int32),
                                                     mx.zeros((1,), mx.int32), [kv] * L, [kv] * L)
                 mx.eval(h, logits, scr)
-                return nt, nb
+                return nt, nb, ks
             except RuntimeError as e:
                 errors.append(f"{nt} threads x {nb} vectors: {e}")
         self._tkr = None
@@ -455,7 +466,7 @@ class FusedLM:
             raise FusedUnavailable(f"the batched temporal step got {B} rows for rings of {keys[0].shape[0]}")
         t, lm = self.t, self.lm
         H, hd = c.num_heads, c.head_dim
-        nt, nch = self._trows_nt, self.nch
+        nt, nch = self._trows_nt, 1         # one attention item per (row, head): no partials to combine
         inputs = [x.astype(self.dtype), mx.array([B], mx.int32), pos.astype(mx.int32), offs.astype(mx.int32).reshape(B),
                   *keys, *values, *t["q"], *t["o"], *t["i"], *t["d"], *self.t_norms, lm.out_norm.weight,
                   *self._qsb(lm.text_linear), self._tfp]
@@ -465,7 +476,7 @@ class FusedLM:
             template=[("T", self.dtype), ("D", c.dim), ("H", H), ("HD", hd), ("L", c.num_layers),
                       ("C", c.context), ("HID", c.hidden), ("TXT", c.text_out), ("BT", self.bt),
                       ("BH", self.bh), ("GS", self.group_size), ("NCH", nch), ("NT", nt), ("NB", self._tnb),
-                      ("SKIP", skip)],
+                      ("KS5", self._tks), ("SKIP", skip)],
             grid=(self.blocks * nt, 1, 1), threadgroup=(nt, 1, 1),
             output_shapes=[(B, c.dim), (B, c.text_out), (scratch,)],
             output_dtypes=[mx.float32, mx.float32, mx.float32],

@@ -102,6 +102,8 @@ struct Mat {
   const ST* s;         // (rows, K / GS) scales (quantized only)
   const ST* b;         // (rows, K / GS) biases (quantized only)
   int K;               // input width
+  int ld = 0;          // mv_rows: the row length w, s and b are laid out with (0: K); more when this
+                       // Mat is a column slice of a wider matrix
 };
 
 template <int BITS> struct Bits {
@@ -646,7 +648,8 @@ __device__ __forceinline__ void mv_rows(const Mat<BITS, ST>& m, int ngroups, con
   const int ks = mv_warps_per_group(nvec, nw);
   const int gpr = nw / ks;                               // row groups per block round
   const int gi = warp / ks, kk = warp % ks;
-  const int words = m.K / PW, groups = m.K / GS;
+  const int ldk = m.ld ? m.ld : m.K;
+  const int words = ldk / PW, groups = ldk / GS;
   for (int base = blockIdx.x * gpr; base < ngroups; base += gridDim.x * gpr) {
     const int g = base + gi;
     float a[R][NB];
@@ -772,24 +775,35 @@ __device__ __forceinline__ void load_rows(float* dst, int dstride, const float* 
   __syncthreads();
 }
 
-// As rms_to_smem for nb vectors, warp w normalising vectors w, w + warps, ... Each lane rescales
-// only the elements it loaded itself, so the warp needs no barrier inside.
+// As rms_to_smem for nb vectors: each vector gets warps / nb warps (at least one), which sum their
+// parts of it in shared memory. Each lane rescales only the elements it loaded itself.
 template <typename T, typename WT>
 __device__ __forceinline__ void rms_rows_to_smem(float* dst, int dstride, const float* src, size_t sstride, int nb,
                                                  const WT* w, int n, float eps) {
+  __shared__ float rs[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int r = warp; r < nb; r += nw) {
+  const int wpr = nb >= nw ? 1 : nw / nb;               // warps per vector
+  const int at_once = nw / wpr, p = warp % wpr;
+  for (int r = warp / wpr; r < nb; r += at_once) {
     float* d = dst + r * dstride;
     const float* sp = src + r * sstride;
     float ss = 0.f;
 #pragma unroll 8
-    for (int i = 4 * lane; i < n; i += 128) {
+    for (int i = 4 * (p * 32 + lane); i < n; i += 128 * wpr) {
       const float4 v = __ldcg(reinterpret_cast<const float4*>(sp + i));
       *reinterpret_cast<float4*>(d + xi(i)) = v;
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
-    const float inv = rsqrtf(warp_sum(ss) / (float)n + eps);
-    for (int i = 4 * lane; i < n; i += 128) {
+    ss = warp_sum(ss);
+    if (lane == 0) rs[r * wpr + p] = ss;                  // r * wpr + p < 32: nb <= 32, wpr * nb <= nw
+  }
+  __syncthreads();
+  for (int r = warp / wpr; r < nb; r += at_once) {
+    float* d = dst + r * dstride;
+    float tot = 0.f;
+    for (int q = 0; q < wpr; ++q) tot += rs[r * wpr + q];
+    const float inv = rsqrtf(tot / (float)n + eps);
+    for (int i = 4 * (p * 32 + lane); i < n; i += 128 * wpr) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) d[xi(i + k)] = rt<T>(d[xi(i + k)] * inv * tof(w[i + k]));
     }

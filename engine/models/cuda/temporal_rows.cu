@@ -3,8 +3,11 @@
 // temporal.cu (batch 1); every matrix stage runs the rows in chunks of NB vectors (mv_rows: each
 // weight vector decoded once per chunk), so the grid barriers do not grow with B.
 //
-// Template constants: as temporal.cu (T, D, H, HD, L, C, HID, TXT, BT, BH, GS, NCH, NT) plus NB and
-// SKIP (0; for bench/rows_probe.py's time split only: bit 0 skips the attention, bit 1 the matrices).
+// Template constants: as temporal.cu (T, D, H, HD, L, C, HID, TXT, BT, BH, GS, NCH, NT) plus NB, KS5
+// (linear_out's input in KS5 column parts of HID / KS5, 1 or 2: NB vectors of the whole gating
+// hidden may not fit the shared memory) and SKIP (0; for bench/rows_probe.py's time split only: bit
+// 0 skips the attention, bit 1 the matrices). NCH = 1 suits B x H >= blocks: each (row, head) is
+// then one item, and its output needs no combining.
 // Inputs: x (B, D) T (summed input embeddings), meta (1) int32 = B, pos (B, C) int32 (each row's
 // ring slot positions before this step, -1 = empty), offs (B) int32 (each row's position now),
 // k0..k{L-1} / v0..v{L-1}: layer l's keys / values (cap >= B, H, C, HD) T, the weights as in
@@ -104,10 +107,23 @@ for (int l = 0; l < L; ++l) {
     const auto m = mat_at<BT, GS>(wo, so, bo, (size_t)l * D, D);
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
-      for (int i = threadIdx.x; i < nb * D; i += blockDim.x) {
-        const int n = i / D, e = i % D;
-        const float* p0 = part + (((size_t)(c0 + n) * H + e / HD) * NCH) * (HD + 2);
-        xs[n * XD + xi(e)] = rt<T>(attn_combine<HD, NCH>(p0, e % HD));
+      if constexpr (NCH == 1) {           // one partial per head: acc / sum (index C always counts)
+        for (int i = threadIdx.x; i < nb * D / 4; i += blockDim.x) {
+          const int n = i / (D / 4), e = 4 * (i % (D / 4));
+          const float* p0 = part + ((size_t)(c0 + n) * H + e / HD) * (HD + 2);
+          const float S = __ldcg(p0 + 1);
+          float a[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) a[k] = __ldcg(p0 + 2 + e % HD + k);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) xs[n * XD + xi(e + k)] = rt<T>(a[k] / S);
+        }
+      } else {
+        for (int i = threadIdx.x; i < nb * D; i += blockDim.x) {
+          const int n = i / D, e = i % D;
+          const float* p0 = part + (((size_t)(c0 + n) * H + e / HD) * NCH) * (HD + 2);
+          xs[n * XD + xi(e)] = rt<T>(attn_combine<HD, NCH>(p0, e % HD));
+        }
       }
       __syncthreads();
       if constexpr ((SKIP & 2) == 0)
@@ -130,16 +146,31 @@ for (int l = 0; l < L; ++l) {
   }
   grid_sync(sync, epoch);
 
-  // ---- S5: linear_out + residual
+  // ---- S5: linear_out + residual, its input in KS5 column parts (the first parts' sums wait in qv,
+  // free by now, unrounded: the residual is rounded once, as in the MLX graph)
   {
-    constexpr int XH = xs_size(HID);
-    const auto m = mat_at<BT, GS>(wd, sd, bd, (size_t)l * D, HID);
+    constexpr int KP = HID / KS5;
+    constexpr int XH = xs_size(KP);
+    constexpr int PW = Bits<BT>::per_word;
+    const auto full = mat_at<BT, GS>(wd, sd, bd, (size_t)l * D, HID);
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
-      load_rows(xs, XH, hid + (size_t)c0 * HID, HID, nb, HID);
-      if constexpr ((SKIP & 2) == 0)
-        mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XH, nb, Consecutive{}, ResidRowsEpi<T, R>{resid + (size_t)c0 * D, D});
-      __syncthreads();
+      for (int q = 0; q < KS5; ++q) {
+        load_rows(xs, XH, hid + (size_t)c0 * HID + q * KP, HID, nb, KP);
+        const Mat<BT, ST_T> m{full.w + q * (KP / PW), full.s + q * (KP / GS), full.b + q * (KP / GS), KP, HID};
+        if constexpr ((SKIP & 2) == 0)
+          mv_rows<BT, GS, ST_T, R, NB>(m, D / R, xs, XH, nb, Consecutive{}, [&](int g, int n, const float* acc) {
+            float* rs = resid + (size_t)(c0 + n) * D + g * R;
+            float* ps = qv + (size_t)(c0 + n) * D + g * R;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              const float sum = q == 0 ? acc[r] : __ldcg(ps + r) + acc[r];
+              if (q + 1 < KS5) __stcg(ps + r, sum);
+              else __stcg(rs + r, rt<T>(__ldcg(rs + r) + rt<T>(sum)));
+            }
+          });
+        __syncthreads();
+      }
     }
   }
   grid_sync(sync, epoch);
