@@ -14,9 +14,10 @@
 #           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
 #   before a GPU session: `python bench/cuda_check.py` here (nvcc, no GPU) catches compile errors and register
 #           counts that would not launch, without spending device time
-#   batched fused kernels (opt-in): STAGES="rows rprobe" (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py:
-#           the depformer's launch shape and time per batch size); SOAK_ARGS="--fused all" STAGES=soak;
-#           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default all) and without the kernels
+#   batched fused kernels (the depformer one is the server's default on CUDA): STAGES="rows rprobe"
+#           (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py [RPROBE_ARGS=--temporal]: launch shapes and
+#           time per batch size); STAGES=soak runs --fused auto, SOAK_ARGS="--fused off" the MLX path;
+#           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default depformer) and without the kernels
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
@@ -50,7 +51,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
     rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ${RPROBE_ARGS:-} ;;
     rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
-    sweep)   for f in "--fused ${SWEEP_FUSED:-all}" ""; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
+    sweep)   for f in "--fused ${SWEEP_FUSED:-depformer}" "--fused off"; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;
     soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ${SOAK_ARGS:-} ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;

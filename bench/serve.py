@@ -32,7 +32,7 @@ import mlx.core as mx
 from engine.models.gen import LmGen, SamplingParams
 from engine.models.lm import LM, LmConfig
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
-from engine.server.batch import FUSED_PARTS, BatchEngine, SlotParams
+from engine.server.batch import DEFAULT_FUSED_PARTS, FUSED_CHOICES, BatchEngine, SlotParams, fused_choice
 from engine.server.loop import host_counters
 from engine.worker import ModelWorker
 
@@ -80,7 +80,8 @@ def fill_context(be: BatchEngine) -> None:
     be.set_offsets(2 * be.lm.config.context + np.arange(be.size, dtype=np.int64) * 7)
 
 
-def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True, fused=()) -> list[dict]:
+def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True,
+          fused=(False, DEFAULT_FUSED_PARTS)) -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
@@ -88,7 +89,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        be = BatchEngine(model, compiled=compiled, capacity=b, fused=bool(fused), fused_parts=fused or FUSED_PARTS)
+        be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused[0], fused_parts=fused[1])
         for i in range(b):
             be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
         if full:
@@ -169,12 +170,12 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
 
 
 def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0,
-         fused=()) -> dict:
+         fused=(False, DEFAULT_FUSED_PARTS)) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
     loop = StepLoop(model, metrics, compiled=compiled, capacity=sessions)
-    loop.fused, loop.fused_parts = bool(fused), fused or loop.fused_parts
+    loop.fused, loop.fused_parts = fused
     loop.spin_s = spin_ms / 1e3
     joined = threading.Semaphore(0)
     received = [0] * sessions
@@ -259,9 +260,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
     ap.add_argument("--prompt-len", type=int, default=60, help="text prompt tokens of every session")
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
-    ap.add_argument("--fused", default="",
-                    help="batched CUDA kernels to use, comma list of temporal,depformer or 'all' "
-                         "(FusedLM.temporal_rows / depformer_rows; GPU only; default: none, the MLX path)")
+    ap.add_argument("--fused", default="auto", choices=FUSED_CHOICES,
+                    help="batched CUDA kernels, as engine.serve --fused: auto (default: the depformer kernel "
+                         "on CUDA, MLX elsewhere), off (MLX only), depformer, temporal, all")
     ap.add_argument("--fused-depformer", action="store_true", help="the same as --fused depformer")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
@@ -274,14 +275,10 @@ def main() -> None:
                          "runs one soak per value (default 0)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
-    from engine.server.batch import FUSED_PARTS
-    parts = FUSED_PARTS if args.fused == "all" else tuple(p for p in args.fused.split(",") if p)
-    parts += ("depformer",) * (args.fused_depformer and "depformer" not in parts)
-    if set(parts) - set(FUSED_PARTS):
-        ap.error(f"--fused {args.fused!r}: give 'all' or a comma list of {','.join(FUSED_PARTS)}")
-    if parts and args.device != "gpu":
-        ap.error("--fused / --fused-depformer need --device gpu (MLX's CUDA backend); leave them out on the CPU")
-    fused = parts                         # () = the MLX path
+    name = "depformer" if args.fused_depformer else args.fused
+    if name not in ("auto", "off") and args.device != "gpu":
+        ap.error(f"--fused {name} needs --device gpu (MLX's CUDA backend); use auto or off on the CPU")
+    fused = fused_choice(name)
 
     def run():
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mx.compile the batched steps (one graph per batch size, traced and rehearsed "
                         "before serving; fewer kernel launches on a GPU, ~25%% less CPU time on the tiny "
                         "model). Default on; --no-compile runs them op by op")
+    p.add_argument("--fused", default="auto", choices=("auto", "off", "depformer", "temporal", "all"),
+                   help="batched CUDA kernels: auto (default) = the depformer of all sessions as one kernel "
+                        "where MLX runs on CUDA, the MLX path elsewhere; off = MLX only; depformer / "
+                        "temporal / all = those kernels (CUDA only; the temporal one is slower at 16 "
+                        "sessions, see docs/performance_serve.md)")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")
@@ -60,6 +65,12 @@ def main(argv=None) -> int:
         from .audio.opus import load_opus
         from .server.app import ServerConfig, start
         load_opus()                      # before the (long) model load: a missing libopus fails fast
+        if args.fused not in ("auto", "off"):
+            from .models.fused import cuda_backend
+            if not cuda_backend():
+                print(f"error: --fused {args.fused} needs MLX's CUDA backend with the GPU as default device; "
+                      "use --fused auto (the MLX path here) or off", file=sys.stderr)
+                return 2
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
                                  offline=args.offline or None)
     except EngineError as e:
@@ -71,7 +82,7 @@ def main(argv=None) -> int:
         return 1
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        silence_timeout=args.silence_timeout, static_dir=args.static,
-                       compiled=args.compile, opus_complexity=args.opus_complexity)
+                       compiled=args.compile, opus_complexity=args.opus_complexity, fused=args.fused)
     if args.warm:
         cfg.warm_prompts = tuple((w.split(":", 1)[0].removesuffix(".pt"), w.split(":", 1)[1] if ":" in w else None)
                                  for w in args.warm)

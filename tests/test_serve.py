@@ -724,6 +724,9 @@ def test_cli_starts_serves_health_and_rejects_bad_args(tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "tiny", "--max-sessions", "0"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--max-sessions=0" in bad.stderr
+    cpu = subprocess.run([sys.executable, "-m", "engine.serve", "--model", "tiny", "--fused", "depformer"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert cpu.returncode == 2 and "--fused depformer needs MLX's CUDA backend" in cpu.stderr, cpu.stderr
     proc = subprocess.Popen([sys.executable, "-m", "engine.serve", "--model", "tiny", "--port", "0",
                              "--max-sessions", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -768,6 +771,22 @@ def test_static_dir_option_serves_another_client(tiny_model, tmp_path):
     index, asset, health = _run_server(tiny_model, scenario, static_dir=tmp_path)
     assert index == (200, "<html><script src='/assets/main.js'></script></html>")
     assert asset[0] == 200 and "reference client" in asset[1] and health[0] == 200
+
+
+def test_fused_choice_maps_the_cli_names():
+    from engine.errors import EngineError
+    from engine.server.batch import DEFAULT_FUSED_PARTS, FUSED_CHOICES, FUSED_PARTS, fused_choice
+    from engine.server.loop import StepLoop
+    assert fused_choice("auto") == ("auto", DEFAULT_FUSED_PARTS) == (StepLoop.fused, StepLoop.fused_parts)
+    assert fused_choice("off")[0] is False
+    assert fused_choice("all") == (True, FUSED_PARTS)
+    assert fused_choice("temporal") == (True, ("temporal",))
+    assert set(FUSED_CHOICES) == {"auto", "off", "all", *FUSED_PARTS}
+    from engine.serve import build_parser
+    fused_opt = next(a for a in build_parser()._actions if a.dest == "fused")
+    assert tuple(fused_opt.choices) == FUSED_CHOICES and fused_opt.default == "auto"
+    with pytest.raises(EngineError, match="choose one of auto"):
+        fused_choice("mimi")
 
 
 def test_loop_failure_at_startup_is_reported(tiny_model):

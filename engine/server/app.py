@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from ..audio.opus import OggOpusReader, OggOpusWriter, OpusStreamError, load_opus
 from ..errors import ConfigError
 from . import protocol as P
-from .batch import SlotParams
+from .batch import SlotParams, fused_choice
 from .loop import FRAME, Inbox, Metrics, Slot, StepLoop
 
 log = logging.getLogger("engine.serve")
@@ -40,6 +40,7 @@ class ServerConfig:
     outbox_messages: int = 64         # output queue bound per client
     static_dir: Path | None = None
     compiled: bool = True             # mx.compile the batched steps (engine.serve --no-compile: off)
+    fused: str = "auto"               # batched CUDA kernels (engine.serve --fused; batch.fused_choice)
     opus_complexity: int = 5          # libopus encoder complexity 0..10 for the agent's audio
     # (voice, text prompt) pairs whose prompt phases run before serving (None = default prompt)
     warm_prompts: tuple = (("NATF0", None),)
@@ -143,6 +144,7 @@ class ChatServer:
         self.metrics = Metrics()
         self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled,
                              capacity=self.config.max_sessions, warm=self.config.warm_prompts)
+        self.loop.fused, self.loop.fused_parts = fused_choice(self.config.fused)
         self.conns: set[_Conn] = set()
         self._pending = 0
         self.voices = model.list_voices()

@@ -43,6 +43,27 @@ __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
 FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEngine(fused=...) may use
+# The server's choice (docs/performance_serve.md, fifth pass): on an H100 with 16 sessions the
+# depformer kernel (10 ms of GPU time) gave a 5-minute soak with no miss where the MLX path missed
+# 47 steps on the same machine; the temporal kernel takes 41-46 ms of GPU time at 16 rows (its
+# matrices run on CUDA cores, 16 vectors at a time) against ~28 ms for MLX's graph, so it is opt-in.
+DEFAULT_FUSED_PARTS = ("depformer",)
+FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "all")
+
+
+def fused_choice(name: str) -> tuple:
+    """`engine.serve --fused NAME` -> (BatchEngine fused=, fused_parts=). auto: the default kernels
+    where MLX runs on CUDA, the MLX path elsewhere; off: MLX; depformer / temporal / all: those
+    kernels, an error where they cannot run."""
+    if name == "off":
+        return False, DEFAULT_FUSED_PARTS
+    if name == "auto":
+        return "auto", DEFAULT_FUSED_PARTS
+    if name == "all":
+        return True, FUSED_PARTS
+    if name in FUSED_PARTS:
+        return True, (name,)
+    raise ConfigError(f"fused={name!r}: choose one of {', '.join(FUSED_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -351,7 +372,7 @@ class BatchEngine:
     """
 
     def __init__(self, model, compiled: bool = False, capacity: int | None = None,
-                 fused: bool | str = False, fused_parts=FUSED_PARTS):
+                 fused: bool | str = False, fused_parts=DEFAULT_FUSED_PARTS):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
@@ -394,11 +415,11 @@ class BatchEngine:
         # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
         self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
         self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
-        # The temporal step and the depformer walk of all rows as ONE CUDA kernel launch each
-        # (FusedLM.temporal_rows / depformer_rows) instead of ~40 MLX graphs, sampling sites and
-        # their ~1500 kernels: MLX on CUDA is host-bound, and at 16 rows the temporal graph alone
-        # took ~27 ms of host time per step (docs/performance_serve.md). `fused_parts` picks the
-        # kernels ("temporal", "depformer"). "auto": where the model's fused engine exists (MLX on
+        # The depformer walk (and, opt-in, the temporal step) of all rows as ONE CUDA kernel launch
+        # (FusedLM.depformer_rows / temporal_rows) instead of MLX graphs, sampling sites and their
+        # hundreds of kernels: MLX on CUDA is host-bound, and a step whose work is on the GPU does
+        # not slow down when the host does (DEFAULT_FUSED_PARTS says what was measured).
+        # `fused_parts` picks the kernels. "auto": where the model's fused engine exists (MLX on
         # CUDA, PERSONAPLEX_FUSED not 0); True raises where it does not; False (default): MLX.
         if fused not in ("auto", True, False):
             raise ConfigError(f"fused={fused!r} must be 'auto', True or False")

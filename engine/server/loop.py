@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batch import FUSED_PARTS, BatchEngine, SlotParams
+from .batch import DEFAULT_FUSED_PARTS, BatchEngine, SlotParams
 
 try:
     from .. import _blas
@@ -450,8 +450,8 @@ class StepLoop:
                 gc.enable()
 
     gc_full_every = 750                  # steps (one minute of audio)
-    fused: bool | str = False            # BatchEngine(fused=...): the batched CUDA kernels (opt-in)
-    fused_parts = FUSED_PARTS            # which of them (BatchEngine(fused_parts=...))
+    fused: bool | str = "auto"           # BatchEngine(fused=...): the batched CUDA kernels where MLX runs on CUDA
+    fused_parts = DEFAULT_FUSED_PARTS    # which of them (BatchEngine(fused_parts=...); see batch.fused_choice)
 
     def _wait_until(self, start: float, now: float) -> None:
         """Sleep until `start` (perf_counter); the last `spin_s` of it polls instead, yielding
