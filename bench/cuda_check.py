@@ -45,7 +45,7 @@ KERNELS = {
     "depformer_rows": (dict(_DEP, NB=8), [("h", F), ("meta", I), ("ttok", I), ("forced", I), ("temp", F),
                                            ("topk", I), ("noise", F)] + _DEP_W,
                        [("toks", I), ("scratch", F)]),
-    "temporal_rows": (dict(D=4096, H=32, HD=128, L=32, C=3000, HID=11264, TXT=32000, BT=4, BH=16, GS=64, NCH=4,
+    "temporal_rows": (dict(D=4096, H=32, HD=128, L=32, C=3000, HID=11264, TXT=32000, BT=4, BH=16, GS=64, NCH=1,
                            NT=256, NB=8, KS5=2, SKIP=0),
                       [("x", T), ("meta", I), ("pos", I), ("offs", I)] + [(f"k{i}", T) for i in range(32)]
                       + [(f"v{i}", T) for i in range(32)]

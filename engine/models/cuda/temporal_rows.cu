@@ -6,8 +6,8 @@
 // Template constants: as temporal.cu (T, D, H, HD, L, C, HID, TXT, BT, BH, GS, NCH, NT) plus NB, KS5
 // (linear_out's input in KS5 column parts of HID / KS5, 1 or 2: NB vectors of the whole gating
 // hidden may not fit the shared memory) and SKIP (0; for bench/rows_probe.py's time split only: bit
-// 0 skips the attention, bit 1 the matrices). NCH = 1 suits B x H >= blocks: each (row, head) is
-// then one item, and its output needs no combining.
+// 0 skips the attention, bit 1 the matrices). NCH must be 1: each (row, head) is one attention item
+// (B x H items keep the grid busy from a few rows on), so its output needs no combining.
 // Inputs: x (B, D) T (summed input embeddings), meta (1) int32 = B, pos (B, C) int32 (each row's
 // ring slot positions before this step, -1 = empty), offs (B) int32 (each row's position now),
 // k0..k{L-1} / v0..v{L-1}: layer l's keys / values (cap >= B, H, C, HD) T, the weights as in
@@ -33,6 +33,7 @@ const float log2_base = log2f(fp[1]);
 const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 constexpr int CH = (C + 1 + NCH - 1) / NCH;   // keys per attention chunk (index C = this step's key)
 constexpr int XD = xs_size(D);
+static_assert(NCH == 1, "one attention item per (row, head)");
 const float scale = rsqrtf((float)HD);
 using ST_T = T;
 
@@ -107,23 +108,16 @@ for (int l = 0; l < L; ++l) {
     const auto m = mat_at<BT, GS>(wo, so, bo, (size_t)l * D, D);
     for (int c0 = 0; c0 < B; c0 += NB) {
       const int nb = min(NB, B - c0);
-      if constexpr (NCH == 1) {           // one partial per head: acc / sum (index C always counts)
-        for (int i = threadIdx.x; i < nb * D / 4; i += blockDim.x) {
-          const int n = i / (D / 4), e = 4 * (i % (D / 4));
-          const float* p0 = part + ((size_t)(c0 + n) * H + e / HD) * (HD + 2);
-          const float S = __ldcg(p0 + 1);
-          float a[4];
+      // one partial per (row, head): acc / sum (its max is finite: index C always counts)
+      for (int i = threadIdx.x; i < nb * D / 4; i += blockDim.x) {
+        const int n = i / (D / 4), e = 4 * (i % (D / 4));
+        const float* p0 = part + ((size_t)(c0 + n) * H + e / HD) * (HD + 2);
+        const float S = __ldcg(p0 + 1);
+        float a[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) a[k] = __ldcg(p0 + 2 + e % HD + k);
+        for (int k = 0; k < 4; ++k) a[k] = __ldcg(p0 + 2 + e % HD + k);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) xs[n * XD + xi(e + k)] = rt<T>(a[k] / S);
-        }
-      } else {
-        for (int i = threadIdx.x; i < nb * D; i += blockDim.x) {
-          const int n = i / D, e = i % D;
-          const float* p0 = part + (((size_t)(c0 + n) * H + e / HD) * NCH) * (HD + 2);
-          xs[n * XD + xi(e)] = rt<T>(attn_combine<HD, NCH>(p0, e % HD));
-        }
+        for (int k = 0; k < 4; ++k) xs[n * XD + xi(e + k)] = rt<T>(a[k] / S);
       }
       __syncthreads();
       if constexpr ((SKIP & 2) == 0)
