@@ -185,8 +185,9 @@ def have_reference() -> bool:
 def quality_main(args):
     import engine  # noqa: F401
     import mlx.core as mx
-    from engine.models import quant
     from engine.models.lm import LM, LmConfig, random_state_dict
+
+    from bench.quant_damage import measure_damage
 
     mx.set_default_device(mx.cpu)
     config = LmConfig.tiny()
@@ -198,7 +199,7 @@ def quality_main(args):
         ref = LM.from_weights(sd, config, mx.float32)
         for p in plans:
             q = LM.from_weights(sd, config, mx.float32, p)
-            r = quant.measure_damage(ref, q, steps=args.steps, seed=seed, batch=2)
+            r = measure_damage(ref, q, steps=args.steps, seed=seed, batch=2)
             print(f"| {p} (seed {seed}) | {q.nbytes / 2**20:.1f} | {r['kl_text']:.5f} | {r['kl_audio']:.5f} | "
                   f"{r['tf_top1_text']:.3f} | {r['tf_top1_audio']:.3f} | {r['agree_text']:.3f} | "
                   f"{r['agree_audio']:.3f} | {r['first_divergence']} |", flush=True)

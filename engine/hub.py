@@ -27,6 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .filenames import (
+    CONFIG_FILE,
+    DEFAULT_REPO,
+    LM_FILE,
+    MIMI_FILE,
+    TOKENIZER_FILE,
+    VOICES_ARCHIVE,
+    VOICES_DIR,
+)
+from .tiny import ensure_tiny_model
 from .errors import (
     CorruptCheckpoint,
     GatedModelError,
@@ -41,13 +51,6 @@ __all__ = [
     "extract_voices", "available_memory", "check_memory", "check_disk",
 ]
 
-DEFAULT_REPO = "nvidia/personaplex-7b-v1"
-LM_FILE = "model.safetensors"
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
-VOICES_ARCHIVE = "voices.tgz"
-VOICES_DIR = "voices"
-CONFIG_FILE = "engine_config.json"
 
 # Sizes of the released files (bytes, rounded up), used for the disk check when the hub's HEAD
 # response gives no size and for the memory estimate.
@@ -99,12 +102,6 @@ class ModelFiles:
             return None
         p = self.voices_dir / f"{name}.pt"
         return p if p.is_file() else None
-
-
-def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Generate (once) and return the directory of the embedded tiny model. See engine.tiny."""
-    from .tiny import ensure_tiny_model as _ensure
-    return _ensure(cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _build_id() -> str:
 
 
 def _is_complete(d: Path, build_id: str) -> bool:
-    from .hub import CONFIG_FILE, LM_FILE, MIMI_FILE, TOKENIZER_FILE
+    from .filenames import CONFIG_FILE, LM_FILE, MIMI_FILE, TOKENIZER_FILE
     try:
         if (d / _BUILD_ID).read_text().strip() != build_id:
             return False
@@ -176,7 +176,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
 def _build(out: Path) -> None:
     from safetensors.numpy import save_file
 
-    from .hub import CONFIG_FILE, LM_FILE, MIMI_FILE, TOKENIZER_FILE
+    from .filenames import CONFIG_FILE, LM_FILE, MIMI_FILE, TOKENIZER_FILE
     from .models.lm import LmConfig, random_state_dict
     from .models.mimi import MimiConfig, tiny_state_dict
 

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError, CorruptCheckpoint, ModelNotFound
+from . import quant
 
 _PERSONAPLEX_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
 
@@ -432,8 +433,32 @@ class LM(nn.Module):
         lm = cls(config, dtype)
         lm.load_sanitized(sanitize(weights, config))
         if quantize is not None:
-            from . import quant
             quant.apply(lm, quant.QuantPlan.parse(quantize))
+        return lm
+
+    @classmethod
+    def from_cache(cls, directory) -> "LM":
+        """Load a model written by `quant.save` as it is (no re-quantization)."""
+        config, dtype, plan, weights_path = quant.read_cache(directory)
+        lm = cls(LmConfig.from_dict(config), dtype)
+        quant.apply(lm, plan, evaluate=False)  # shapes only: the lazy zeros are never computed
+        try:
+            weights = mx.load(str(weights_path))
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpoint(f"cannot read {str(weights_path)!r}: {e}") from None
+        lm.load_sanitized(weights)
+        return lm
+
+    @classmethod
+    def cached(cls, source, cache_dir, config: LmConfig | None = None, dtype=mx.bfloat16,
+               quantize=None) -> "LM":
+        """`source` (a reference model.safetensors) quantized by `quantize`, through `cache_dir`:
+        the first call quantizes and saves, later calls (same file, config, dtype, plan) load."""
+        config = config or LmConfig.personaplex()
+        if quant.cache_matches(cache_dir, source, config, dtype, quantize):
+            return cls.from_cache(cache_dir)
+        lm = cls.from_file(source, config, dtype, quantize)
+        quant.save(lm, cache_dir, source)
         return lm
 
     @classmethod

@@ -12,9 +12,10 @@ high precision (like the published MLX conversions); strings like "t8d4" or "t8d
 give mixed plans. The default (`DEFAULT_PLAN`) is chosen from the damage measured on the tiny
 model, see docs/performance_lm.md.
 
-Loading the 7B bf16 checkpoint and quantizing it takes minutes; `cached_load` stores the
-quantized model in a local directory (`model.safetensors` in our module layout + `quant.json`)
-and reloads it from there in seconds.
+Loading the 7B bf16 checkpoint and quantizing it takes minutes; `save` stores the quantized model
+in a local directory (`model.safetensors` in our module layout + `quant.json`), and
+`LM.from_cache` / `LM.cached` (engine.models.lm) reload it from there in seconds. This module
+does not import the model: `apply` and `save` work on the `LM` they are given.
 """
 from __future__ import annotations
 
@@ -162,10 +163,9 @@ def save(lm, directory, source=None) -> Path:
     return directory
 
 
-def load(directory):
-    """Load a model written by `save` (no re-quantization)."""
-    from .lm import LM, LmConfig
-
+def read_cache(directory) -> tuple[dict, "mx.Dtype", QuantPlan | None, Path]:
+    """The checked metadata of a directory written by `save`: (LM config dict, dtype, plan, path
+    of the weights). `engine.models.lm.LM.from_cache` builds the model from it."""
     directory = Path(directory)
     meta_path, weights_path = directory / "quant.json", directory / "model.safetensors"
     if not meta_path.is_file() or not weights_path.is_file():
@@ -176,15 +176,8 @@ def load(directory):
         raise CorruptCheckpoint(f"{str(meta_path)!r} is not valid JSON: {e}") from None
     if meta.get("format") != CACHE_FORMAT:
         raise CorruptCheckpoint(f"{str(meta_path)!r} has format {meta.get('format')!r}, expected {CACHE_FORMAT}")
-    lm = LM(LmConfig.from_dict(meta["config"]), _dtype(meta["dtype"]))
     plan = QuantPlan(**meta["plan"]) if meta["plan"] else None
-    apply(lm, plan, evaluate=False)  # shapes only: the lazy zeros are never computed
-    try:
-        weights = mx.load(str(weights_path))
-    except Exception as e:  # noqa: BLE001
-        raise CorruptCheckpoint(f"cannot read {str(weights_path)!r}: {e}") from None
-    lm.load_sanitized(weights)
-    return lm
+    return meta["config"], _dtype(meta["dtype"]), plan, weights_path
 
 
 def cache_matches(directory, source, config, dtype, plan) -> bool:
@@ -200,81 +193,3 @@ def cache_matches(directory, source, config, dtype, plan) -> bool:
             and meta.get("dtype") == _dtype_name(dtype)
             and meta.get("plan") == (plan.to_dict() if plan else None)
             and meta.get("source") == _source_id(source))
-
-
-def cached_load(source, cache_dir, config=None, dtype=mx.bfloat16, quantize=None):
-    """Load `source` (reference model.safetensors) quantized by `quantize`, through `cache_dir`:
-    the first call quantizes and saves, later calls (same file, config, dtype, plan) just load."""
-    from .lm import LM, LmConfig
-
-    config = config or LmConfig.personaplex()
-    if cache_matches(cache_dir, source, config, dtype, quantize):
-        return load(cache_dir)
-    lm = LM.from_file(source, config, dtype, quantize)
-    save(lm, cache_dir, source)
-    return lm
-
-
-# ----------------------------------------------------------------------------- damage measurement
-def _greedy_run(lm, user, forced=None):
-    """Minimal greedy loop (no delays, live mode: agent codebooks only). user (B, 8, T) codes.
-    Returns tokens (T, B, 1+A) and log-probs [(text (B, V), audio (B, A, card))] per step; with
-    `forced` the fed-back tokens come from `forced` (teacher forcing) instead of the argmax."""
-    c = lm.config
-    B, _, T = user.shape
-    A = min(8, c.dep_q)
-    cache = lm.make_cache(B)
-    inp = mx.array([[c.text_card] + [c.card] * c.n_q] * B, dtype=mx.int32)[:, :, None]
-    toks, logps = [], []
-    for t in range(T):
-        h, tl = lm.temporal(lm.embed(inp), cache)
-        tl = tl[:, -1].astype(mx.float32)
-        text = mx.argmax(tl, -1).astype(mx.int32) if forced is None else forced[t][:, 0]
-        dc = lm.make_depformer_cache(B)
-        prev, codes, als = text, [], []
-        for s in range(A):
-            lg = lm.depformer_step(s, h[:, -1], prev, dc).astype(mx.float32)
-            prev = mx.argmax(lg, -1).astype(mx.int32) if forced is None else forced[t][:, 1 + s]
-            codes.append(prev)
-            als.append(lg)
-        frame = mx.stack([text, *codes], 1)
-        mx.eval(frame)
-        toks.append(frame)
-        logps.append((tl - mx.logsumexp(tl, -1, keepdims=True),
-                      mx.stack(als, 1) - mx.logsumexp(mx.stack(als, 1), -1, keepdims=True)))
-        user_t = mx.array(user[:, :, t], dtype=mx.int32)
-        fill = [mx.full((B, c.n_q - A - user.shape[1]), c.card, mx.int32)] if c.n_q - A > user.shape[1] else []
-        inp = mx.concatenate([frame, *fill, user_t[:, : c.n_q - A]], 1)[:, :, None]
-    return mx.stack(toks), logps
-
-
-def measure_damage(ref, lm, steps: int = 50, seed: int = 0, batch: int = 2) -> dict:
-    """Quantization damage of `lm` against `ref` (same weights in float): mean KL(ref || lm) of the
-    text and agent-audio distributions under teacher forcing by ref's greedy tokens, the share of
-    equal argmax under that teacher forcing (tf_top1_*), and the share
-    of identical tokens when both run greedily on their own for `steps` frames."""
-    import numpy as np
-
-    user = np.random.default_rng(seed).integers(0, ref.config.card, (batch, 8, steps))
-    ref_toks, ref_lp = _greedy_run(ref, user)
-    forced = [ref_toks[t] for t in range(steps)]
-    _, q_lp = _greedy_run(lm, user, forced)
-    free_toks, _ = _greedy_run(lm, user)
-
-    def kl(a, b):
-        return float(mx.mean(mx.sum(mx.exp(a) * (a - b), -1)))
-
-    same = np.array(ref_toks) == np.array(free_toks)  # (T, B, 1+A)
-    first = same.all(axis=(1, 2))
-    top1 = [(np.array(mx.argmax(r[0], -1) == mx.argmax(q[0], -1)), np.array(mx.argmax(r[1], -1) == mx.argmax(q[1], -1)))
-            for r, q in zip(ref_lp, q_lp)]
-    return {
-        "tf_top1_text": float(np.mean([a.mean() for a, _ in top1])),
-        "tf_top1_audio": float(np.mean([b.mean() for _, b in top1])),
-        "kl_text": float(np.mean([kl(r[0], q[0]) for r, q in zip(ref_lp, q_lp)])),
-        "kl_audio": float(np.mean([kl(r[1], q[1]) for r, q in zip(ref_lp, q_lp)])),
-        "agree_text": float(same[:, :, 0].mean()),
-        "agree_audio": float(same[:, :, 1:].mean()),
-        "agree_all": float(same.mean()),
-        "first_divergence": int(np.argmin(first)) if not first.all() else steps,
-    }

@@ -12,6 +12,8 @@ import mlx.core as mx
 from engine.errors import ConfigError, CorruptCheckpoint, ModelNotFound
 from engine.models import quant
 from engine.models.lm import LM, LmConfig, random_state_dict, sanitize
+
+from bench.quant_damage import measure_damage
 from tests.models import lm_oracle
 
 TINY = LmConfig.tiny()
@@ -208,7 +210,7 @@ def test_quantized_save_load_roundtrip(tiny_sd, tmp_path):
     lm = LM.from_weights(_mx(tiny_sd), TINY, mx.float32, quantize="t8d4e8h8")
     assert lm.text_linear.bits == 8 and lm.depformer.layers[0].gating.linear_in.bits == 4
     quant.save(lm, tmp_path / "q")
-    lm2 = quant.load(tmp_path / "q")
+    lm2 = LM.from_cache(tmp_path / "q")
     assert lm2.quant_plan == lm.quant_plan and lm2.nbytes == lm.nbytes
     tok, dep = _inputs(TINY, 1, 3, 7)
     t1, a1 = _our_logits(lm, tok, dep)
@@ -220,13 +222,13 @@ def test_cached_load_reuses_the_cache(tiny_sd, tmp_path):
     src = tmp_path / "model.safetensors"
     lm_oracle.save_safetensors(tiny_sd, src)
     cache_dir = tmp_path / "cache"
-    a = quant.cached_load(src, cache_dir, TINY, mx.float32, 8)
+    a = LM.cached(src, cache_dir, TINY, mx.float32, 8)
     stamp = (cache_dir / "model.safetensors").stat().st_mtime_ns
-    b = quant.cached_load(src, cache_dir, TINY, mx.float32, 8)
+    b = LM.cached(src, cache_dir, TINY, mx.float32, 8)
     assert (cache_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
     assert b.quant_plan == a.quant_plan == quant.QuantPlan(temporal=8, depformer=8)
-    quant.cached_load(src, cache_dir, TINY, mx.float32, 4)  # other plan: rebuilt
-    assert quant.load(cache_dir).quant_plan.temporal == 4
+    LM.cached(src, cache_dir, TINY, mx.float32, 4)  # other plan: rebuilt
+    assert LM.from_cache(cache_dir).quant_plan.temporal == 4
 
 
 def test_quantization_damage_ordering(tiny_lm, tiny_sd):
@@ -234,7 +236,7 @@ def test_quantization_damage_ordering(tiny_lm, tiny_sd):
     res = {}
     for spec in ("t8", "t4", "d8", "d4"):
         q = LM.from_weights(_mx(tiny_sd), TINY, mx.float32, quantize=spec)
-        res[spec] = quant.measure_damage(tiny_lm, q, steps=12, batch=1)
+        res[spec] = measure_damage(tiny_lm, q, steps=12, batch=1)
     for part in ("t", "d"):
         r8, r4 = res[part + "8"], res[part + "4"]
         assert r8["kl_audio"] + r8["kl_text"] < r4["kl_audio"] + r4["kl_text"]
