@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts a headless PulseAudio daemon with a 24 kHz mono null sink ("vsink") whose monitor is the
 # default source, so PortAudio sees a working full-duplex device with no sound card.
-# Usage: eval "$(bash scripts/pulse.sh start)"   (prints the XDG_RUNTIME_DIR export)
-#        bash scripts/pulse.sh stop
+# Usage: eval "$(bash scripts/pulse.sh start)"   (prints the XDG_RUNTIME_DIR export, and
+#                                                PERSONAPLEX_PULSE_STARTED=1 when it started the daemon)
+#        bash scripts/pulse.sh stop              (stops the daemon of that XDG_RUNTIME_DIR)
 set -euo pipefail
 export XDG_RUNTIME_DIR=${PULSE_RUNTIME_DIR:-/tmp/personaplex-pulse}
 case "${1:-start}" in
@@ -11,7 +12,9 @@ stop)
     exit 0 ;;
 start)
     mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+    started=0
     if ! pactl info >/dev/null 2>&1; then
+        started=1
         cat > "$XDG_RUNTIME_DIR/ci.pa" <<'PA'
 load-module module-native-protocol-unix auth-anonymous=1
 load-module module-null-sink sink_name=vsink rate=24000 channels=1 sink_properties=device.description=VirtualSink
@@ -30,5 +33,7 @@ PA
             sleep 0.1
         done
     fi
-    echo "export XDG_RUNTIME_DIR=$XDG_RUNTIME_DIR" ;;
+    echo "export XDG_RUNTIME_DIR=$XDG_RUNTIME_DIR"
+    [ $started = 1 ] && echo "export PERSONAPLEX_PULSE_STARTED=1"
+    exit 0 ;;
 esac

@@ -112,6 +112,42 @@ def test_async_respond_stream(tiny_model):
 
     chunks = asyncio.run(go())
     assert len(chunks) == 50 and chunks[-1].is_final
+    whole = tiny_model.respond(speechy(0.3), max_steps=50, seed=2)
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks]), whole.audio)
+
+
+def test_async_respond_gives_respond_and_keeps_the_event_loop_free(tiny_model):
+    """arespond() returns what respond() returns for the same arguments, the event loop keeps
+    running meanwhile (a 10 ms ticker is never held up for long), and errors reach the awaiter."""
+    audio = speechy(0.5)
+
+    async def go():
+        ticks = []
+        done = asyncio.Event()
+
+        async def ticker():
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                ticks.append(now)
+
+        task = asyncio.create_task(ticker())
+        t0 = time.perf_counter()
+        reply = await tiny_model.arespond(audio, voice="NATF1", max_steps=60, seed=8)
+        took = time.perf_counter() - t0
+        done.set()
+        await task
+        with pytest.raises(UnknownVoice):
+            await tiny_model.arespond(audio, voice="NOBODY")
+        return reply, took, ticks
+
+    reply, took, ticks = asyncio.run(go())
+    want = tiny_model.respond(audio, voice="NATF1", max_steps=60, seed=8)
+    np.testing.assert_array_equal(reply.audio, want.audio)
+    assert reply.text == want.text and reply.audio.shape == (60 * 1920,)
+    # the loop ran throughout the turn (blocked, it would tick once or not at all); a loose bound,
+    # as a loaded machine stretches each 10 ms sleep
+    assert len(ticks) >= max(5, 0.2 * took / 0.01), (len(ticks), took)
 
 
 def test_respond_diagnostic(tiny_model):

@@ -191,7 +191,9 @@ def test_rows_kernel_bf16_close():
     assert (a == b).mean() > 0.9, (a == b).mean()
 
 
-def test_rows_kernel_is_one_launch_and_has_no_barrier_error():
+def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
+    """Each batched call of 3 rows invokes its `mx.fast.cuda_kernel` once (one launch, whatever the
+    number of rows), and no grid barrier timed out."""
     model = _model()
     from engine.server.batch import BatchEngine, SlotParams
     be = BatchEngine(model, fused=True)
@@ -199,16 +201,30 @@ def test_rows_kernel_is_one_launch_and_has_no_barrier_error():
         be.join(i, model._prompted_state(None, None, i), SlotParams())
     c = model.lm.config
     sp = SamplingParams()
+    be.fused.prepare_rows(8)
+    be.fused.prepare_temporal_rows()
+    launches = {"depformer": 0, "temporal": 0}
+
+    def counted(name, kernel):
+        def launch(**kw):
+            launches[name] += 1
+            return kernel(**kw)
+        return launch
+
+    be.fused._dkr = counted("depformer", be.fused._dkr)
+    be.fused._tkr = counted("temporal", be.fused._tkr)
     h = mx.random.normal((3, c.dim))
     toks, scr = be.fused.depformer_rows(h, mx.array([1, 2, 3], mx.int32), mx.full((3, 8), -1, mx.int32),
                                         mx.array([sp.temp_audio] * 3, mx.float32), mx.array([250] * 3, mx.int32),
                                         mx.random.gumbel((3, 8, c.card)), 8)
     mx.eval(toks)
+    assert launches == {"depformer": 1, "temporal": 0}
     assert not fz.FusedLM.barrier_error(scr)
     t = np.array(toks)
     assert t.shape == (3, 8) and (t >= 0).all() and (t < c.card).all()
     h, lg, scr = be.fused.temporal_rows(mx.random.normal((3, c.dim)), be.pos, be.offset, be.k, be.v)
     mx.eval(h, lg)
+    assert launches == {"depformer": 1, "temporal": 1}
     assert not fz.FusedLM.barrier_error(scr)
     assert h.shape == (3, c.dim) and lg.shape == (3, c.text_out) and np.isfinite(np.array(lg)).all()
 

@@ -403,8 +403,9 @@ async def _get(port, path):
             return r.status, await r.text()
 
 
-def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
-    """n clients stream `seconds` of audio at once on one batched loop; one more is refused."""
+def _realtime_scenario(model, n_clients, seconds):
+    """n clients stream `seconds` of audio at once on one batched loop; one more is refused.
+    Returns the loop's metrics: the caller judges the misses."""
 
     async def scenario(port, server):
         clients = [asyncio.create_task(_client(port, seconds, seed=i)) for i in range(n_clients)]
@@ -430,9 +431,6 @@ def _realtime_scenario(model, n_clients, seconds, max_miss_rate):
         assert r["max_gap_s"] < 0.5, f"audio stalled for {r['max_gap_s']:.2f} s"
     assert sum(len(r["text"]) for r in results) > 0
     assert m.steps >= seconds / 0.08 * 0.9
-    msg = (f"{m.misses} misses in {m.steps} steps, step p50 {m.percentile(50):.1f} "
-           f"p99 {m.percentile(99):.1f} ms")
-    assert m.misses <= max_miss_rate * m.steps, msg
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line and not line.startswith("#")}
     assert values["personaplex_step_misses_total"] <= m.misses and "personaplex_step_ms_p99" in values
@@ -466,6 +464,7 @@ def _bare_step_ms(model, n: int, q: float = 99) -> float:
     return model.worker.call(run)
 
 
+@pytest.mark.quiet
 def test_clients_realtime_and_refusal(tiny_model):
     """Default run (sized for 2 shared cores): 3 clients x 8 s; at most 15 % misses
     (SERVE_TEST_MAX_MISS_RATE). The miss check is skipped, with a warning, when the machine is so
@@ -473,7 +472,7 @@ def test_clients_realtime_and_refusal(tiny_model):
     > 40 ms at p99; the strict 8 x 20 s zero-miss version is the next test."""
     n = 3
     before = _bare_step_ms(tiny_model, n)
-    m = _realtime_scenario(tiny_model, n, 8.0, 1.0)
+    m = _realtime_scenario(tiny_model, n, 8.0)
     after = _bare_step_ms(tiny_model, n)
     rate = float(os.environ.get("SERVE_TEST_MAX_MISS_RATE", "0.15"))
     msg = (f"{m.misses} misses in {m.steps} steps (p50 {m.percentile(50):.1f} p99 {m.percentile(99):.1f} ms); "
@@ -538,6 +537,7 @@ class CpuCanary:
         return worst
 
 
+@pytest.mark.quiet
 def test_eight_clients_twenty_seconds_no_misses(tiny_model, tmp_path):
     """The issue's CI test: 8 concurrent clients x 20 s get continuous audio and text, the step loop
     misses no deadline, a 9th client is refused while they run. The clients run in their own
@@ -546,7 +546,7 @@ def test_eight_clients_twenty_seconds_no_misses(tiny_model, tmp_path):
     (compiled steps, libopus at complexity 5) with the clients' prompt warmed. Real clients run on
     other machines; here they share the server's 2 cores, so their process runs at a lower priority
     (nice +10) and takes only the CPU the server leaves idle, as it would on its own machine.
-    Skipped, saying so, only on a machine already loaded past its core count. Zero misses are
+    Marked `quiet`: it runs after the rest of the suite, once the CPUs are idle. Zero misses are
     required whenever the machine gives the step 2x headroom: the bare 8-row step (no server, no
     clients), measured just before and just after the run, has a p50 <= 40 ms (~30 ms on this
     2-core VM when quiet; the same VM measured 50 ms in its slow phases). Misses are also the
@@ -556,9 +556,6 @@ def test_eight_clients_twenty_seconds_no_misses(tiny_model, tmp_path):
     naming the evidence, not as a failure; any other miss fails."""
     import sys
 
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > cores:
-        pytest.skip(f"load average {load:.1f} on {cores} cores: the zero-miss test needs an idle machine")
     n, seconds = 8, float(os.environ.get("SERVE_TEST_SECONDS", "20"))
     out = tmp_path / "clients.json"
 
@@ -854,7 +851,7 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
 
     metrics = Metrics()
     loop = StepLoop(tiny_model, metrics, compiled=True, capacity=4, warm=[("NATF0", None)])
-    loop.prep_max_chunk = 4                      # many small units, so they spread over ticks
+    loop.prep_max_chunk = 2                      # many small units, so they spread over ticks
     events: dict = {}
 
     def make(name, voice, prompt):
@@ -863,7 +860,11 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
         return Slot(voice, prompt, SlotParams(SP(), 1), Inbox(8, metrics),
                     lambda err: (events[name][1].append(err), ev.set()), lambda pcm, text: None)
 
-    prompt = "You are a patient tutor. Explain trains, slowly, to a curious child, " + tiny_model.__class__.__name__
+    # ~500 text tokens: ~260 units of prefill, ~0.4 s of work on the 2-core CI machine, so it cannot
+    # fit in one tick's slack (< 80 ms) on any machine within 5x of it; a short prompt (~50 ms of
+    # work) fitted in one tick's slack whenever the machine was quick and made this test flaky.
+    prompt = ("You are a patient tutor. Explain trains, slowly, to a curious child. " * 12
+              + tiny_model.__class__.__name__)
     assert not tiny_model._prompt_ready("NATF1", prompt)
     a, b = make("a", "NATF0", None), make("b", "NATF0", None)
     for s in (a, b):
@@ -886,8 +887,9 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
         loop.stop(timeout=30)
     assert not events["gone"][0].is_set() and not loop._preparing
     assert metrics.prompts_prepared == 1
-    spread = [ms for ms in metrics.prep_ms if ms > 0]
-    assert len(spread) >= 2, spread                    # the prompt took several ticks' slack
+    spread = list(metrics.prep_ms)
+    assert sum(spread) > 2 * 80, spread                # the work needed more than two ticks' slack...
+    assert len(spread) >= 3, spread                    # ...and took the slack of several ticks
     assert metrics.misses == 0, (metrics.misses, max(metrics.step_ms), spread)
     assert max(metrics.batch_sizes) == 3
 

@@ -97,12 +97,32 @@ def test_deadline_policy_catch_up(slow_model):
 
 
 def test_reset_starts_new_conversation(tiny_model):
-    s = tiny_model.session(source=ArraySource(noise(3.0), realtime=True), sink=None, seed=4).start()
-    time.sleep(1.0)
-    s.reset()
-    s.wait(timeout=60)
-    states = [e.value for e in s.events() if e.kind == "state"]
+    """After reset() the session answers as a fresh session given the rest of the input: the
+    frames after the reset equal a new session's frames on the same audio (same seed), and
+    differ from what the un-reset conversation said there."""
+    audio, k = noise(2.4, seed=6), 12
+
+    def run(source_audio, reset_after=None):
+        out = []
+        s = None
+
+        def sink(frame):
+            out.append(np.array(frame, np.float32))
+            if len(out) == reset_after:
+                s.reset()            # taken before the next frame is processed
+
+        s = tiny_model.session(source=source_audio, sink=sink, seed=4).start()
+        s.wait(timeout=120)
+        return np.stack(out), [e.value for e in s.events() if e.kind == "state"], s.stats()
+
+    got, states, st = run(audio, reset_after=k)
     assert "reset" in states and states[-1] == "stopped"
+    fresh, _, _ = run(audio[k * FRAME:])
+    kept, _, _ = run(audio)
+    assert got.shape == kept.shape == (len(audio) // FRAME, FRAME)
+    np.testing.assert_array_equal(got[:k], kept[:k])           # the same conversation until the reset
+    np.testing.assert_array_equal(got[k:], fresh)              # then a new one
+    assert not np.array_equal(got[k:], kept[k:])
 
 
 def test_bad_arguments(tiny_model, tmp_path):
