@@ -494,12 +494,15 @@ class SessionStats:
     thread_priority: str = "default"
 
     def health_line(self) -> str:
-        """One short line (~70 columns): step time p50/p99, deadline misses, mic and speaker buffer
-        fill, playback underruns (samples), capture overflows (samples), dropped input frames."""
-        return (f"step {self.step_ms_p50:.1f}/{self.step_ms_p99:.1f} ms | miss {self.deadline_misses}"
-                f" | mic {self.capture_fill / SAMPLE_RATE * 1e3:.0f} out "
-                f"{self.playback_fill / SAMPLE_RATE * 1e3:.0f} ms | under {self.playback_underrun}"
-                f" over {self.capture_overflow} drop {self.dropped_input_frames}")
+        """One short line: step time p50/p99, mic and speaker buffer fill, then the counters that are
+        not zero: deadline misses, playback underrun samples, capture overflow samples, dropped input
+        frames ("no misses, no losses" when all are zero)."""
+        issues = [f"{name} {n}" for name, n in (
+            ("miss", self.deadline_misses), ("underrun", self.playback_underrun),
+            ("overflow", self.capture_overflow), ("drop", self.dropped_input_frames)) if n]
+        return (f"step {self.step_ms_p50:.1f}/{self.step_ms_p99:.1f} ms | mic "
+                f"{self.capture_fill / SAMPLE_RATE * 1e3:.0f} out {self.playback_fill / SAMPLE_RATE * 1e3:.0f} ms"
+                f" | {' '.join(issues) or 'no misses, no losses'}")
 
 
 class DuplexSession:
