@@ -181,6 +181,27 @@ def test_duplex_unknown_device(pulse_server):
     assert r.returncode == 2 and "99" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_library_example_runs_as_in_the_readme(tmp_path):
+    """examples/library.py is the README's library snippet, and it runs as written."""
+    code = (ROOT / "examples" / "library.py").read_text()
+    body = code.split('"""', 2)[2].strip()                        # the file minus its docstring
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## Library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0].strip()
+    assert snippet == body
+    (tmp_path / "examples").mkdir()
+    for name in ("library.py", "hello.wav"):
+        (tmp_path / "examples" / name).write_bytes((ROOT / "examples" / name).read_bytes())
+    r = subprocess.run([sys.executable, "examples/library.py"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "hello.wav: 24000 Hz, 1 ch" in r.stdout and "step p50" in r.stdout
+    n_in = wav_info(HELLO)[2]
+    whole = int(np.ceil(n_in / 1920)) * 1920
+    expect = {"reply.wav": 75 * 1920, "reply_stream.wav": 75 * 1920, "reply_realtime.wav": whole,
+              "reply_duplex.wav": whole}
+    assert {name: wav_info(tmp_path / name) for name in expect} == {n: (1, 24000, k) for n, k in expect.items()}
+
+
 def _short_wav(tmp_path):
     p = tmp_path / "q.wav"
     with wave.open(str(p), "wb") as w:
