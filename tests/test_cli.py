@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -43,13 +44,15 @@ def test_duplex_files_fast(tmp_path):
 
 
 def test_duplex_realtime_piped_health_lines(tmp_path):
+    t0 = time.monotonic()
     r = run("engine.duplex", "--in-wav", str(HELLO), "--out-wav", str(tmp_path / "o.wav"), "--seconds", "7")
+    wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stdout and "\033" not in r.stdout
     lines = r.stdout.splitlines()
     health = [ln for ln in lines if ln.startswith("-- ")]
-    # the first once audio flows, then every 5 s
-    assert 1 <= len(health) <= 2, r.stdout
+    # the first once audio flows, then one per 5 s of wall-clock time (not one per poll)
+    assert 1 <= len(health) <= 1 + wall // 5, r.stdout
     pattern = r"-- \d+ s \| step \d+\.\d/\d+\.\d ms \| mic \d+ out \d+ ms \| (no misses, no losses|miss|underrun|drop)"
     assert all(re.match(pattern, h) and len(h) <= 80 for h in health), health
     said = [ln for ln in lines if ln.startswith("agent: ")]
