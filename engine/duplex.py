@@ -1,10 +1,25 @@
 """`python -m engine.duplex`: a live full-duplex conversation (or the same loop driven by files).
 
 Examples:
-    python -m engine.duplex --model tiny --in-wav examples/hello.wav --out-wav /tmp/reply.wav
+    python -m engine.duplex --in-wav examples/hello.wav --out-wav reply.wav     # the tiny model, no devices
     python -m engine.duplex --model nvidia/personaplex-7b-v1 --quantize 8 --voice NATF2
     python -m engine.duplex --list-devices
-    python -m engine.duplex --turn-based --model tiny --in-wav examples/hello.wav --out-wav /tmp/turns.wav
+    python -m engine.duplex --turn-based --in-wav examples/hello.wav --out-wav turns.wav
+
+The model is `tiny` unless --model says otherwise: random weights, so it babbles (see --model).
+
+Output: the agent's words as lines (`agent: ...`, wrapped at 80 columns) on stdout. On a terminal
+the health line is the status line below them; piped or redirected, a health line `-- ...` is
+printed every 5 s instead. It reads: audio time | step time p50/p99 | mic and speaker buffer fill
+| the counters that are not zero: miss (deadline misses), underrun (samples of silence played),
+overflow (mic samples lost), drop (input frames dropped by the deadline policy). A summary follows
+on stderr when the run ends (Ctrl-C, --seconds, or the end of --in-wav).
+
+Input files may have any sample rate and channel count: they are downmixed and resampled to
+24 kHz mono, and the conversion is printed.
+
+Exit status: 0 done; 1 --list-devices found no audio device; 2 error (bad input, unknown
+device or voice, model not found), with a message saying what to do.
 """
 from __future__ import annotations
 
@@ -14,28 +29,26 @@ import sys
 import threading
 import time
 
+from .cli import add_model_args, device_arg, note_if_tiny
 from .errors import EngineError
-
-TINY_NOTE = ("note: --model tiny is the embedded random model: it runs the real loop but babbles. "
-             "For the real model: --model nvidia/personaplex-7b-v1 (accept the license on its Hugging Face "
-             "page, set HF_TOKEN; ~17 GB download, use --quantize 8 on small GPUs).")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.duplex", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny | a Hugging Face repo id | a local directory (default: tiny)")
-    p.add_argument("--model-dir", default=None, help="local directory with the model files (overrides --model)")
-    p.add_argument("--quantize", default="none", help="none | 8 | 4 (default: none)")
-    p.add_argument("--voice", default="NATF2", help="voice preset (see --list-voices) or a .wav/.pt path")
+    add_model_args(p)
+    p.add_argument("--voice", default="NATF2", help="voice preset (see --list-voices) or a .wav/.pt path "
+                   "(default: NATF2)")
     p.add_argument("--prompt", default=None, help="system prompt text (default: the assistant + focused preset)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--list-devices", action="store_true",
+                   help="list audio devices and exit (exit status 1 and how to get one when there is none)")
     p.add_argument("--list-voices", action="store_true", help="list voices and exit")
     p.add_argument("--input-device", default=None, help="input device index or name (default: system default)")
     p.add_argument("--output-device", default=None, help="output device index or name")
     p.add_argument("--no-aec", action="store_true", help="disable Speex echo cancellation")
-    p.add_argument("--in-wav", default=None, help="drive the loop from a wav file instead of the microphone")
+    p.add_argument("--in-wav", default=None,
+                   help="drive the loop from a wav file (any rate and channel count) instead of the microphone")
     p.add_argument("--out-wav", default=None, help="write the agent's audio to a wav file instead of the speaker")
     p.add_argument("--fast", action="store_true", help="with --in-wav: run as fast as possible, not in real time")
     p.add_argument("--seconds", type=float, default=None, help="stop after this many seconds of audio")
@@ -46,27 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn-based", action="store_true", help="VAD endpointing, then a spoken reply, then listen again")
     p.add_argument("--silence-ms", type=float, default=1500, help="turn-based: silence that ends a turn (ms)")
     p.add_argument("--max-steps", type=int, default=75, help="turn-based: reply length in 80 ms steps (50..500)")
-    p.add_argument("--quiet", action="store_true", help="no live health line")
+    p.add_argument("--quiet", action="store_true", help="no health line")
     return p
-
-
-def _device_arg(v):
-    if v is None:
-        return None
-    return int(v) if str(v).isdigit() else v
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.list_devices:
-            from .audio.io import list_devices
-            for d in list_devices():
-                print(d)
-            return 0
+            from .audio.io import format_devices, list_devices
+            devices = list_devices()
+            print(format_devices(devices), file=sys.stdout if devices else sys.stderr)
+            return 0 if devices else 1
         from .api import PersonaPlex
-        if args.model == "tiny" and args.model_dir is None:
-            print(TINY_NOTE, file=sys.stderr)
+        note_if_tiny(args)
         t0 = time.perf_counter()
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
         print(f"[loaded {model.files.source} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
@@ -82,43 +88,46 @@ def main(argv=None) -> int:
 
 
 def _live(model, args) -> int:
+    from .display import Transcript
+
     source = args.in_wav if args.in_wav else "device"
     sink = args.out_wav if args.out_wav else "device"
     max_frames = None if args.seconds is None else int(args.seconds * 12.5)
     aec = False if args.no_aec else None
     session = model.session(source=source, sink=sink, voice=args.voice, system_prompt=args.prompt,
                             seed=args.seed, aec=aec, deadline_policy=args.deadline_policy,
-                            realtime=not args.fast, input_device=_device_arg(args.input_device),
-                            output_device=_device_arg(args.output_device), max_frames=max_frames,
+                            realtime=not args.fast, input_device=device_arg(args.input_device),
+                            output_device=device_arg(args.output_device), max_frames=max_frames,
                             thread_priority=args.rt_priority)
+    if session.input_info:
+        print(f"[input: {session.input_info}]", file=sys.stderr)
     stop = threading.Event()
     prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    tty = sys.stderr.isatty()
     session.start()
     print("[live: speak; Ctrl-C stops]" if source == "device" else f"[running {source}]", file=sys.stderr)
+    view = Transcript(sys.stdout)
+    every = 0.5 if view.tty else 1.0          # the view prints a health line every 5 s when not a terminal
     last_health = 0.0
     try:
         while session.running and not stop.is_set():
-            for ev in _drain(session):
-                if ev.kind == "text":
-                    sys.stdout.write(ev.value)
-                    sys.stdout.flush()
+            _show_text(session, view)
             now = time.monotonic()
-            if not args.quiet and now - last_health > (0.5 if tty else 5.0):
+            if args.quiet:
+                view.tick()
+            elif now - last_health >= every:
                 last_health = now
-                line = session.stats().health_line()
-                sys.stderr.write(("\r\033[K" + line) if tty else line + "\n")
-                sys.stderr.flush()
+                st = session.stats()
+                if st.frames:
+                    view.health(f"{st.frames * 0.08:.0f} s | {st.health_line()}")
             time.sleep(0.05)
     finally:
         signal.signal(signal.SIGINT, prev)
         stats = session.stop()
-        for ev in _drain(session):
-            if ev.kind == "text":
-                sys.stdout.write(ev.value)
+        _show_text(session, view)
+        view.close()
     if session.error is not None:
         raise session.error
-    print("\n--- summary ---", file=sys.stderr)
+    print("--- summary ---", file=sys.stderr)
     print(f"frames {stats.frames} ({stats.frames * 0.08:.1f} s) | {stats.health_line()}", file=sys.stderr)
     print(f"samples in {stats.samples_in}, out {stats.samples_out}, late frames {stats.late_frames}, "
           f"drift-skipped {stats.drift_skipped_frames}, AEC {'on' if stats.aec else 'off'}", file=sys.stderr)
@@ -129,13 +138,15 @@ def _live(model, args) -> int:
     return 0
 
 
-def _drain(session):
+def _show_text(session, view) -> None:
     import queue
     while True:
         try:
-            yield session._events.get_nowait()
+            ev = session._events.get_nowait()
         except queue.Empty:
             return
+        if ev.kind == "text":
+            view.text(ev.value)
 
 
 def _turn_based(model, args) -> int:
@@ -147,7 +158,9 @@ def _turn_based(model, args) -> int:
     if args.in_wav is None:
         return _turn_based_device(model, args)
     from .audio.wav import load_audio, write_wav
+    from .display import Transcript
     audio, info = load_audio(args.in_wav)
+    print(f"[input: {info}]", file=sys.stderr)
     ep = Endpointer(silence_ms=args.silence_ms)
     out, start, block = [], None, 480
     turns = 0
@@ -162,12 +175,12 @@ def _turn_based(model, args) -> int:
                 turns += 1
                 user = audio[start:ev.sample]
                 print(f"[turn {turns}: {len(user) / 24000:.1f} s of speech]", file=sys.stderr)
+                view = Transcript(sys.stdout)
                 for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
                                               max_steps=args.max_steps, seed=args.seed):
                     out.append(c.samples)
-                    sys.stdout.write(c.text)
-                    sys.stdout.flush()
-                print(file=sys.stdout)
+                    view.text(c.text)
+                view.close()
                 start = None
     if turns == 0:
         print("no speech turn detected in the input (webrtcvad found no speech followed by "
@@ -184,10 +197,11 @@ def _turn_based_device(model, args) -> int:
     from .audio.io import open_duplex
     from .audio.ring import RingBuffer
     from .audio.vad import Endpointer
+    from .display import Transcript
 
     cap, play = RingBuffer(1 << 16), RingBuffer(1 << 16)
-    stream = open_duplex(cap, play, input_device=_device_arg(args.input_device),
-                         output_device=_device_arg(args.output_device))
+    stream = open_duplex(cap, play, input_device=device_arg(args.input_device),
+                         output_device=device_arg(args.output_device))
     ep = Endpointer(silence_ms=args.silence_ms)
     stop = threading.Event()
     prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -205,13 +219,14 @@ def _turn_based_device(model, args) -> int:
                 if ev.kind == "end":
                     user = np.concatenate(heard)
                     heard.clear()
+                    view = Transcript(sys.stdout)
                     for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
                                                   max_steps=args.max_steps, seed=args.seed):
                         while play.available_write < len(c.samples) and not stop.is_set():
                             time.sleep(0.01)
                         play.write(c.samples)
-                        sys.stdout.write(c.text)
-                        sys.stdout.flush()
+                        view.text(c.text)
+                    view.close()
                     while play.available_read > 0 and not stop.is_set():
                         time.sleep(0.02)
                     cap.clear()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import add_model_args
 from .errors import AudioDeviceError, ConfigError, EngineError
 from .session import FRAME, SAMPLE_RATE, STAGES, StageTimer
 
@@ -64,10 +65,8 @@ SCHEMA = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny | a repo id | a local directory | random:personaplex | random:tiny")
-    p.add_argument("--model-dir", default=None, help="where downloads go (default: the HF cache)")
-    p.add_argument("--quantize", default="none", help="none | 8 | 4 | a plan name (engine.models.quant)")
+    add_model_args(p, "Or a benchmark model with random weights built in memory: random:personaplex "
+                      "(the 7B shapes) or random:tiny.")
     p.add_argument("--device", default=None, choices=("cpu", "gpu"),
                    help="MLX device (default: MLX's default, the GPU where there is one)")
     p.add_argument("--steps", type=int, default=200, help="timed steps, after the warm-up (>= 1)")

@@ -1,7 +1,13 @@
 """`python -m engine.respond in.wav -o out.wav`: one turn-based reply, with transcript and timing.
 
-    python -m engine.respond examples/hello.wav -o /tmp/reply.wav --model tiny --voice NATF2 --max-steps 75
-    python -m engine.respond --list-voices --model tiny
+    python -m engine.respond examples/hello.wav -o reply.wav --voice NATF2 --max-steps 75
+    python -m engine.respond question.wav -o answer.wav --model nvidia/personaplex-7b-v1 --voice NATM1
+    python -m engine.respond --list-voices
+
+The model is `tiny` unless --model says otherwise: random weights, so it babbles (see --model).
+The input may have any sample rate and channel count: it is downmixed and resampled to 24 kHz
+mono, and the conversion is printed. The transcript goes to stdout, everything else to stderr.
+Exit status: 0 done, 2 error (with a message saying what to do).
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import json
 import sys
 import time
 
+from .cli import add_model_args, note_if_tiny
 from .errors import EngineError
 
 
@@ -18,16 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", help="the user's audio (wav, any rate/channels)")
     p.add_argument("-o", "--output", default=None, help="write the agent's reply here (24 kHz wav)")
-    p.add_argument("--model", default="tiny", help="tiny | repo id | local directory (default: tiny)")
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--quantize", default="none", help="none | 8 | 4")
-    p.add_argument("--voice", default="NATM0")
+    add_model_args(p)
+    p.add_argument("--voice", default="NATM0", help="voice preset (see --list-voices) or a .wav/.pt path "
+                   "(default: NATM0)")
     p.add_argument("--prompt", default=None, help="system prompt (default: assistant + focused)")
     p.add_argument("--max-steps", type=int, default=75, help="reply length in 80 ms steps (50..500)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="use respond_stream and print text as it comes")
     p.add_argument("--diagnostic", action="store_true", help="print per-stage timings and entropies (JSON)")
-    p.add_argument("--list-voices", action="store_true")
+    p.add_argument("--list-voices", action="store_true", help="list the voices and exit")
     return p
 
 
@@ -35,6 +41,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from .api import PersonaPlex
+        note_if_tiny(args)
         t0 = time.perf_counter()
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
         load_s = time.perf_counter() - t0
@@ -44,15 +51,16 @@ def main(argv=None) -> int:
         if not args.input:
             print("error: give an input wav (or --list-voices)", file=sys.stderr)
             return 2
-        if model.is_tiny:
-            print("[tiny model: random weights, the reply is babble]", file=sys.stderr)
+        from .audio.wav import load_audio
+        user, info = load_audio(args.input)
+        print(f"[input: {info}]", file=sys.stderr)
         t1 = time.perf_counter()
         kw = dict(voice=args.voice, system_prompt=args.prompt, max_steps=args.max_steps, seed=args.seed)
         diag = None
         if args.stream:
             import numpy as np
             chunks, first = [], None
-            for c in model.respond_stream(args.input, **kw):
+            for c in model.respond_stream(user, **kw):
                 if first is None:
                     first = time.perf_counter() - t1
                 chunks.append(c)
@@ -63,13 +71,11 @@ def main(argv=None) -> int:
             text = "".join(c.text for c in chunks)
             print(f"[first chunk after {first * 1e3:.0f} ms]", file=sys.stderr)
         elif args.diagnostic:
-            resp, diag = model.respond_diagnostic(args.input, **kw)
+            resp, diag = model.respond_diagnostic(user, **kw)
             audio, text = resp.audio, resp.text
         else:
-            resp = model.respond(args.input, **kw)
+            resp = model.respond(user, **kw)
             audio, text = resp.audio, resp.text
-            if resp.input_info:
-                print(f"[input: {resp.input_info}]", file=sys.stderr)
         took = time.perf_counter() - t1
         if not args.stream:
             print(text)

@@ -226,8 +226,9 @@ class ArraySource(Source):
     """Audio from a numpy array (or a wav file loaded into one). Paced by the wall clock when
     `realtime` is true, else as fast as possible. The tail is padded to a whole frame."""
 
-    def __init__(self, audio: np.ndarray, realtime: bool = False):
+    def __init__(self, audio: np.ndarray, realtime: bool = False, info: str = ""):
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        self.info = info          # what the input was and how it was converted (load_audio's info)
         pad = (-len(audio)) % FRAME
         self.audio = np.concatenate([audio, np.zeros(pad, np.float32)]) if pad else audio
         self.pos = 0
@@ -371,18 +372,17 @@ class DeviceIO(Source, Sink):
         return int((lat["input"] + lat["output"] + lat.get("resampler", 0.0)) * SAMPLE_RATE)
 
 
-def make_source(source, realtime: bool) -> Source:
+def make_source(source, realtime: bool, sample_rate: int | None = None) -> Source:
+    """A Source for `source`; wav files and arrays of any rate and channel count are converted to
+    24 kHz mono (`sample_rate`: the rate of an array; the returned source's `info` says what was done)."""
     if isinstance(source, Source):
         return source
-    if isinstance(source, np.ndarray):
-        return ArraySource(source, realtime=realtime)
+    if isinstance(source, np.ndarray) or isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        from .audio.wav import load_audio
+        audio, info = load_audio(source, sample_rate)
+        return ArraySource(audio, realtime=realtime, info=info)
     if callable(source):
         return CallbackSource(source)
-    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        from .audio.wav import load_audio
-        # A mic stand-in must be one channel: refuse stereo rather than guess a downmix.
-        audio, _ = load_audio(source, require_mono=True)
-        return ArraySource(audio, realtime=realtime)
     raise ConfigError(f"unsupported source {type(source).__name__}: pass 'device', a wav path, "
                       "a numpy array, a callable fn(n) -> samples, or a Source")
 
@@ -494,10 +494,15 @@ class SessionStats:
     thread_priority: str = "default"
 
     def health_line(self) -> str:
-        return (f"step {self.step_ms_p50:5.1f}/{self.step_ms_p99:5.1f} ms p50/p99 | misses {self.deadline_misses}"
-                f" | mic buf {self.capture_fill / SAMPLE_RATE * 1e3:4.0f} ms | out buf "
-                f"{self.playback_fill / SAMPLE_RATE * 1e3:4.0f} ms | underrun {self.playback_underrun}"
-                f" | overflow {self.capture_overflow} | dropped {self.dropped_input_frames}")
+        """One short line: step time p50/p99, mic and speaker buffer fill, then the counters that are
+        not zero: deadline misses, playback underrun samples, capture overflow samples, dropped input
+        frames ("no misses, no losses" when all are zero)."""
+        issues = [f"{name} {n}" for name, n in (
+            ("miss", self.deadline_misses), ("underrun", self.playback_underrun),
+            ("overflow", self.capture_overflow), ("drop", self.dropped_input_frames)) if n]
+        return (f"step {self.step_ms_p50:.1f}/{self.step_ms_p99:.1f} ms | mic "
+                f"{self.capture_fill / SAMPLE_RATE * 1e3:.0f} out {self.playback_fill / SAMPLE_RATE * 1e3:.0f} ms"
+                f" | {' '.join(issues) or 'no misses, no losses'}")
 
 
 class DuplexSession:
@@ -507,8 +512,10 @@ class DuplexSession:
     ...     for ev in s.events():
     ...         if ev.kind == "text": print(ev.value, end="")
 
-    `source`: "device" (PortAudio input), a wav path, a numpy array (24 kHz mono float32), a callable
-    `fn(n) -> samples | None`, or a `Source`. `sink`: "device", a wav path, a callable `fn(frame)`,
+    `source`: "device" (PortAudio input), a wav path (any rate and channel count), a numpy array
+    (24 kHz mono float32, or any rate with `sample_rate=` and any channel count), a callable
+    `fn(n) -> samples | None`, or a `Source`; files and arrays are downmixed and resampled to 24 kHz
+    mono and `input_info` says what was converted. `sink`: "device", a wav path, a callable `fn(frame)`,
     a `Sink`, or None (kept in memory, see `output_audio()`). File and array sources run in real time
     when `realtime=True`, else as fast as possible. `DeviceIO.simulated(...)` passed as both source
     and sink runs the real rings and loop on a simulated device clock (tests, soak runs).
@@ -523,7 +530,7 @@ class DuplexSession:
                  max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
                  on_mic: Callable[[np.ndarray, np.ndarray], None] | None = None,
                  profile: bool = False, event_queue_size: int = 1024, record_steps: bool = False,
-                 thread_priority: bool = False):
+                 thread_priority: bool = False, sample_rate: int | None = None):
         if deadline_policy not in ("catch_up", "drop"):
             raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
         if max_backlog_frames < 1:
@@ -541,7 +548,9 @@ class DuplexSession:
         if src_dev:
             self.source: Source = device
         else:
-            self.source = make_source(source, realtime=bool(realtime))
+            self.source = make_source(source, realtime=bool(realtime), sample_rate=sample_rate)
+        # What a file or array input was and how it was converted (e.g. downmixed, resampled).
+        self.input_info: str = getattr(self.source, "info", "")
         self.sink: Sink = device if sink_dev else make_sink(sink)
         self.device = device
         self.aec_enabled = (src_dev and sink_dev) if aec is None else bool(aec)

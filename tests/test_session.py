@@ -132,12 +132,6 @@ def test_bad_arguments(tiny_model, tmp_path):
         tiny_model.session(source=noise(0.5), sink=None, deadline_policy="later")
     with pytest.raises(ConfigError, match="source"):
         tiny_model.session(source=12345, sink=None)
-    stereo = tmp_path / "stereo.wav"
-    with wave.open(str(stereo), "wb") as w:
-        w.setnchannels(2), w.setsampwidth(2), w.setframerate(SR)
-        w.writeframes(np.zeros((SR, 2), np.int16).tobytes())
-    with pytest.raises(AudioFormatError, match="(?i)mono|channel"):
-        tiny_model.session(source=str(stereo), sink=None)
     empty = tmp_path / "empty.wav"
     with wave.open(str(empty), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
@@ -149,6 +143,42 @@ def test_bad_arguments(tiny_model, tmp_path):
         w.writeframes(bytes(1000))
     with pytest.raises(AudioFormatError, match="8-bit"):
         tiny_model.session(source=str(eight), sink=None)
+
+
+def _write_int16(path, frames, rate):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(frames.shape[1]), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(np.ascontiguousarray(frames, "<i2").tobytes())
+
+
+def test_any_rate_and_channels_converted(tiny_model, tmp_path):
+    """Stereo files and arrays at any rate are downmixed and resampled, and input_info says so."""
+    mono = (noise(1.0, seed=7, amp=0.2) * 32767).astype(np.int16)
+    # Two equal channels at 24 kHz downmix exactly to the mono signal: the same conversation.
+    stereo = tmp_path / "stereo.wav"
+    _write_int16(stereo, np.stack([mono, mono], axis=1), SR)
+    s = tiny_model.session(source=str(stereo), sink=None, seed=2)
+    assert "2 ch" in s.input_info and "downmixed 2 channels to mono" in s.input_info
+    with s:
+        s.wait(timeout=120)
+    ref = tiny_model.session(source=mono.astype(np.float32) / 32768, sink=None, seed=2)
+    assert "downmixed" not in ref.input_info and "resampled" not in ref.input_info
+    with ref:
+        ref.wait(timeout=120)
+    np.testing.assert_array_equal(s.output_audio(), ref.output_audio())
+    # 48 kHz, 3 channels (file) and a (channels, frames) 16 kHz array: converted to 24 kHz mono.
+    multi = tmp_path / "multi48k.wav"
+    _write_int16(multi, np.repeat(np.stack([mono] * 3, axis=1), 2, axis=0), 48000)
+    s = tiny_model.session(source=str(multi), sink=None, seed=2)
+    assert "resampled 48000 -> 24000 Hz" in s.input_info and "downmixed 3 channels" in s.input_info
+    with s:
+        st = s.wait(timeout=120)
+    assert st.frames == int(np.ceil(SR / FRAME))
+    s = tiny_model.session(source=np.stack([noise(0.5, 1), noise(0.5, 2)])[:, ::3], sample_rate=8000, sink=None)
+    assert "transposed" in s.input_info and "resampled 8000 -> 24000 Hz" in s.input_info
+    with s:
+        st = s.wait(timeout=120)
+    assert st.frames == int(np.ceil(SR // 2 / FRAME))       # 0.5 s at 24 kHz (the last frame padded)
 
 
 def test_wav_sink(tiny_model, tmp_path):

@@ -1,6 +1,7 @@
 """PortAudio (PyAudio) devices and callback streams that move samples between devices and rings.
 
-- `list_devices() -> list[DeviceInfo]`, `format_devices()` (for `--list-devices`), `find_device(spec, kind)`.
+- `list_devices() -> list[DeviceInfo]`, `format_devices()` (the `--list-devices` table, or
+  `NO_DEVICES_HINT`: how to get a device), `find_device(spec, kind)`.
 - `open_duplex(capture_ring, playback_ring, input_device=None, output_device=None, blocksize=480)`
   -> `AudioStreams` (also `open_input` / `open_output`): `start()`, `stop()`, `close()`, context
   manager (enter starts, exit closes), `latencies`, `counters`.
@@ -28,7 +29,7 @@ import numpy as _np
 from ..errors import AudioDeviceError, ConfigError, MissingLibraryError
 from .resample import StreamingResampler as _StreamingResampler
 
-__all__ = ["DeviceInfo", "AudioStreams", "list_devices", "format_devices", "find_device",
+__all__ = ["DeviceInfo", "AudioStreams", "list_devices", "format_devices", "NO_DEVICES_HINT", "find_device",
            "open_duplex", "open_input", "open_output"]
 
 SAMPLE_RATE = 24000
@@ -110,24 +111,44 @@ def list_devices() -> list[DeviceInfo]:
         pa.terminate()
 
 
+# How to get an audio device, for `--list-devices` (one item a line) and for device errors (one line).
+_GET_A_DEVICE = (
+    "start your sound server (PulseAudio / PipeWire) or plug in a sound card",
+    "on a headless Linux machine, start a virtual device (a PulseAudio null sink) from the repository: "
+    "eval \"$(bash scripts/pulse.sh start)\"",
+    "or run without devices, on files: --in-wav IN.wav --out-wav OUT.wav")
+NO_DEVICES_HINT = ("no audio devices found: PortAudio sees no sound card and no sound server. To get one:\n"
+                   + "\n".join("  - " + item.replace(": eval", ":\n      eval") for item in _GET_A_DEVICE))
+
+
 def format_devices(devices: list[DeviceInfo] | None = None) -> str:
-    """A table for `--list-devices`: index, in/out channels, default rate, host API, name (* = default)."""
+    """`--list-devices`: an aligned table (index, name, host API, in/out channels, default rate, which
+    device is the default input/output), or NO_DEVICES_HINT when there is none."""
     devices = list_devices() if devices is None else devices
     if not devices:
-        return "no audio devices found (no sound card / sound server?)"
-    lines = ["  idx  in  out   rate  host API   name"]
-    for d in devices:
-        mark = ("<" if d.is_default_input else " ") + (">" if d.is_default_output else " ")
-        lines.append(f"{mark}{d.index:3d} {d.max_input_channels:3d} {d.max_output_channels:4d} "
-                     f"{d.default_sample_rate:6.0f}  {d.host_api:<9}  {d.name}")
-    lines.append("(< default input, > default output)")
-    return "\n".join(lines)
+        return NO_DEVICES_HINT
+    head = ("index", "name", "host API", "in", "out", "rate (Hz)", "default")
+    rows = [(str(d.index), d.name, d.host_api, str(d.max_input_channels), str(d.max_output_channels),
+             f"{d.default_sample_rate:.0f}",
+             " + ".join(k for k, on in (("input", d.is_default_input), ("output", d.is_default_output)) if on))
+            for d in devices]
+    right = {0, 3, 4, 5}                   # numbers: right-aligned
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+
+    def line(r):
+        cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
+        return "  ".join(cells).rstrip()
+    return "\n".join([line(head), *map(line, rows),
+                      "(--input-device / --output-device take an index or a unique part of a name)"])
 
 
 def _pick(devices: list[DeviceInfo], spec, kind: str) -> DeviceInfo:
     chan = (lambda d: d.max_input_channels) if kind == "input" else (lambda d: d.max_output_channels)
     usable = [d for d in devices if chan(d) > 0]
-    avail = ", ".join(f"{d.index}: {d.name!r}" for d in usable) or "none"
+    if not usable:
+        raise AudioDeviceError(f"no audio {kind} device found. To get one: " + "; ".join(_GET_A_DEVICE),
+                               device=spec)
+    avail = ", ".join(f"{d.index}: {d.name!r}" for d in usable)
     if spec is None:
         for d in usable:
             if (d.is_default_input if kind == "input" else d.is_default_output):

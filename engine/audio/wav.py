@@ -161,8 +161,8 @@ def _array_to_float(a: _np.ndarray) -> tuple[_np.ndarray, str]:
     raise AudioFormatError(f"audio array dtype {a.dtype} is not supported (use float32, float64, int16 or int32)")
 
 
-def load_audio(path_or_array, sample_rate: int | None = None, *, target_rate: int = TARGET_RATE,
-               require_mono: bool = False) -> tuple[_np.ndarray, str]:
+def load_audio(path_or_array, sample_rate: int | None = None, *,
+               target_rate: int = TARGET_RATE) -> tuple[_np.ndarray, str]:
     """Load a wav file or an array as mono float32 at `target_rate` (24 kHz).
 
     Args:
@@ -170,13 +170,12 @@ def load_audio(path_or_array, sample_rate: int | None = None, *, target_rate: in
             (channels, frames) array with at most 8 rows is accepted too (torch layout).
         sample_rate: the rate of an array input (default: already `target_rate`). For a file the
             header's rate is used; passing a different one is an error.
-        require_mono: refuse multi-channel input instead of downmixing it.
 
     Returns:
         (float32 1-D array at target_rate, info string describing the source and every conversion).
 
     Raises:
-        AudioFormatError: empty, NaN/inf, 8-bit, multi-channel when mono is required, bad shape/dtype.
+        AudioFormatError: empty, NaN/inf, 8-bit, bad shape/dtype.
     """
     notes = []
     if isinstance(path_or_array, (str, bytes, _os.PathLike)):
@@ -210,9 +209,6 @@ def load_audio(path_or_array, sample_rate: int | None = None, *, target_rate: in
         first = int(_np.argmax(bad.any(axis=1)))
         raise AudioFormatError(f"{src}: {int(bad.sum())} NaN/inf samples (first at {first / rate:.3f} s)")
     if channels > 1:
-        if require_mono:
-            raise AudioFormatError(f"{src}: has {channels} channels but mono audio is required; downmix it, "
-                                   "e.g. `sox in.wav -c 1 out.wav`")
         x = x.mean(axis=1)
         notes.append(f"downmixed {channels} channels to mono")
     else:

@@ -41,6 +41,25 @@ def run_loopback(seconds, **kw):
     return cap, play, counters, lat, s
 
 
+def test_format_devices_table_and_none():
+    devs = [io.DeviceInfo(0, "HDA Intel PCH: ALC3246 Analog (hw:0,0)", "ALSA", 2, 2, 44100.0),
+            io.DeviceInfo(7, "default", "JACK Audio Connection Kit", 32, 0, 48000.0, True, False),
+            io.DeviceInfo(12, "speakers", "ALSA", 0, 2, 96000.0, False, True)]
+    lines = io.format_devices(devs).splitlines()
+    assert lines[0].split() == ["index", "name", "host", "API", "in", "out", "rate", "(Hz)", "default"]
+    rows = lines[1:4]
+    for col in ("name", "host API", "rate (Hz)", "default"):       # every column starts at its header
+        c = lines[0].index(col)
+        assert all(r[c - 2:c] == "  " for r in rows if len(r) > c), col
+    assert rows[0].split()[0] == "0" and rows[2].lstrip().startswith("12  speakers")
+    assert rows[1].endswith("48000  input") and rows[2].endswith("96000  output")
+    assert rows[0].rstrip().endswith("44100")                        # not a default device
+    end_in = lines[0].index(" in ") + 3                              # numbers right-aligned under "in"
+    assert [r[end_in - 2:end_in] for r in rows] == [" 2", "32", " 0"]
+    none = io.format_devices([])
+    assert none.startswith("no audio devices found") and "scripts/pulse.sh start" in none and "--in-wav" in none
+
+
 def test_loopback_tone_and_sample_accounting(pulse_server):
     cap, play, c, lat, s = run_loopback(2.5)
     assert not s.resampling and s.device_rate == SR

@@ -1,0 +1,45 @@
+"""What the command-line tools share: the default model and the model arguments' help.
+
+Every CLI (`engine.duplex`, `engine.respond`, `engine.profile`) loads `DEFAULT_MODEL` when `--model`
+is not given and says so in its `--help`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["DEFAULT_MODEL", "MODEL_HELP", "TINY_NOTE", "add_model_args", "note_if_tiny", "device_arg"]
+
+DEFAULT_MODEL = "tiny"
+
+MODEL_HELP = ("tiny: the embedded model with random weights, built on first use (a few seconds) into "
+              "~/.cache/personaplex-engine/tiny-v1 ($PERSONAPLEX_CACHE), no download; it babbles. "
+              "nvidia/personaplex-7b-v1: the real model (gated: accept its license on Hugging Face, set "
+              "HF_TOKEN; ~17 GB download). Or another repo id, or a local directory.")
+
+TINY_NOTE = ("note: --model tiny is the embedded random model: it runs the real loop but babbles. "
+             "For the real model: --model nvidia/personaplex-7b-v1 (accept the license on its Hugging Face "
+             "page, set HF_TOKEN; ~17 GB download, use --quantize 8 on small GPUs).")
+
+
+def add_model_args(p: argparse.ArgumentParser, more_models: str = "") -> None:
+    """--model (default DEFAULT_MODEL; `more_models`: what else this tool accepts), --model-dir, --quantize."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=" ".join(filter(None, (MODEL_HELP, more_models, f"Default: {DEFAULT_MODEL}."))))
+    p.add_argument("--model-dir", default=None,
+                   help="a local directory with the model's files, used instead of --model")
+    p.add_argument("--quantize", default="none",
+                   help="none | 8 | 4 | a plan name from engine.models.quant (default: none)")
+
+
+def note_if_tiny(args) -> None:
+    """Tell the user on stderr that the default tiny model babbles, and how to get the real one."""
+    if args.model == "tiny" and args.model_dir is None:
+        print(TINY_NOTE, file=sys.stderr)
+
+
+def device_arg(v):
+    """--input-device / --output-device: an index ("3") or a name."""
+    if v is None:
+        return None
+    return int(v) if str(v).isdigit() else v
