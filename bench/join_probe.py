@@ -1,4 +1,4 @@
-"""Where a session's join into the batch spends its time (GPU diagnosis; see docs/performance_serve.md).
+"""Where a session's join into the batch spends its time (GPU diagnosis; see docs/performance.md (Server)).
 
     PYTHONPATH=. python bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16
 """

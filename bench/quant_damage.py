@@ -1,6 +1,6 @@
 """Quantization damage: how far a quantized LM's distributions and greedy tokens drift from the
-same weights in float. Used by bench/lm_step.py (--damage) and the quantization tests; the numbers
-behind the default plan are in docs/performance.md."""
+same weights in float. Used by bench/lm_step.py (--quality) and the quantization tests; its table is in
+docs/benchmarks.md (Quantization damage)."""
 from __future__ import annotations
 
 import mlx.core as mx

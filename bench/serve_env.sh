@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ON the lent GPU (after call 1 of bench/gpu_run.sh): the 16-row full-context sweep of bench/serve.py once per
-# MLX CUDA setting, each in its own process (MLX reads these variables once). Results in docs/performance_serve.md.
+# MLX CUDA setting, each in its own process (MLX reads these variables once). Results in docs/performance.md (Server).
 #   carry [".device/b", ".whl", ".ref"]:  bash bench/serve_env.sh
 source .device/b/install.sh >/dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"

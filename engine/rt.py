@@ -2,7 +2,7 @@
 
 A frame's work is ~10 ms of host time every 80 ms; on a busy machine the scheduler can stall that
 thread for tens of milliseconds at a time, which is where the frame-time tail comes from once the
-GPU work is short (docs/performance_fused.md). `boost_current_thread()` asks Linux for the
+GPU work is short (docs/benchmarks.md). `boost_current_thread()` asks Linux for the
 SCHED_FIFO real-time class for the calling thread only (the loop sleeps between frames, so it
 cannot starve the machine); without the privilege (CAP_SYS_NICE / an rtprio limit) it tries a
 lower nice value, and otherwise leaves the thread as it is. It never raises.

@@ -433,7 +433,7 @@ class FusedLM:
                  "wt", "st", "bt", "fp"]
         kv = mx.zeros((1, c.num_heads, c.context, c.head_dim), self.dtype)    # every layer's dummy ring
         # More threads first: at 7B shapes 512 threads x 4 vectors took 41 ms at 16 rows (with 4 attention
-        # chunks per head), 256 x 8 46 ms (one chunk; docs/performance_serve.md).
+        # chunks per head), 256 x 8 46 ms (one chunk; docs/performance.md (Server)).
         for (nb, ks), nt in [(shape, nt) for nt in (NT, NT // 2) for shape in self._temporal_rows_shapes()[:2]]:
             self._trows_nt, self._tnb, self._tks = nt, nb, ks
             smem = 4 * max(nb * _xs(max(c.dim, c.hidden // ks)), c.head_dim + 64 + (nt // 32) * c.head_dim)

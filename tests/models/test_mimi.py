@@ -413,7 +413,7 @@ def test_bf16_code_agreement_7b(mimi_ref_7b, mimi_7b_whole, mimi_test_audio, rec
     the reference, see the parity tests) on 6 s more for a tighter rate. The decoded audio of
     bf16 mode is compared with float32 decoding of the same codes (SNR; 2 s: bf16 matmuls are
     slow on the CPU). bf16 on the encoder
-    path cannot meet 99 % even with data-like codebooks (docs/performance_mimi.md), so the
+    path cannot meet 99 % even with data-like codebooks (docs/benchmarks.md, Mimi), so the
     encoder stays float32: this test guards that policy and the bf16 decoder's quality.
     """
     lat_r, codes_r = mimi_7b_whole
