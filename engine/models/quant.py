@@ -9,8 +9,8 @@ A plan gives a bit width (None = keep the float dtype) per part of the network:
 
 `QuantPlan.parse(8)` / `parse(4)` quantize temporal + depformer and keep embeddings and heads in
 high precision (like the published MLX conversions); strings like "t8d4" or "t8d8e8h8" and dicts
-give mixed plans. The default (`DEFAULT_PLAN`) is chosen from the damage measured on the tiny
-model, see docs/performance_lm.md.
+give mixed plans. The damage each plan does on the tiny model is in docs/benchmarks.md
+(Quantization damage); without `--quantize` the CLIs load the weights unquantized.
 
 Loading the 7B bf16 checkpoint and quantizing it takes minutes; `save` stores the quantized model
 in a local directory (`model.safetensors` in our module layout + `quant.json`), and
@@ -82,10 +82,6 @@ class QuantPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-#: Default for `--quantize default`: 8-bit temporal + depformer (see docs/performance_lm.md).
-DEFAULT_PLAN = QuantPlan(temporal=8, depformer=8)
 
 
 def part_modules(lm) -> dict:
