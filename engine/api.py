@@ -126,10 +126,7 @@ class PersonaPlex:
     def list_voices(self) -> list[str]:
         from . import persona
         names = list(persona.VOICES)
-        if self.files.voices_dir is not None:
-            extra = sorted(p.stem for p in Path(self.files.voices_dir).glob("*.pt")
-                           if p.stem not in names)
-            names += extra
+        names += [n for n in self.files.voice_names() if n not in names]
         return names
 
     def _check_voice(self, voice) -> None:
@@ -373,7 +370,12 @@ def _load_on_worker(files, quantize, dtype, depformer_mode, sampling):
         except KeyError:
             raise ConfigError(f"dtype={dtype!r}: use float32, bfloat16 or float16") from None
     mimi = Mimi.from_file(files.mimi, num_codebooks=8, config=files.mimi_config())
-    lm = LM.from_file(files.lm, config=files.lm_config(), dtype=dt, quantize=quantize)
+    if files.layout == "mlx":   # the Swift demo's converted checkpoints: used as they are quantized
+        from .models.mlx_layout import load_lm
+        lm = load_lm(files.lm_files, config=files.lm_config(), dtype=dt, quantize=quantize,
+                     config_raw=files.mlx_config)
+    else:
+        lm = LM.from_file(files.lm, config=files.lm_config(), dtype=dt, quantize=quantize)
     lm.compile()   # mx.compile'd steps: fewer host ops per step (tested equal to eager)
     gen = LmGen(lm, sampling=sampling or SamplingParams(), depformer_mode=depformer_mode)
     sp = spm.SentencePieceProcessor(model_file=str(files.tokenizer))

@@ -8,6 +8,15 @@ SentencePiece model, the voices directory and the optional `engine_config.json`,
 - a repo id (default `nvidia/personaplex-7b-v1`): `huggingface_hub.hf_hub_download` per file, with
   its progress bars and cache; `HF_HUB_OFFLINE=1` (or `offline=True`) uses the cache only.
 
+Two layouts (engine/filenames.py): the released repository's ("reference": `model.safetensors`,
+`voices.tgz`) and the Swift demo's converted MLX checkpoints ("mlx": `temporal.safetensors`,
+`depformer.safetensors`, `embeddings.safetensors`, `mimi.safetensors`, `config.json`,
+`voices/<NAME>.safetensors`; read by engine/models/mlx_layout.py). A repo id under `aufklarer/`
+(`aufklarer/PersonaPlex-7B-MLX-8bit`, `-4bit`) or a directory holding `temporal.safetensors` is the
+MLX layout. For those repos a complete copy in the Swift demo's own download cache
+(`~/Library/Caches/qwen3-speech/models/<repo>`, or under `$QWEN3_CACHE_DIR`) is used without a
+download.
+
 Hub failures become actionable engine errors (`GatedModelError`, `NetworkError`, `ModelNotFound`),
 safetensors files are checked (header + every tensor's byte range vs the file size) before anything
 loads them (`CorruptCheckpoint`), and free disk / memory are compared with what is needed
@@ -32,7 +41,16 @@ from .filenames import (
     DEFAULT_REPO,
     LM_FILE,
     MIMI_FILE,
+    MLX_CONFIG_FILE,
+    MLX_DEPFORMER_FILE,
+    MLX_EMBEDDINGS_FILE,
+    MLX_MIMI_FILE,
+    MLX_OWNER,
+    MLX_REPOS,
+    MLX_TEMPORAL_FILE,
+    MLX_VOICE_SUFFIX,
     TOKENIZER_FILE,
+    VOICE_NAMES,
     VOICES_ARCHIVE,
     VOICES_DIR,
 )
@@ -47,15 +65,20 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_REPO", "LM_FILE", "MIMI_FILE", "TOKENIZER_FILE", "VOICES_ARCHIVE", "VOICES_DIR",
-    "CONFIG_FILE", "ModelFiles", "resolve_model", "ensure_tiny_model", "check_safetensors",
-    "extract_voices", "available_memory", "check_memory", "check_disk",
+    "CONFIG_FILE", "MLX_REPOS", "ModelFiles", "resolve_model", "ensure_tiny_model", "check_safetensors",
+    "extract_voices", "available_memory", "check_memory", "check_disk", "is_mlx_repo",
 ]
 
 
 # Sizes of the released files (bytes, rounded up), used for the disk check when the hub's HEAD
-# response gives no size and for the memory estimate.
+# response gives no size. The MLX files' are those of the 8-bit conversion (the larger one).
 _RELEASED_SIZES = {LM_FILE: 16_800_000_000, MIMI_FILE: 390_000_000, TOKENIZER_FILE: 600_000,
-                   VOICES_ARCHIVE: 80_000_000}
+                   VOICES_ARCHIVE: 80_000_000, MLX_TEMPORAL_FILE: 7_000_000_000,
+                   MLX_DEPFORMER_FILE: 1_400_000_000, MLX_EMBEDDINGS_FILE: 1_000_000_000,
+                   MLX_MIMI_FILE: 390_000_000, MLX_CONFIG_FILE: 10_000}
+_MLX_VOICE_SIZE = 1_000_000
+_MLX_REQUIRED = (MLX_TEMPORAL_FILE, MLX_DEPFORMER_FILE, MLX_EMBEDDINGS_FILE, MLX_MIMI_FILE, TOKENIZER_FILE,
+                 MLX_CONFIG_FILE)
 _SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
@@ -71,7 +94,11 @@ _SKIP_ENV = "PERSONAPLEX_SKIP_RESOURCE_CHECK"
 @dataclass(frozen=True)
 class ModelFiles:
     """Checked paths of one model. `config` is the parsed engine_config.json ({"lm": {...},
-    "mimi": {...}}) or None for the released 7B model (whose configs are the defaults)."""
+    "mimi": {...}}) or None for the released 7B model (whose configs are the defaults); for the
+    MLX layout its "lm" part comes from the converter's config.json (kept whole in `mlx_config`).
+
+    layout "reference": `lm` is model.safetensors. layout "mlx": `lm` is temporal.safetensors and
+    `lm_files` names the three LM files; voices are `<NAME>.safetensors` instead of `<NAME>.pt`."""
 
     lm: Path
     mimi: Path
@@ -81,7 +108,20 @@ class ModelFiles:
     source: str = ""          # "tiny", the repo id, or the directory given
     root: Path | None = None  # directory holding the files (snapshot dir for a repo)
     is_tiny: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
+    layout: str = "reference"
+    mlx_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def lm_files(self) -> dict[str, Path]:
+        """The LM's files by part: {"model": ...} or {"temporal", "depformer", "embeddings"}."""
+        if self.layout == "mlx":
+            from .models.mlx_layout import PARTS
+            return {part: self.lm.parent / name for part, name in PARTS.items()}
+        return {"model": self.lm}
+
+    @property
+    def voice_suffix(self) -> str:
+        return MLX_VOICE_SUFFIX if self.layout == "mlx" else ".pt"
 
     def lm_config(self):
         """`LmConfig` for this model (from engine_config.json, else the 7B defaults)."""
@@ -100,8 +140,14 @@ class ModelFiles:
     def voice_path(self, name: str) -> Path | None:
         if self.voices_dir is None:
             return None
-        p = self.voices_dir / f"{name}.pt"
+        p = self.voices_dir / f"{name}{self.voice_suffix}"
         return p if p.is_file() else None
+
+    def voice_names(self) -> list[str]:
+        """Names of the voice files in `voices_dir` (sorted)."""
+        if self.voices_dir is None:
+            return []
+        return sorted(p.name[: -len(self.voice_suffix)] for p in Path(self.voices_dir).glob(f"*{self.voice_suffix}"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,9 +278,11 @@ def check_disk(path: str | os.PathLike, need: int, what: str = "the model files"
 
 
 def memory_needed(files: ModelFiles, quantize: int | None = None) -> int:
-    """Estimated bytes of memory to hold the model's weights (LM at bf16 or `quantize` bits + Mimi fp32)."""
-    lm = files.lm.stat().st_size
-    if quantize:
+    """Estimated bytes of memory to hold the model's weights (LM at bf16 or `quantize` bits + Mimi
+    fp32). The MLX layout's LM is held as stored (quantized, floats at 2 bytes): its file sizes."""
+    lm = sum(p.stat().st_size for p in files.lm_files.values())
+    quantized = files.layout == "mlx" and bool((files.mlx_config or {}).get("quantization"))
+    if quantize and not quantized:
         lm = int(lm * (quantize + 1) / 16)  # +1 bit/weight for per-group scales and biases
     return lm + files.mimi.stat().st_size + 256 * 1024 * 1024
 
@@ -344,10 +392,13 @@ def _env_offline() -> bool:
 
 
 def from_directory(root: str | os.PathLike, source: str | None = None, *, is_tiny: bool = False) -> ModelFiles:
-    """`ModelFiles` for a local directory holding the model files (checked)."""
+    """`ModelFiles` for a local directory holding the model files (checked). A directory with
+    `temporal.safetensors` is the converted MLX layout."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ModelNotFound(f"model directory {root} does not exist (or is not a directory)")
+    if (root / MLX_TEMPORAL_FILE).is_file():
+        return _mlx_directory(root, source or str(root))
     required = (LM_FILE, MIMI_FILE, TOKENIZER_FILE)
     missing = [name for name in required if not (root / name).is_file()]
     voices = _local_voices(root)
@@ -360,6 +411,20 @@ def from_directory(root: str | os.PathLike, source: str | None = None, *, is_tin
     return ModelFiles(lm=root / LM_FILE, mimi=root / MIMI_FILE, tokenizer=root / TOKENIZER_FILE,
                       voices_dir=voices, config=_read_config(root / CONFIG_FILE),
                       source=source or str(root), root=root, is_tiny=is_tiny)
+
+
+def _mlx_directory(root: Path, source: str) -> ModelFiles:
+    from .models.mlx_layout import read_config
+
+    missing = [n for n in _MLX_REQUIRED if not (root / n).is_file()]
+    if missing:
+        raise ModelNotFound(
+            f"model directory {root} holds {MLX_TEMPORAL_FILE}, so it is a converted MLX model, but it "
+            f"lacks {', '.join(missing)}. It must hold {', '.join(_MLX_REQUIRED)} and {VOICES_DIR}/<NAME>"
+            f"{MLX_VOICE_SUFFIX}, as in https://huggingface.co/{MLX_REPOS[0]}.")
+    for name in (MLX_TEMPORAL_FILE, MLX_DEPFORMER_FILE, MLX_EMBEDDINGS_FILE, MLX_MIMI_FILE):
+        check_safetensors(root / name)
+    return _mlx_files(root, source, read_config(root / MLX_CONFIG_FILE))
 
 
 def _local_voices(root: Path) -> Path | None:
@@ -422,52 +487,131 @@ def resolve_model(model: str | os.PathLike = DEFAULT_REPO, model_dir: str | os.P
     return files
 
 
-def _hub_files(repo: str) -> list[str]:
-    files = [LM_FILE, MIMI_FILE, TOKENIZER_FILE, VOICES_ARCHIVE]
-    return files
+def is_mlx_repo(repo: str) -> bool:
+    """Whether a repo id names a converted MLX checkpoint (the Swift demo's layout)."""
+    return str(repo).split("/", 1)[0].lower() == MLX_OWNER
+
+
+class _Downloader:
+    """`hf_hub_download` of one repo's files, with the engine's error mapping and progress setting."""
+
+    def __init__(self, repo, *, offline, progress, revision, cache_dir, token, endpoint, force_download):
+        self.repo, self.offline, self.revision = repo, offline, revision
+        self.cache_dir, self.token, self.endpoint = cache_dir, token, endpoint
+        self.force_download = force_download
+        self.ctx = dict(repo=repo, offline=offline, endpoint=endpoint, token=token, cache_dir=cache_dir)
+        # tqdm_class only when silencing (keeps older huggingface_hub versions working by default)
+        self.quiet = {} if progress else {"tqdm_class": _silent_tqdm()}
+
+    def check_space(self, names: list[str]) -> None:
+        if not self.offline:
+            _check_download_space(self.repo, names, revision=self.revision, cache_dir=self.cache_dir,
+                                  token=self.token, endpoint=self.endpoint, ctx=self.ctx,
+                                  force_download=self.force_download)
+
+    def get(self, name: str, optional: bool = False) -> Path | None:
+        import huggingface_hub as hh
+        try:
+            return Path(hh.hf_hub_download(
+                self.repo, name, revision=self.revision, cache_dir=self.cache_dir, token=self.token,
+                local_files_only=self.offline, endpoint=self.endpoint,
+                force_download=self.force_download and not self.offline, **self.quiet))
+        except Exception as exc:  # mapped to engine errors; anything unknown is re-raised
+            mapped = _map_hub_error(exc, name, **self.ctx)
+            if optional and isinstance(mapped, ModelNotFound):
+                return None
+            raise mapped from exc
+
+    def check(self, path: Path, name: str) -> None:
+        try:
+            check_safetensors(path)
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"{exc} To fetch it again: `hf download {self.repo} {name} --force-download`"
+                                    f" (or resolve_model(..., force_download=True)).") from None
 
 
 def _from_hub(repo: str, *, offline: bool, progress: bool, revision, cache_dir, token, endpoint,
               check_resources: bool, force_download: bool = False) -> ModelFiles:
-    import huggingface_hub as hh
-
-    wanted = _hub_files(repo)
-    ctx = dict(repo=repo, offline=offline, endpoint=endpoint, token=token, cache_dir=cache_dir)
-    if not offline and check_resources:
-        _check_download_space(repo, wanted, revision=revision, cache_dir=cache_dir, token=token,
-                              endpoint=endpoint, ctx=ctx, force_download=force_download)
-    # tqdm_class only when silencing (keeps older huggingface_hub versions working by default)
-    quiet = {} if progress else {"tqdm_class": _silent_tqdm()}
-    paths: dict[str, Path] = {}
-    for name in wanted:
-        try:
-            paths[name] = Path(hh.hf_hub_download(
-                repo, name, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=offline, endpoint=endpoint,
-                force_download=force_download and not offline, **quiet))
-        except Exception as exc:  # mapped to engine errors below; anything unknown is re-raised
-            raise _map_hub_error(exc, name, **ctx) from exc
+    dl = _Downloader(repo, offline=offline, progress=progress, revision=revision, cache_dir=cache_dir,
+                     token=token, endpoint=endpoint, force_download=force_download)
+    if is_mlx_repo(repo):
+        return _from_hub_mlx(dl, check_resources)
+    wanted = [LM_FILE, MIMI_FILE, TOKENIZER_FILE, VOICES_ARCHIVE]
+    if check_resources:
+        dl.check_space(wanted)
+    paths = {name: dl.get(name) for name in wanted}
     config_path = None
     if repo != DEFAULT_REPO:  # our own / converted repos may carry non-default configs
-        try:
-            config_path = Path(hh.hf_hub_download(
-                repo, CONFIG_FILE, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=offline, endpoint=endpoint, **quiet))
-        except Exception as exc:
-            mapped = _map_hub_error(exc, CONFIG_FILE, **ctx)
-            if not isinstance(mapped, ModelNotFound):
-                raise mapped from exc
+        config_path = dl.get(CONFIG_FILE, optional=True)
     for name in (LM_FILE, MIMI_FILE):
-        try:
-            check_safetensors(paths[name])
-        except CorruptCheckpoint as exc:
-            raise CorruptCheckpoint(f"{exc} To fetch it again: `hf download {repo} {name} --force-download`"
-                                    f" (or resolve_model(..., force_download=True)).") from None
+        dl.check(paths[name], name)
     voices = extract_voices(paths[VOICES_ARCHIVE])
     root = paths[LM_FILE].parent
     return ModelFiles(lm=paths[LM_FILE], mimi=paths[MIMI_FILE], tokenizer=paths[TOKENIZER_FILE],
                       voices_dir=voices, config=_read_config(config_path) if config_path else None,
                       source=repo, root=root)
+
+
+def _from_hub_mlx(dl: _Downloader, check_resources: bool) -> ModelFiles:
+    """A converted MLX repo: the Swift demo's complete copy if there is one, else the hub's files
+    (config.json first: it lists the voices)."""
+    from .models.mlx_layout import read_config, voice_names
+
+    if not dl.force_download:
+        local = _swift_demo_copy(dl.repo)
+        if local is not None:
+            return local
+    config_path = dl.get(MLX_CONFIG_FILE)
+    raw = read_config(config_path)
+    voices = [f"{VOICES_DIR}/{n}{MLX_VOICE_SUFFIX}" for n in (voice_names(raw) or VOICE_NAMES)]
+    wanted = [MLX_TEMPORAL_FILE, MLX_DEPFORMER_FILE, MLX_EMBEDDINGS_FILE, MLX_MIMI_FILE, TOKENIZER_FILE]
+    if check_resources:
+        dl.check_space(wanted + voices)
+    paths = {name: dl.get(name) for name in wanted + voices}
+    for name in (MLX_TEMPORAL_FILE, MLX_DEPFORMER_FILE, MLX_EMBEDDINGS_FILE, MLX_MIMI_FILE):
+        dl.check(paths[name], name)
+    return _mlx_files(config_path.parent, dl.repo, raw)
+
+
+def _swift_demo_roots() -> list[Path]:
+    """Where the Swift demo (swift-transformers' HubApi) keeps its downloads: `qwen3-speech` under
+    $QWEN3_CACHE_DIR (or the legacy $QWEN3_ASR_CACHE_DIR), else under the user's caches directory."""
+    for var in ("QWEN3_CACHE_DIR", "QWEN3_ASR_CACHE_DIR"):
+        v = os.environ.get(var, "").strip()
+        if v:
+            return [Path(v).expanduser() / "qwen3-speech"]
+    home = Path.home()
+    bases = [home / "Library" / "Caches", Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")]
+    return [b / "qwen3-speech" for b in bases]
+
+
+def _swift_demo_copy(repo: str) -> ModelFiles | None:
+    """The demo's copy of `repo` when it is complete and intact (`models/<owner>/<name>/`, or the
+    older flat `<owner>_<name>/`), else None."""
+    flat = re.sub(r"[^A-Za-z0-9._-]", "_", repo.replace("/", "_")).strip("._")
+    for base in _swift_demo_roots():
+        for d in (base / "models" / repo, base / flat):
+            if not all((d / n).is_file() for n in _MLX_REQUIRED):
+                continue
+            try:
+                return from_directory(d, source=repo)
+            except (ModelNotFound, CorruptCheckpoint):
+                continue   # incomplete or damaged: download into the Hugging Face cache instead
+    return None
+
+
+def _mlx_files(root: Path, source: str, raw: dict) -> ModelFiles:
+    """`ModelFiles` of a checked MLX-layout directory (`raw`: its parsed config.json)."""
+    from .models.mlx_layout import lm_config_dict
+
+    config = {"lm": lm_config_dict(raw)}
+    ours = _read_config(root / CONFIG_FILE)   # optional: the codec config of a non-released Mimi
+    if ours and "mimi" in ours:
+        config["mimi"] = ours["mimi"]
+    voices = root / VOICES_DIR
+    return ModelFiles(lm=root / MLX_TEMPORAL_FILE, mimi=root / MLX_MIMI_FILE, tokenizer=root / TOKENIZER_FILE,
+                      voices_dir=voices if voices.is_dir() else None, config=config, source=source,
+                      root=root, layout="mlx", mlx_config=raw)
 
 
 def _silent_tqdm():
@@ -497,7 +641,9 @@ def _check_download_space(repo, wanted, *, revision, cache_dir, token, endpoint,
             size = meta.size
         except Exception as exc:
             raise _map_hub_error(exc, name, **ctx) from exc
-        need += size if size is not None else _RELEASED_SIZES.get(name, 0)
+        if size is None:
+            size = _RELEASED_SIZES.get(name, _MLX_VOICE_SIZE if name.startswith(f"{VOICES_DIR}/") else 0)
+        need += size
     if need:
         target = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
         # the voices archive is unpacked next to itself: count it twice

@@ -3,6 +3,8 @@
 - `VOICES`: the 18 released voice presets (NATF0-3, NATM0-3 natural; VARF0-4, VARM0-4 variety).
 - `load_voice(name_or_path, files, mimi=None) -> VoicePrompt`: a preset name or a `.pt` path is
   read with the torch-free reader (engine._torchpt; embeddings (N,1,1,D) + token ring (1,17,4));
+  the converted MLX layout's presets (and any `.safetensors` voice path) hold the same two arrays
+  as safetensors (`embeddings` fp16, `cache` as float32);
   a `.wav` path is a custom voice: downmixed/resampled to 24 kHz, loudness-normalised to -24 LUFS
   (pyloudnorm, ITU-R BS.1770), cut into 1920-sample frames (last one zero-padded) and Mimi-encoded
   frame by frame into agent codes -> `VoicePrompt.from_codes`.
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import AudioFormatError, ConfigError, CorruptCheckpoint, UnknownVoice
+from .filenames import VOICE_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import ModelFiles
@@ -48,9 +51,7 @@ __all__ = [
     "TEXT_EPAD", "TEXT_BOS", "TEXT_EOS", "TEXT_PAD",
 ]
 
-VOICES: tuple[str, ...] = tuple(
-    [f"NATF{i}" for i in range(4)] + [f"NATM{i}" for i in range(4)]
-    + [f"VARF{i}" for i in range(5)] + [f"VARM{i}" for i in range(5)])
+VOICES: tuple[str, ...] = VOICE_NAMES
 DEFAULT_VOICE = "NATM0"
 
 # Text token ids with a meaning of their own (offline.py: EPAD, BOS, EOS, PAD); 0 and 3 are silent.
@@ -142,7 +143,17 @@ def _voice_error(name: str, files: "ModelFiles | None") -> UnknownVoice:
     where = f" in {files.voices_dir}" if files is not None and files.voices_dir is not None else ""
     return UnknownVoice(
         f"unknown voice {name!r}{where}. Valid voices: {', '.join(VOICES)}; or give the path of a "
-        ".pt voice prompt or of a .wav file (a custom voice, a few seconds of clean speech).")
+        ".pt / .safetensors voice prompt or of a .wav file (a custom voice, a few seconds of clean speech).")
+
+
+def _preset_missing(preset: str, files: "ModelFiles | None") -> UnknownVoice:
+    if files is None or files.voices_dir is None:
+        return UnknownVoice(f"voice {preset} is a preset, but this model has no voices directory "
+                            f"({getattr(files, 'root', None)}): re-download the model's voices")
+    path = files.voices_dir / (preset + files.voice_suffix)
+    fix = ("re-download voices/ from the model's repository" if files.layout == "mlx"
+           else "re-extract or re-download voices.tgz")
+    return UnknownVoice(f"voice {preset} is a preset, but {path} is missing: {fix}")
 
 
 def load_voice(name_or_path: str | os.PathLike, files: "ModelFiles | None" = None, mimi=None) -> VoicePrompt:
@@ -163,34 +174,51 @@ def load_voice(name_or_path: str | os.PathLike, files: "ModelFiles | None" = Non
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ConfigError(f"voice must be a preset name or a path, got {type(name_or_path).__name__}")
     s = os.fspath(name_or_path)
-    key = s[:-3] if s.lower().endswith(".pt") else s
+    key = next((s[: -len(x)] for x in (".pt", ".safetensors") if s.lower().endswith(x)), s)
     preset = key.upper() if key.upper() in VOICES else None
     if preset is not None and os.sep not in s:
         path = files.voice_path(preset) if files is not None else None
         if path is None:
-            if files is None or files.voices_dir is None:
-                raise UnknownVoice(f"voice {preset} is a preset, but this model has no voices directory "
-                                   f"({getattr(files, 'root', None)}): re-download the model's voices.tgz")
-            raise UnknownVoice(f"voice {preset} is a preset, but {files.voices_dir / (preset + '.pt')} "
-                               "is missing: re-extract or re-download voices.tgz")
-        return _voice_from_pt(path)
+            raise _preset_missing(preset, files)
+        return _voice_from_file(path)
     path = Path(s).expanduser()
     if not path.is_file():
         raise _voice_error(s, files)
-    if path.suffix.lower() == ".pt":
-        return _voice_from_pt(path)
+    if path.suffix.lower() in (".pt", ".safetensors"):
+        return _voice_from_file(path)
     if path.suffix.lower() in (".wav", ".wave"):
         if mimi is None:
             raise ConfigError(f"custom voice {path} is audio: load_voice needs the model's Mimi codec "
                               "(mimi=...) to encode it")
         return voice_from_audio(path, mimi)
-    raise UnknownVoice(f"voice file {path} must be a .pt voice prompt or a .wav recording")
+    raise UnknownVoice(f"voice file {path} must be a .pt or .safetensors voice prompt or a .wav recording")
 
 
-def _voice_from_pt(path: Path) -> VoicePrompt:
-    from . import _torchpt
+def _read_safetensors_voice(path: Path) -> dict:
+    """The arrays of a converted voice file. `cache` is stored as float32 and must hold whole token
+    ids; it comes back as int64."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
-    data = _torchpt.load(path)
+    try:
+        data = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{path} is not a readable safetensors voice file ({exc}); download it again") from None
+    cache = data.get("cache")
+    if isinstance(cache, np.ndarray) and np.issubdtype(cache.dtype, np.floating):
+        if not (np.all(np.isfinite(cache)) and np.array_equal(cache, np.round(cache))):
+            raise CorruptCheckpoint(f"{path}: cache must hold whole token ids, found fractional values")
+        data["cache"] = cache.astype(np.int64)
+    return data
+
+
+def _voice_from_file(path: Path) -> VoicePrompt:
+    """A released `.pt` voice prompt or its converted `.safetensors` form."""
+    if path.suffix.lower() == ".safetensors":
+        data = _read_safetensors_voice(path)
+    else:
+        from . import _torchpt
+        data = _torchpt.load(path)
     if not isinstance(data, dict) or "embeddings" not in data or "cache" not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CorruptCheckpoint(f"{path}: a voice prompt holds 'embeddings' and 'cache', found {keys}")

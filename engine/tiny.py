@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .filenames import VOICE_NAMES
+
 __all__ = ["ensure_tiny_model", "tiny_dir", "TINY_NAME", "TINY_SEED", "TINY_CORPUS"]
 
 TINY_NAME = "tiny-v1"
@@ -84,9 +86,6 @@ Wow, that is amazing news! Congratulations on the new job, you really deserve it
 Okay, yes, no, maybe, sure, absolutely, of course, right, well, hmm, I see, great.
 """
 
-_VOICE_NAMES = tuple([f"NATF{i}" for i in range(4)] + [f"NATM{i}" for i in range(4)]
-                     + [f"VARF{i}" for i in range(5)] + [f"VARM{i}" for i in range(5)])
-
 _README = """\
 # PersonaPlex tiny model (random weights)
 
@@ -135,7 +134,7 @@ def _is_complete(d: Path, build_id: str) -> bool:
         return False
     names = (LM_FILE, MIMI_FILE, TOKENIZER_FILE, CONFIG_FILE)
     return all((d / n).is_file() for n in names) and all(
-        (d / "voices" / f"{v}.pt").is_file() for v in _VOICE_NAMES)
+        (d / "voices" / f"{v}.pt").is_file() for v in VOICE_NAMES)
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -226,7 +225,7 @@ def _make_voices(out: Path, lm_path: Path, lm_cfg) -> None:
     gen = LmGen(lm)
     out.mkdir(parents=True, exist_ok=True)
     n_cb = lm_cfg.n_q // 2
-    for i, name in enumerate(_VOICE_NAMES):
+    for i, name in enumerate(VOICE_NAMES):
         rng = np.random.default_rng([TINY_SEED, i])
         frames = int(rng.integers(*_VOICE_FRAMES))
         codes = rng.integers(0, lm_cfg.card, size=(n_cb, frames), dtype=np.int64)

@@ -440,12 +440,19 @@ class LM(nn.Module):
     def from_cache(cls, directory) -> "LM":
         """Load a model written by `quant.save` as it is (no re-quantization)."""
         config, dtype, plan, weights_path = quant.read_cache(directory)
-        lm = cls(LmConfig.from_dict(config), dtype)
-        quant.apply(lm, plan, evaluate=False)  # shapes only: the lazy zeros are never computed
         try:
             weights = mx.load(str(weights_path))
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpoint(f"cannot read {str(weights_path)!r}: {e}") from None
+        return cls.from_quantized(weights, LmConfig.from_dict(config), dtype, plan)
+
+    @classmethod
+    def from_quantized(cls, weights: dict, config: LmConfig, dtype, plan) -> "LM":
+        """A model from weights in this module tree that are already quantized by `plan` (packed
+        weights + `scales` / `biases`, as `quant.save` or engine/models/mlx_layout.py give them):
+        loaded as they are, never re-quantized. Float arrays are cast to `dtype`."""
+        lm = cls(config, dtype)
+        quant.apply(lm, plan, evaluate=False)  # shapes only: the lazy zeros are never computed
         lm.load_sanitized(weights)
         return lm
 
@@ -710,24 +717,102 @@ def _scatter(a, idx, upd, axis):
 # ----------------------------------------------------------------------------- checkpoints
 _STEP_KEY = re.compile(r"^(depformer_in|depformer_emb|linears)\.(\d+)\.weight$")
 _GATING_KEY = re.compile(r"^depformer\.layers\.(\d+)\.gating\.(\d+)\.(linear_in|linear_out)\.weight$")
+_COMPANION_KEY = re.compile(r"^(.*)([._])(scales|biases)$")
 _DROP_PREFIXES = ("extra_heads.",)
 
 
-def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
+@dataclass
+class _Param:
+    """One matrix of a checkpoint: its weight and, for an MLX affine-quantized matrix, the packed
+    uint32 weight with its per-group `scales` and `biases` (which follow every stacking step)."""
+
+    key: str
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    def items(self, dst: str):
+        """(key, array) pairs under our name `dst` ("....weight")."""
+        yield dst, self.weight
+        if self.quantized:
+            base = dst[: -len("weight")]
+            yield base + "scales", self.scales
+            yield base + "biases", self.biases
+
+
+def _group_companions(weights: dict, describe) -> dict:
+    """key -> _Param: `X.scales`/`X.biases` (or `X_scales`/`X_biases` next to a packed `X_weight`)
+    join the weight they quantize."""
+    comp, plain = {}, {}
+    for k, v in weights.items():
+        m = _COMPANION_KEY.match(k)
+        if m:
+            comp.setdefault((m.group(1), m.group(2)), {})[m.group(3)] = v
+        else:
+            plain[k] = v
+    out = {}
+    for k, v in plain.items():
+        c = comp.pop((k[: -len("weight") - 1], k[-len("weight") - 1]), None) if k.endswith("weight") else None
+        if c is not None and len(c) != 2:
+            raise CorruptCheckpoint(f"LM checkpoint has {describe(k)} with {sorted(c)} but not both "
+                                    "scales and biases")
+        out[k] = _Param(k, v, c["scales"], c["biases"]) if c else _Param(k, v)
+    if comp:
+        orphans = sorted(f"{base}{sep}{kind}" for (base, sep), c in comp.items() for kind in c)
+        raise CorruptCheckpoint(f"LM checkpoint has quantization scales/biases without their weight: "
+                                f"{', '.join(describe(k) for k in orphans[:4])}")
+    return out
+
+
+def _cat(parts: list, what: str, describe) -> _Param:
+    """Stack matrices on axis 0 (all float, or all quantized alike)."""
+    if len(parts) == 1:
+        return parts[0]
+    q = {p.quantized for p in parts}
+    if len(q) > 1:
+        raise CorruptCheckpoint(f"LM checkpoint mixes quantized and float matrices in {what}: "
+                                f"{', '.join(describe(p.key) for p in parts if p.quantized)[:200]} are "
+                                "quantized, the others are not")
+    try:
+        cat = [mx.concatenate([getattr(p, a) for p in parts], axis=0)
+               for a in (("weight", "scales", "biases") if q == {True} else ("weight",))]
+    except ValueError:
+        shapes = sorted({(describe(p.key), tuple(p.weight.shape)) for p in parts})
+        raise CorruptCheckpoint(f"LM checkpoint: the matrices of {what} do not stack (shapes {shapes[:4]})") from None
+    return _Param(parts[0].key, *cat)
+
+
+def _zeros_like(p: _Param) -> _Param:
+    if p.quantized:
+        return _Param(p.key, mx.zeros_like(p.weight), mx.zeros_like(p.scales), mx.zeros_like(p.biases))
+    return _Param(p.key, mx.zeros_like(p.weight))
+
+
+def sanitize(weights: dict, config: LmConfig | None = None, describe=None) -> dict:
     """Reference key names (PersonaPlex `model.safetensors`, or a PyPI moshi `LMModel.state_dict()`)
     -> this module tree. Pure: returns a new dict, arrays untouched except stacking / reshaping.
 
     Applies the PersonaPlex loader fix-ups when the checkpoint has fewer depformer steps than
     `config.dep_q` (8 -> 16): packed depformer attention weights are repeated, missing per-step
     `gating.N`, `linears.N`, `depformer_in.N`, `depformer_emb.N` are copied from N-8.
+
+    A matrix may come MLX affine-quantized: its packed uint32 weight plus `.scales` / `.biases`
+    (`_scales` / `_biases` next to a packed `in_proj_weight`); they are stacked with it and come
+    out as `<our name>.scales` / `.biases` (engine/models/mlx_layout.py reads such checkpoints).
+    `describe(key)` renders a key in error messages (default: repr).
     """
     c = config or LmConfig.personaplex()
-    w = {k: v for k, v in weights.items() if not k.startswith(_DROP_PREFIXES)}
+    describe = describe or repr
+    w = _group_companions({k: v for k, v in weights.items() if not k.startswith(_DROP_PREFIXES)}, describe)
     out = {}
 
     def take(key):
         if key not in w:
-            raise CorruptCheckpoint(f"LM checkpoint is missing {key!r}")
+            raise CorruptCheckpoint(f"LM checkpoint is missing {describe(key)}")
         return w.pop(key)
 
     def attn_proj(prefix, name, packed_key):
@@ -738,15 +823,17 @@ def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
         parts = sorted((int(m.group(1)), k) for k in list(w)
                        if (m := re.fullmatch(re.escape(f"{prefix}.{name}s.") + r"(\d+)\.weight", k)))
         if not parts:
-            raise CorruptCheckpoint(f"LM checkpoint is missing {prefix}.{packed_key!r}")
-        return mx.concatenate([w.pop(k) for _, k in parts], axis=0)
+            raise CorruptCheckpoint(f"LM checkpoint is missing {describe(f'{prefix}.{packed_key}')}")
+        return _cat([w.pop(k) for _, k in parts], f"{prefix}.{name}", describe)
 
     def norm(src, dst):
         a = take(src)
-        out[dst] = a.reshape(-1)
+        if a.quantized:
+            raise CorruptCheckpoint(f"LM checkpoint: norm {describe(src)} must not be quantized")
+        out[dst] = _Param(src, a.weight.reshape(-1))
 
     out["text_emb.weight"] = take("text_emb.weight")
-    out["emb.weight"] = mx.concatenate([take(f"emb.{q}.weight") for q in range(c.n_q)], axis=0)
+    out["emb.weight"] = _cat([take(f"emb.{q}.weight") for q in range(c.n_q)], "emb", describe)
     out["text_linear.weight"] = take("text_linear.weight")
     norm("out_norm.alpha", "out_norm.weight")
     for i in range(c.num_layers):
@@ -775,11 +862,11 @@ def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
                 if name == "depformer_emb" and s == 7 and (name, 6) in steps and n > 8:
                     # 8-step checkpoint: the reference leaves this table at its random init (it
                     # only feeds step 8, the user's cb0); zeros are the deterministic stand-in.
-                    parts.append(mx.zeros_like(steps[(name, 6)]))
+                    parts.append(_zeros_like(steps[(name, 6)]))
                     continue
-                raise CorruptCheckpoint(f"LM checkpoint is missing {name}.{s}.weight")
+                raise CorruptCheckpoint(f"LM checkpoint is missing {describe(f'{name}.{s}.weight')}")
             parts.append(steps[(name, src)])
-        return mx.concatenate(parts, axis=0)
+        return _cat(parts, name, describe)
 
     out["depformer_in.weight"] = stacked("depformer_in", c.depformer_in_slots)
     out["depformer_emb.weight"] = stacked("depformer_emb", max(c.dep_q - 1, 1))
@@ -795,8 +882,9 @@ def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
         p = f"depformer.layers.{j}"
         for name, packed, rows in (("in_proj", "in_proj_weight", 3 * Dd), ("out_proj", "out_proj_weight", Dd)):
             a = attn_proj(f"{p}.self_attn", name, packed)
-            if a.shape[0] != S * rows and a.shape[0] > 0 and (S * rows) % a.shape[0] == 0 and a.shape[0] % rows == 0:
-                a = mx.concatenate([a] * (S * rows // a.shape[0]), axis=0)  # 8-step checkpoint -> 16 slots
+            n_rows = a.weight.shape[0]
+            if n_rows != S * rows and n_rows > 0 and (S * rows) % n_rows == 0 and n_rows % rows == 0:
+                a = _cat([a] * (S * rows // n_rows), f"{p}.self_attn.{name}", describe)  # 8-step checkpoint -> 16 slots
             out[f"{p}.self_attn.{name}.weight"] = a
         norm(f"{p}.norm1.alpha", f"{p}.norm1.weight")
         norm(f"{p}.norm2.alpha", f"{p}.norm2.weight")
@@ -810,14 +898,14 @@ def sanitize(weights: dict, config: LmConfig | None = None) -> dict:
                 while (j, src, n) not in gat and src >= 8:
                     src -= 8
                 if (j, src, n) not in gat:
-                    raise CorruptCheckpoint(f"LM checkpoint is missing {p}.gating.{s}.{n}.weight")
+                    raise CorruptCheckpoint(f"LM checkpoint is missing {describe(f'{p}.gating.{s}.{n}.weight')}")
                 parts.append(gat[(j, src, n)])
-            out[f"{p}.gating.{n}.weight"] = mx.concatenate(parts, axis=0)
+            out[f"{p}.gating.{n}.weight"] = _cat(parts, f"{p}.gating.{n}", describe)
     leftover = sorted(k for k in w if not (_STEP_KEY.match(k) or _GATING_KEY.match(k)))
     if leftover:
-        raise CorruptCheckpoint(f"LM checkpoint has unexpected keys for this config: {leftover[:8]}"
-                                f"{' ...' if len(leftover) > 8 else ''}")
-    return out
+        raise CorruptCheckpoint(f"LM checkpoint has unexpected keys for this config: "
+                                f"{', '.join(describe(k) for k in leftover[:8])}{' ...' if len(leftover) > 8 else ''}")
+    return {k: v for dst, p in out.items() for k, v in p.items(dst)}
 
 
 def random_state_dict(config: LmConfig | None = None, seed: int = 0) -> dict:
