@@ -105,8 +105,12 @@ class PersonaPlex:
              sampling=None, worker: ModelWorker | None = None) -> "PersonaPlex":
         """Load a model: "tiny" (embedded, random weights, babbles), a repo id, or a local directory.
 
-        quantize: None (full precision), 8 or 4 (MLX affine, group 64), applied at load.
-        dtype: "float32" | "bfloat16" | None (float32 for the tiny model, else bfloat16).
+        The Swift demo's converted checkpoints (`aufklarer/PersonaPlex-7B-MLX-8bit` / `-4bit`, or a
+        directory in that layout) load as they are quantized.
+        quantize: None (full precision; for a converted checkpoint: as stored), 8 or 4 (MLX affine,
+        group 64), applied at load. A converted checkpoint accepts only its own bits.
+        dtype: "float32" | "bfloat16" | "float16" | None (float32 for the tiny model, else bfloat16;
+        a converted checkpoint's fp16 floats, scales and biases are cast to it).
         """
         from . import hub
 
@@ -117,6 +121,8 @@ class PersonaPlex:
         t0 = time.perf_counter()
         mimi, lm, gen, sp = worker.call(_load_on_worker, files, quantize, dtype, depformer_mode,
                                         sampling)
+        if quantize is None and lm.quant_plan is not None:   # a converted checkpoint's own plan
+            quantize = lm.quant_plan.name
         return cls(files, mimi, lm, gen, sp, worker, quantize, time.perf_counter() - t0)
 
     def close(self) -> None:

@@ -568,6 +568,7 @@ def _from_hub_mlx(dl: _Downloader, check_resources: bool) -> ModelFiles:
     if check_resources:
         dl.check_space(wanted + voices)
     paths = {name: dl.get(name) for name in wanted + voices}
+    dl.get(CONFIG_FILE, optional=True)   # ours, next to config.json: only a non-released codec needs it
     for name in (MLX_TEMPORAL_FILE, MLX_DEPFORMER_FILE, MLX_EMBEDDINGS_FILE, MLX_MIMI_FILE):
         dl.check(paths[name], name)
     return _mlx_files(config_path.parent, dl.repo, raw)
@@ -691,8 +692,13 @@ def _map_hub_error(exc: BaseException, filename: str, *, repo: str, offline: boo
             f"it is not in the cache: check your connection / proxy (HTTPS_PROXY), or set HF_HUB_OFFLINE=1 "
             f"with a filled cache, or pass --model-dir DIR with the files. ({_cause_text(exc)})")
     if isinstance(exc, he.EntryNotFoundError):
+        hint = ""
+        if filename == LM_FILE:
+            hint = (f" A converted MLX checkpoint (the Swift demo's layout, {MLX_TEMPORAL_FILE} ...) is read from "
+                    f"repos under {MLX_OWNER}/ or from a local directory: download it (`hf download {repo} "
+                    "--local-dir DIR`) and pass DIR.")
         return ModelNotFound(f"{repo} has no file {filename}: is this a PersonaPlex model repository "
-                             f"(like {DEFAULT_REPO})?")
+                             f"(like {DEFAULT_REPO} or {MLX_REPOS[0]})?{hint}")
     if isinstance(exc, he.HfHubHTTPError):
         status = _status(exc)
         if status is not None and (status >= 500 or status == 429):

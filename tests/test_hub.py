@@ -452,3 +452,105 @@ def test_tiny_voices_load_in_torch(tiny_a):
     assert d["cache"].dtype == torch.int64 and tuple(d["cache"].shape) == (1, 17, 4)
     np.testing.assert_array_equal(d["embeddings"].float().numpy(),
                                   _torchpt.load(tiny_a / "voices" / "NATM0.pt")["embeddings"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the converted MLX layout (aufklarer/PersonaPlex-7B-MLX-4bit / -8bit)
+
+MLX_REPO = "aufklarer/PersonaPlex-7B-MLX-8bit"
+
+
+@pytest.fixture(scope="module")
+def mlx_dir(tmp_path_factory):
+    from tests import swift_layout_writer as W
+    base = tmp_path_factory.mktemp("mlx_hub")
+    return W.convert(W.reference_dir(base / "src"), base / "mlx8", 8)
+
+
+def _dir_files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def mlx_hub(fake_hub, mlx_dir):
+    files = _dir_files(mlx_dir)
+    fake_hub.repos[MLX_REPO] = files
+    fake_hub.repos["aufklarer/no-voice"] = {k: v for k, v in files.items() if k != "voices/VARM2.safetensors"}
+    fake_hub.repos["aufklarer/trunc"] = {**files, "depformer.safetensors": files["depformer.safetensors"][:-9]}
+    return fake_hub
+
+
+def test_mlx_repo_download_and_offline(mlx_hub, hf_env, monkeypatch):
+    mlx_hub.requests.clear()
+    files = _resolve(mlx_hub, MLX_REPO, hf_env)
+    assert files.layout == "mlx" and files.source == MLX_REPO and hub.is_mlx_repo(MLX_REPO)
+    assert {k: p.name for k, p in files.lm_files.items()} == {
+        "temporal": "temporal.safetensors", "depformer": "depformer.safetensors", "embeddings": "embeddings.safetensors"}
+    assert all(p.is_file() for p in files.lm_files.values()) and files.mimi.name == "mimi.safetensors"
+    assert files.voice_names() == sorted(hub.VOICE_NAMES)
+    assert files.voice_path("NATF2") == files.voices_dir / "NATF2.safetensors"
+    assert files.mlx_config["quantization"]["bits"] == 8 and files.config["mimi"]   # the tiny codec's config
+    asked = {p.split("/resolve/main/")[1] for _, p in mlx_hub.requests}
+    assert asked == set(mlx_hub.repos[MLX_REPO]), "exactly the layout's files (config.json lists the voices)"
+    assert str(files.root).startswith(str(hf_env))
+    n = len(mlx_hub.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = _resolve(mlx_hub, MLX_REPO, hf_env)
+    assert again.lm == files.lm and len(mlx_hub.requests) == n, "offline: the cache only"
+    with pytest.raises(ModelNotFound, match=r"(?s)config\.json from aufklarer/PersonaPlex-7B-MLX-4bit.*offline"):
+        _resolve(mlx_hub, "aufklarer/PersonaPlex-7B-MLX-4bit", hf_env)
+
+
+def test_mlx_repo_errors(mlx_hub, hf_env):
+    with pytest.raises(ModelNotFound, match=r"aufklarer/no-voice has no file voices/VARM2\.safetensors"):
+        _resolve(mlx_hub, "aufklarer/no-voice", hf_env)
+    with pytest.raises(CorruptCheckpoint, match=r"(?s)depformer\.safetensors is truncated.*--force-download"):
+        _resolve(mlx_hub, "aufklarer/trunc", hf_env)
+    with pytest.raises(ModelNotFound, match="aufklarer/PersonaPlex-7B-MLX-4bit was not found"):
+        _resolve(mlx_hub, "aufklarer/PersonaPlex-7B-MLX-4bit", hf_env)
+
+
+@pytest.mark.filterwarnings("ignore:Not enough free disk space")
+def test_mlx_repo_disk_check(mlx_hub, hf_env, monkeypatch):
+    import shutil as _sh
+    real = _sh.disk_usage
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(ResourceError, match="disk space"):
+        _resolve(mlx_hub, MLX_REPO, hf_env, check_resources=True)
+    blobs = hf_env / "models--aufklarer--PersonaPlex-7B-MLX-8bit" / "blobs"
+    assert sum(p.stat().st_size for p in blobs.iterdir()) < 10_000   # config.json only
+
+
+@pytest.mark.parametrize("where", ["models/aufklarer/PersonaPlex-7B-MLX-8bit", "aufklarer_PersonaPlex-7B-MLX-8bit"])
+def test_swift_demo_cache_is_used_without_network(mlx_dir, tmp_path, monkeypatch, where, hf_env):
+    """A Mac that ran the Swift demo keeps the repo in the demo's own cache: used as it is."""
+    import shutil as _sh
+
+    import huggingface_hub.utils._http as hf_http
+    monkeypatch.setattr(hf_http.time, "sleep", lambda s: None)  # skip the library's retry backoff
+    demo = tmp_path / "caches" / "qwen3-speech" / where
+    _sh.copytree(mlx_dir, demo)
+    monkeypatch.setenv("QWEN3_CACHE_DIR", str(tmp_path / "caches"))
+    with socket.socket() as s:   # nothing listens there: any download attempt would fail
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    files = hub.resolve_model(MLX_REPO, endpoint=dead, cache_dir=hf_env, progress=False, token=False,
+                              check_resources=False)
+    assert files.root == demo and files.layout == "mlx" and files.source == MLX_REPO
+    (demo / "depformer.safetensors").unlink()   # incomplete: the hub is asked instead
+    with pytest.raises(NetworkError):
+        hub.resolve_model(MLX_REPO, endpoint=dead, cache_dir=hf_env, progress=False, token=False,
+                          check_resources=False)
+
+
+def test_mlx_local_directory_and_memory(mlx_dir, monkeypatch):
+    files = hub.resolve_model(str(mlx_dir), check_resources=False)
+    assert files.layout == "mlx" and files.root == mlx_dir
+    assert hub.resolve_model("tiny", model_dir=mlx_dir, check_resources=False).layout == "mlx"
+    lm_bytes = sum((mlx_dir / n).stat().st_size for n in ("temporal.safetensors", "depformer.safetensors",
+                                                          "embeddings.safetensors"))
+    want = lm_bytes + (mlx_dir / "mimi.safetensors").stat().st_size + 256 * 1024 * 1024
+    assert hub.memory_needed(files) == hub.memory_needed(files, 4) == want   # held as stored
+    monkeypatch.setattr(hub, "available_memory", lambda: want - 1)
+    with pytest.raises(ResourceError, match="memory"):
+        hub.resolve_model(mlx_dir)

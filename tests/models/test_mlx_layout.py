@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from engine.models.lm import LM, LmConfig, random_state_dict
 from engine.models.quant import QuantPlan
 from tests import swift_layout_writer as W
 
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = ROOT / "examples" / "hello.wav"
 CFG = LmConfig.tiny()
 GREEDY = SamplingParams(greedy=True)
 QUANTIZED = ("in_proj_weight", "out_proj.weight", "linear_in.weight", "linear_out.weight")
@@ -152,7 +156,7 @@ def test_voices_load_from_safetensors(layouts):
         r = persona.load_voice(name, ref)
         np.testing.assert_array_equal(v.cache, r.cache)
         assert v.cache.dtype == np.int64
-        np.testing.assert_allclose(v.embeddings, r.embeddings, rtol=0, atol=6e-8)   # bf16 -> fp16
+        np.testing.assert_array_equal(v.embeddings, r.embeddings)   # bf16 -> fp16 is exact for these values
     # a converted voice file given by path, with or without the preset's name
     p = d / "voices" / "VARM3.safetensors"
     np.testing.assert_array_equal(persona.load_voice(p).cache, persona.load_voice("VARM3", ref).cache)
@@ -214,6 +218,35 @@ def test_same_tokens_as_our_quantization(tmp_path, bits):
     want = _golden_style_run(ours, voice, text, user)
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(got[:, 0, 1:9], axis=0)) > 5   # not a constant run
+
+
+def test_library_and_cli(tmp_path):
+    """PersonaPlex.load on a converted directory answers exactly like the same weights loaded from
+    the reference layout and quantized by our own path; the CLI takes the directory too."""
+    sd = grid_checkpoint(8)
+    src = W.reference_dir(tmp_path / "src", sd)
+    d = W.convert(src, tmp_path / "mlx", 8)
+    a = engine.PersonaPlex.load(d, dtype="float32", progress=False)
+    b = engine.PersonaPlex.load(src, quantize=8, dtype="float32", progress=False)
+    try:
+        assert a.files.layout == "mlx" and a.lm.quant_plan == b.lm.quant_plan == QuantPlan.parse(8)
+        assert a.quantize == "t8d8"   # what the profile reports
+        assert a.list_voices() == b.list_voices() == list(persona.VOICES)
+        ra = a.respond(HELLO, voice="VARF1", max_steps=50, seed=5)
+        rb = b.respond(HELLO, voice="VARF1", max_steps=50, seed=5)
+        assert ra.text_tokens == rb.text_tokens and len(set(ra.text_tokens)) > 3
+        np.testing.assert_array_equal(ra.audio, rb.audio)
+    finally:
+        a.close()
+        b.close()
+    out = tmp_path / "out.wav"
+    cli = [sys.executable, "-m", "engine.respond", str(HELLO), "-o", str(out), "--model", str(d),
+           "--voice", "NATF2", "--max-steps", "50"]
+    r = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 50 * 1920 * 2
+    r = subprocess.run(cli + ["--quantize", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "already quantized (t8d8" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
