@@ -175,7 +175,7 @@ def read_weights(paths: dict) -> dict:
             if strip and k.startswith("layers."):
                 k = strip + k
             if not k.startswith(prefixes):
-                raise CorruptCheckpoint(f"{path} holds {k!r}, which belongs in no {PARTS[part]} "
+                raise CorruptCheckpoint(f"{path} holds {k!r}, which does not belong in {PARTS[part]} "
                                         "(is the file from another model?)")
             if k in out:
                 raise CorruptCheckpoint(f"{path}: {k!r} also appears in another file of the model")
