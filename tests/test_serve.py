@@ -836,10 +836,13 @@ def test_loop_collects_garbage_between_steps_only(tiny_model):
     assert "personaplex_gc_ms_max" in metrics.prometheus(1)
 
 
+@pytest.mark.quiet
 def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
     """A session whose (voice, prompt) is not cached is prepared in prefill chunks after the steps
     (no step misses its deadline meanwhile), then joins; its state equals the one-shot prompt
-    phases. A session leaving while prepared is dropped; a bad voice is that session's error."""
+    phases. A session leaving while prepared is dropped; a bad voice is that session's error.
+    Marked `quiet`: the preparation fills most of each tick's slack, so a machine busy with other
+    work (a unit of preparation taking several times its estimate) could delay a step."""
     import threading
 
     import mlx.core as mx
