@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotFound
 from .mimi_modules import (ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, check_weights,
-                            normalize_keys, reference_shapes, sanitize)
+                            normalize_keys, reference_shapes, sanitize, seanet_layout)
 
 _log = logging.getLogger(__name__)
 
@@ -615,9 +615,12 @@ def _test_signal(rng: np.random.Generator, seconds: float, sr: int) -> np.ndarra
     return sig.astype(np.float32)
 
 
-def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0,
+                    level_dbfs: float = -20.0) -> dict[str, np.ndarray]:
     """Random weights in the reference key names, without torch, with codebooks that spread
-    real latents over many codes (not all-zero / not out of scale). Deterministic for a seed."""
+    real latents over many codes (not all-zero / not out of scale), and a decoder whose output
+    is at speech level: random codes decode to `level_dbfs` RMS (within 0.75 dB) with no DC
+    offset. Deterministic for a seed."""
     cfg = config or MimiConfig.tiny()
     rng = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
@@ -660,4 +663,18 @@ def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str
             sd[f"quantizer.{name}.vq.layers.{lvl}._codebook.embedding_sum"] = book
             d = (book ** 2).sum(1)[None] - 2 * r @ book.T
             r = r - book[d.argmin(1)]
+    # Output level. The random decoder's gain is arbitrary: with the init above, random codes
+    # decode at about +6 dBFS RMS (half the samples beyond full scale) with a DC offset. Like a
+    # trained codec, the last conv sets the level: its weight is scaled so that random codes
+    # (what an untrained LM emits) decode at `level_dbfs` RMS, the scale rounded to a power of
+    # 2^(1/4) as above, and its bias cancels the mean of the output.
+    last = f"decoder.model.{len(seanet_layout(cfg, decoder=True)) - 1}.conv.conv"
+    model.load_reference_weights(sd)
+    codes = rng.integers(0, cfg.bins, size=(4, cfg.n_q, 25))
+    y = np.array(model.decode(codes), np.float64)
+    gain = 10 ** (level_dbfs / 20) / max(float(y.std()), 1e-12)
+    gain = float(2 ** (round(4 * math.log2(gain)) / 4))
+    sd[last + ".weight"] = (gain * sd[last + ".weight"]).astype(np.float32)
+    bias = gain * (sd[last + ".bias"].astype(np.float64) - y.mean(axis=(0, 2)))
+    sd[last + ".bias"] = (np.round(bias * 2 ** 16) / 2 ** 16).astype(np.float32)
     return sd
