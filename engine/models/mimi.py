@@ -5,7 +5,7 @@ API (see docs/interfaces.md):
 - `Mimi.from_file(path, num_codebooks=8)`, `Mimi(config, num_codebooks)`
 - whole signal: `encode(pcm (B,1,T)) -> codes (B,K,T//1920)`, `decode(codes) -> pcm`
 - streaming: `state = mimi.make_state(B)`, `encode_step(frame, state)`, `decode_step(codes, state)`,
-  `state.reset()`; or `s = mimi.streaming(B)` with `s.encode_step(frame)` etc.
+  `state.reset()`
 - `sanitize(weights)`: reference state dict -> our layout; `tiny_state_dict(config, seed)`.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .mimi_modules import (ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, chec
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Mimi", "MimiConfig", "MimiState", "MimiStream", "STEP_MODES", "check_weights",
+__all__ = ["Mimi", "MimiConfig", "MimiState", "STEP_MODES", "check_weights",
            "normalize_keys", "reference_shapes", "sanitize", "tiny_state_dict"]
 
 
@@ -202,22 +202,6 @@ class MimiState:
         return out
 
 
-class MimiStream:
-    """`mimi.streaming(B)`: a Mimi bound to its own state."""
-
-    def __init__(self, mimi: "Mimi", batch_size: int):
-        self.mimi, self.state = mimi, mimi.make_state(batch_size)
-
-    def encode_step(self, frame):
-        return self.mimi.encode_step(frame, self.state)
-
-    def decode_step(self, codes):
-        return self.mimi.decode_step(codes, self.state)
-
-    def reset(self) -> None:
-        self.state.reset()
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -323,9 +307,6 @@ class Mimi(nn.Module):
         if mode not in STEP_MODES:
             raise ConfigError(f"Mimi state mode must be one of {STEP_MODES}, got {mode!r}")
         return MimiState(batch_size, mode, self, fused)
-
-    def streaming(self, batch_size: int = 1) -> MimiStream:
-        return MimiStream(self, batch_size)
 
     # -- fixed-shape streaming state (flat lists of arrays; see MimiState)
     def _parts(self, which: str) -> list:
