@@ -111,6 +111,7 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
 
     def body():
         from engine.audio.aec import EchoCanceller
+        from engine.rt import frozen_heap
         if rt:
             from engine.rt import boost_current_thread
             extra_rt = boost_current_thread()[0]
@@ -132,14 +133,15 @@ def run(model_name: str, quantize, device: str, seconds: float, aec: bool, warmu
         if timeline:
             import gc
             gc.callbacks.append(on_gc)
-        for i in range(warmup + n_frames):
-            if timeline and i == warmup:
-                proc.trace, gc_events[:] = [], []
-            k = i % 64
-            t = time.perf_counter()
-            res = proc.process(mic[k * FRAME:(k + 1) * FRAME], far if aec else None)
-            times.append((time.perf_counter() - t) * 1e3)
-            far = res.audio
+        with frozen_heap():          # as the live loop (DuplexSession) runs
+            for i in range(warmup + n_frames):
+                if timeline and i == warmup:
+                    proc.trace, gc_events[:] = [], []
+                k = i % 64
+                t = time.perf_counter()
+                res = proc.process(mic[k * FRAME:(k + 1) * FRAME], far if aec else None)
+                times.append((time.perf_counter() - t) * 1e3)
+                far = res.audio
         if timeline:
             gc.callbacks.remove(on_gc)
             extra["timeline"] = timeline_summary(proc.trace, gc_events, proc.trace[0][0])

@@ -86,7 +86,7 @@ def mlx_main(args):
                 key, k_text, k_dep = mx.random.split(key, 3)
                 h, tl = lm.temporal(lm.embed(frame[:, :, None]), cache)
                 text = sample_topk(tl[:, -1], 0.7, 25, k_text)
-                dc = lm.make_depformer_cache(B)
+                dc = lm.make_depformer_cache()
                 prev, codes = text, []
                 dkeys = mx.random.split(k_dep, args.dep_steps)
                 for s in range(args.dep_steps):

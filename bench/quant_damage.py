@@ -21,7 +21,7 @@ def _greedy_run(lm, user, forced=None):
         h, tl = lm.temporal(lm.embed(inp), cache)
         tl = tl[:, -1].astype(mx.float32)
         text = mx.argmax(tl, -1).astype(mx.int32) if forced is None else forced[t][:, 0]
-        dc = lm.make_depformer_cache(B)
+        dc = lm.make_depformer_cache()
         prev, codes, als = text, [], []
         for s in range(A):
             lg = lm.depformer_step(s, h[:, -1], prev, dc).astype(mx.float32)

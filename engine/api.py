@@ -336,9 +336,11 @@ class PersonaPlex:
         self._check_voice(voice)
 
         def run():
+            from .rt import frozen_heap
             proc = FrameProcessor(self, voice, system_prompt, seed)
-            for frame in rechunk(blocks):
-                yield proc.process(frame).audio
+            with frozen_heap():
+                for frame in rechunk(blocks):
+                    yield proc.process(frame).audio
 
         return self.worker.stream(run, maxsize=8)
 

@@ -1,17 +1,48 @@
-"""Scheduling priority for the thread that runs the 12.5 Hz loop (opt-in).
+"""Host-side help for the 12.5 Hz loops: scheduling priority and a frozen heap.
 
+`frozen_heap()`: while a live loop runs (DuplexSession, respond_realtime, the server's step loop),
+everything alive at its start (weights, caches, compiled graphs, prompt state) sits in the
+collector's permanent generation, so the collections during the loop scan only what the loop
+allocates (shorter pauses). Entered once per loop start; when the last loop ends the heap is
+collectable again, so garbage made of those objects is not kept forever.
+
+`boost_current_thread()`: scheduling priority for the thread that runs the loop (opt-in).
 A frame's work is ~10 ms of host time every 80 ms; on a busy machine the scheduler can stall that
 thread for tens of milliseconds at a time, which is where the frame-time tail comes from once the
-GPU work is short (docs/benchmarks.md). `boost_current_thread()` asks Linux for the
-SCHED_FIFO real-time class for the calling thread only (the loop sleeps between frames, so it
-cannot starve the machine); without the privilege (CAP_SYS_NICE / an rtprio limit) it tries a
-lower nice value, and otherwise leaves the thread as it is. It never raises.
+GPU work is short (docs/benchmarks.md). It asks Linux for the SCHED_FIFO real-time class for the
+calling thread only (the loop sleeps between frames, so it cannot starve the machine); without
+the privilege (CAP_SYS_NICE / an rtprio limit) it tries a lower nice value, and otherwise leaves
+the thread as it is. It never raises.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+_heap_lock = threading.Lock()
+_heap_users = 0
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Collect once, then freeze the heap (gc.freeze) until the block ends. Nested or overlapping
+    uses share one freeze: the first to enter freezes, the last to leave unfreezes."""
+    global _heap_users
+    with _heap_lock:
+        if _heap_users == 0:
+            gc.collect()
+            gc.freeze()
+        _heap_users += 1
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                gc.unfreeze()
 
 
 def boost_current_thread(priority: int = 10) -> tuple[str, Callable[[], None]]:

@@ -27,7 +27,9 @@ capture rate, and the drop policy bounds any backlog.
 """
 from __future__ import annotations
 
-import gc
+import concurrent.futures
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -39,6 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import AudioFormatError, ConfigError, EngineError
+
+_log = logging.getLogger(__name__)
 
 FRAME = 1920
 SAMPLE_RATE = 24000
@@ -128,11 +132,6 @@ class FrameProcessor:
         # No syncs are added, so it shows where the host waits, not what the GPU does.
         self.trace: list | None = None
         self.reset()
-        # Everything allocated so far (weights, caches, compiled graphs) lives for the session:
-        # move it out of the collector's generations, so a full collection during the 12.5 Hz
-        # loop scans only what the loop itself allocates (shorter pauses, smaller tails).
-        gc.collect()
-        gc.freeze()
 
     def reset(self) -> None:
         """New conversation: fresh prompt state (from the model's prompt cache), Mimi and AEC state."""
@@ -586,14 +585,27 @@ class DuplexSession:
         return self
 
     def stop(self, timeout: float | None = 10.0) -> SessionStats:
+        """End the session: ask the loop to stop, wait for it (at most `timeout` s) and return the
+        final stats. A session still queued behind other work on the model worker is cancelled.
+
+        Raises whatever ended the loop (also in `self.error`): an error in a step or a callback,
+        or one from stopping the source or sink (e.g. a wav sink that cannot write its file).
+        Raises EngineError when the loop has not ended within `timeout`.
+        """
         self._stop.set()
-        if self._future is not None:
-            try:
-                self._future.result(timeout=timeout)
-            except EngineError:
+        fut = self._future
+        if fut is None:
+            return self.stats()
+        if fut.cancel():                  # never started: nothing ran, nothing to clean up
+            self._stats.state = "stopped"
+            return self.stats()
+        try:
+            fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            if fut.done():                # the loop itself raised a TimeoutError
                 raise
-            except Exception:
-                pass
+            raise EngineError(f"the session loop did not stop within {timeout} s and is still "
+                              "running on the model worker; call stop() again to wait longer") from None
         return self.stats()
 
     def wait(self, timeout: float | None = None) -> SessionStats:
@@ -614,8 +626,12 @@ class DuplexSession:
     def __enter__(self) -> "DuplexSession":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.stop()
+        except BaseException as e:
+            if e is not exc:              # not the loop's error already on its way (from wait())
+                raise
 
     # -- outputs -------------------------------------------------------------------------------
     def events(self, timeout: float | None = None) -> Iterator[Event]:
@@ -682,16 +698,19 @@ class DuplexSession:
                               timer=self.timer)
 
     def _run(self) -> None:
+        from .rt import boost_current_thread, frozen_heap
+
         st = self._stats
         undo_priority = None
+        heap = contextlib.ExitStack()
         try:
             if self.thread_priority:
-                from .rt import boost_current_thread
                 st.thread_priority, undo_priority = boost_current_thread()
             st.state = "prompting"
             self._emit("state", "prompting", 0)
             proc = self._make_processor()
             self.processor = proc
+            heap.enter_context(frozen_heap())     # weights, caches, prompt state: frozen while live
             self.source.start()
             if self.sink is not self.source:
                 self.sink.start()
@@ -780,16 +799,27 @@ class DuplexSession:
             self._emit("error", exc, st.frames)
             raise
         finally:
+            heap.close()
             if undo_priority is not None:     # the worker thread outlives the session
                 undo_priority()
+            stop_error = None
             for part in {id(self.source): self.source, id(self.sink): self.sink}.values():
                 try:
                     part.stop()
-                except Exception:  # noqa: BLE001 - stopping must not mask the real error
-                    pass
+                except Exception as e:  # noqa: BLE001 - stop the other part too, then report it
+                    if self.error is not None or stop_error is not None:
+                        _log.error("stopping %s failed after an earlier error: %r", type(part).__name__, e)
+                    else:
+                        stop_error = e
+            if stop_error is not None:        # the loop itself ended cleanly: this is the error
+                self.error = stop_error
+                st.state = "error"
+                self._emit("error", stop_error, st.frames)
             if st.state != "error":
                 st.state = "stopped"
             self._emit("state", st.state, st.frames)
+            if stop_error is not None:
+                raise stop_error
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,13 @@ def test_duplex_files_fast(tmp_path):
     said = [ln for ln in lines if ln.startswith("agent: ")]
     assert "\r" not in r.stdout and said and all(len(ln) <= 80 for ln in lines)
     assert all(ln.startswith(("agent: ", "-- ")) for ln in lines)
+    # The reply is listenable: speech level (-20 dBFS RMS +-2 dB; random-weight noise at full
+    # scale is ~-2 dBFS), under 1 % of the samples at full scale, no DC offset.
+    from engine.audio.wav import load_audio
+    pcm = load_audio(out)[0].astype(np.float64)
+    dbfs = 10 * np.log10(np.mean(pcm ** 2))
+    assert -22.0 <= dbfs <= -18.0, dbfs
+    assert np.mean(np.abs(pcm) >= 32767 / 32768) < 0.01 and abs(pcm.mean()) < 0.003
 
 
 def test_duplex_realtime_piped_health_lines(tmp_path):

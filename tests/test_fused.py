@@ -93,7 +93,7 @@ def test_depformer_kernel_greedy_matches_mlx_float32():
         toks, scr = f.depformer(h, mx.array([text], mx.int32), None, n, SamplingParams(greedy=True))
         assert not f.barrier_error(scr)
         # MLX reference: the same walk, greedy.
-        dc = lm.make_depformer_cache(1)
+        dc = lm.make_depformer_cache()
         prev = mx.array([text], mx.int32)
         ref = []
         for s in range(n):
@@ -138,7 +138,7 @@ def _kernel_errors(dtype, quant):
         h = mx.array(rng.standard_normal((lm.config.dim,)).astype(np.float32)).astype(dtype).astype(mx.float32)
         text = int(rng.integers(0, 1000))
         toks, _ = f.depformer(h, mx.array([text], mx.int32), None, 1, SamplingParams(greedy=True))
-        logits = lm.depformer_step(0, h[None].astype(dtype), mx.array([text], mx.int32), lm.make_depformer_cache(1))
+        logits = lm.depformer_step(0, h[None].astype(dtype), mx.array([text], mx.int32), lm.make_depformer_cache())
         agree += int(np.array(toks)[0] == int(mx.argmax(logits, axis=-1).item()))
     return err, agree
 

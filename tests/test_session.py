@@ -271,3 +271,121 @@ def test_thread_priority_is_applied_then_restored(tiny_model):
     else:
         assert what.startswith("unchanged") and during[0] == before
     assert tiny_model.worker.call(sched) == before
+
+
+# ---------------------------------------------------------------------------------------------- stop()
+
+def _boom(mic, heard):
+    raise RuntimeError("boom in on_mic")
+
+
+def test_stop_raises_an_unexpected_loop_error(tiny_model):
+    """An error that ends the loop (here a user callback's) comes out of stop() and of the
+    `with` block, whatever its type; it is also in `error` and the events."""
+    s = tiny_model.session(source=noise(2.0), sink=None, on_mic=_boom).start()
+    while s.running:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="boom in on_mic"):
+        s.stop()
+    assert isinstance(s.error, RuntimeError) and s.stats().state == "error"
+    assert [e.value for e in s.events() if e.kind == "error"] == [s.error]
+    with pytest.raises(RuntimeError, match="boom in on_mic"):
+        with tiny_model.session(source=noise(2.0), sink=None, on_mic=_boom) as s2:
+            while s2.running:
+                time.sleep(0.01)
+    # wait() already raised it inside the block: the `with` does not raise it a second time over it
+    with pytest.raises(RuntimeError) as info:
+        with tiny_model.session(source=noise(2.0), sink=None, on_mic=_boom) as s3:
+            s3.wait(timeout=60)
+    assert info.value is s3.error and info.value.__context__ is None
+
+
+def test_stop_reports_a_sink_that_cannot_write(tiny_model, tmp_path):
+    """The wav sink writes its file when the loop stops: a failure there is the session's error
+    (it used to be swallowed, leaving no file and a session that said 'stopped')."""
+    out = tmp_path / "no such dir" / "reply.wav"
+    s = tiny_model.session(source=noise(0.5), sink=str(out), seed=1).start()
+    with pytest.raises(FileNotFoundError):
+        s.wait(timeout=60)
+    assert isinstance(s.error, FileNotFoundError) and s.stats().state == "error"
+    assert s.stats().frames == 7 and not out.exists()
+
+
+def test_stop_of_a_clean_session_returns_stats(tiny_model):
+    s = tiny_model.session(source=noise(0.5), sink=None, seed=1).start()
+    s.wait(timeout=60)
+    assert s.stop().state == "stopped" and s.stop().frames == 7   # again: same stats, no error
+    assert s.error is None
+
+
+def test_stop_cancels_a_session_that_has_not_started(tiny_model):
+    """Queued behind other work on the model worker, the session is cancelled: no loop runs."""
+    import threading
+
+    gate = threading.Event()
+    busy = tiny_model.worker.submit(gate.wait, 30)
+    try:
+        s = tiny_model.session(source=noise(0.5), sink=None).start()
+        st = s.stop(timeout=5)
+    finally:
+        gate.set()
+    busy.result(timeout=30)
+    assert st.state == "stopped" and st.frames == 0 and s.error is None and not s.running
+    assert list(s.events()) == []
+
+
+def test_stop_timeout_is_an_error_not_silence(tiny_model):
+    """A loop that does not end within the timeout is reported, and still stoppable later."""
+    import threading
+
+    from engine.errors import EngineError
+
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck(mic, heard):
+        inside.set()
+        release.wait(30)
+
+    s = tiny_model.session(source=noise(2.0), sink=None, on_mic=stuck).start()
+    assert inside.wait(60)
+    with pytest.raises(EngineError, match="did not stop within 0.2 s"):
+        s.stop(timeout=0.2)
+    assert s.running
+    release.set()
+    st = s.stop(timeout=60)
+    assert st.state == "stopped" and st.frames == 1 and not s.running
+
+
+# ---------------------------------------------------------------------------------------------- gc.freeze
+
+def test_heap_is_frozen_once_per_loop_not_per_frame_processor(tiny_model):
+    """The live loop freezes the heap once when it starts and unfreezes it when it ends; building
+    a FrameProcessor (every respond() call) does not freeze anything."""
+    import gc
+
+    before = gc.get_freeze_count()
+    tiny_model.respond(noise(0.5), max_steps=50, seed=1)
+    assert gc.get_freeze_count() == before
+    during = []
+    s = tiny_model.session(source=noise(1.0), sink=None, seed=1,
+                           on_mic=lambda mic, heard: during.append(gc.get_freeze_count()))
+    with s:
+        s.wait(timeout=60)
+    assert len(during) == 13 and len(set(during)) == 1 and during[0] > before
+    assert gc.get_freeze_count() == before
+
+
+def test_frozen_heap_nests():
+    import gc
+
+    from engine.rt import frozen_heap
+
+    before = gc.get_freeze_count()
+    with frozen_heap():
+        outer = gc.get_freeze_count()
+        assert outer > before
+        keep = [[i] for i in range(1000)]       # new objects: not frozen by the inner use
+        with frozen_heap():
+            assert gc.get_freeze_count() == outer
+        assert gc.get_freeze_count() == outer
+    assert gc.get_freeze_count() == before and len(keep) == 1000

@@ -492,7 +492,7 @@ class LmGen:
 
         n_steps = self._live_steps(prov)
         prev = target[:, 0] if prov[0] else sampled_text
-        dc = self.lm.make_depformer_cache(state.batch_size)
+        dc = self.lm.make_depformer_cache()
         new_col = [target[:, 0] if prov[0] else sampled_text]
         for s in range(n_steps):
             logits = self.lm.depformer_step(s, h, prev, dc)

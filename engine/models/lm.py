@@ -405,9 +405,8 @@ class LM(nn.Module):
         self._audio_base = mx.arange(c.n_q, dtype=mx.int32)[:, None] * (c.card + 1)
         # Prefill chunks of at least this many positions run quantized matmuls as dequantize +
         # dense matmul (None: never). MLX 0.32's quantized_matmul costs about M times its M=1
-        # cost (measured on the CPU: 64 rows 4-18x slower than dequantize + BLAS; on CUDA the
-        # prime suspect of the 13x slower batched prefill, see bench/gpu_probe.py): MLX CUDA's quantized_matmul with
-        # M > 1 is the prime suspect of the slow batched prefill; on the CPU it is fine.
+        # cost for M rows: measured on the CPU, 64 rows run 4-18x slower than dequantize + BLAS;
+        # on CUDA it is the prime suspect of the slow batched prefill (bench/gpu_probe.py).
         self.dense_prefill_rows = 16
 
     # ---- loading
@@ -516,7 +515,8 @@ class LM(nn.Module):
         values = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
         return LmCache(keys, values, mx.full((c.context,), -1, mx.int32), mx.array(0, mx.int32))
 
-    def make_depformer_cache(self, batch_size: int = 1) -> DepformerCache:
+    def make_depformer_cache(self) -> DepformerCache:
+        """A fresh per-frame depformer KV (its arrays take their batch size from the first step)."""
         return DepformerCache()
 
     # ---- temporal

@@ -5,7 +5,7 @@ API (see docs/interfaces.md):
 - `Mimi.from_file(path, num_codebooks=8)`, `Mimi(config, num_codebooks)`
 - whole signal: `encode(pcm (B,1,T)) -> codes (B,K,T//1920)`, `decode(codes) -> pcm`
 - streaming: `state = mimi.make_state(B)`, `encode_step(frame, state)`, `decode_step(codes, state)`,
-  `state.reset()`; or `s = mimi.streaming(B)` with `s.encode_step(frame)` etc.
+  `state.reset()`
 - `sanitize(weights)`: reference state dict -> our layout; `tiny_state_dict(config, seed)`.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ import numpy as np
 
 from ..errors import AudioFormatError, ConfigError, CorruptCheckpoint, ModelNotFound
 from .mimi_modules import (ConvTr1d, Conv1d, SEANet, SplitRVQ, Transformer, check_weights,
-                            normalize_keys, reference_shapes, sanitize)
+                            normalize_keys, reference_shapes, sanitize, seanet_layout)
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Mimi", "MimiConfig", "MimiState", "MimiStream", "STEP_MODES", "check_weights",
+__all__ = ["Mimi", "MimiConfig", "MimiState", "STEP_MODES", "check_weights",
            "normalize_keys", "reference_shapes", "sanitize", "tiny_state_dict"]
 
 
@@ -202,22 +202,6 @@ class MimiState:
         return out
 
 
-class MimiStream:
-    """`mimi.streaming(B)`: a Mimi bound to its own state."""
-
-    def __init__(self, mimi: "Mimi", batch_size: int):
-        self.mimi, self.state = mimi, mimi.make_state(batch_size)
-
-    def encode_step(self, frame):
-        return self.mimi.encode_step(frame, self.state)
-
-    def decode_step(self, codes):
-        return self.mimi.decode_step(codes, self.state)
-
-    def reset(self) -> None:
-        self.state.reset()
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -323,9 +307,6 @@ class Mimi(nn.Module):
         if mode not in STEP_MODES:
             raise ConfigError(f"Mimi state mode must be one of {STEP_MODES}, got {mode!r}")
         return MimiState(batch_size, mode, self, fused)
-
-    def streaming(self, batch_size: int = 1) -> MimiStream:
-        return MimiStream(self, batch_size)
 
     # -- fixed-shape streaming state (flat lists of arrays; see MimiState)
     def _parts(self, which: str) -> list:
@@ -615,9 +596,12 @@ def _test_signal(rng: np.random.Generator, seconds: float, sr: int) -> np.ndarra
     return sig.astype(np.float32)
 
 
-def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0,
+                    level_dbfs: float = -20.0) -> dict[str, np.ndarray]:
     """Random weights in the reference key names, without torch, with codebooks that spread
-    real latents over many codes (not all-zero / not out of scale). Deterministic for a seed."""
+    real latents over many codes (not all-zero / not out of scale), and a decoder whose output
+    is at speech level: random codes decode to `level_dbfs` RMS (within 0.75 dB) with no DC
+    offset. Deterministic for a seed."""
     cfg = config or MimiConfig.tiny()
     rng = np.random.default_rng(seed)
     sd: dict[str, np.ndarray] = {}
@@ -660,4 +644,18 @@ def tiny_state_dict(config: MimiConfig | None = None, seed: int = 0) -> dict[str
             sd[f"quantizer.{name}.vq.layers.{lvl}._codebook.embedding_sum"] = book
             d = (book ** 2).sum(1)[None] - 2 * r @ book.T
             r = r - book[d.argmin(1)]
+    # Output level. The random decoder's gain is arbitrary: with the init above, random codes
+    # decode at about +6 dBFS RMS (half the samples beyond full scale) with a DC offset. Like a
+    # trained codec, the last conv sets the level: its weight is scaled so that random codes
+    # (what an untrained LM emits) decode at `level_dbfs` RMS, the scale rounded to a power of
+    # 2^(1/4) as above, and its bias cancels the mean of the output.
+    last = f"decoder.model.{len(seanet_layout(cfg, decoder=True)) - 1}.conv.conv"
+    model.load_reference_weights(sd)
+    codes = rng.integers(0, cfg.bins, size=(4, cfg.n_q, 25))
+    y = np.array(model.decode(codes), np.float64)
+    gain = 10 ** (level_dbfs / 20) / max(float(y.std()), 1e-12)
+    gain = float(2 ** (round(4 * math.log2(gain)) / 4))
+    sd[last + ".weight"] = (gain * sd[last + ".weight"]).astype(np.float32)
+    bias = gain * (sd[last + ".bias"].astype(np.float64) - y.mean(axis=(0, 2)))
+    sd[last + ".bias"] = (np.round(bias * 2 ** 16) / 2 ** 16).astype(np.float32)
     return sd

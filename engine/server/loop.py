@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..rt import frozen_heap
 from .batch import DEFAULT_FUSED_PARTS, BatchEngine, SlotParams
 
 try:
@@ -433,21 +434,19 @@ class StepLoop:
                 n = be.rehearse(lambda: self._prompted(voice, prompt, 0))
                 self.startup["rehearse_s"] = round(time.perf_counter() - t0, 2)
                 log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, self.startup["rehearse_s"])
-        # The weights, engine and compiled graphs live as long as the loop: take them out of the
-        # collector's generations, so collections during the 12.5 Hz loop scan only what the
-        # sessions allocate (shorter pauses). Once only: session objects stay collectable.
-        gc.collect()
-        gc.freeze()
+        # The weights, engine and compiled graphs live as long as the loop: frozen (engine.rt),
+        # so collections during the 12.5 Hz loop scan only what the sessions allocate (shorter
+        # pauses). Once only: session objects stay collectable.
         # No automatic collections inside a step: the loop collects the young generations itself
         # in the slack after each step (and everything every `gc_full_every` steps).
         gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            self._tick_loop(be)
-        finally:
-            gc.unfreeze()
-            if gc_was_enabled:
-                gc.enable()
+        with frozen_heap():
+            gc.disable()
+            try:
+                self._tick_loop(be)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
 
     gc_full_every = 750                  # steps (one minute of audio)
     fused: bool | str = "auto"           # BatchEngine(fused=...): the batched CUDA kernels where MLX runs on CUDA

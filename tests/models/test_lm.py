@@ -52,7 +52,7 @@ def _our_logits(lm, tok, dep, chunk=1):
         h, tl = lm.temporal(lm.embed(mx.array(tok[:, :, t0:t0 + chunk])), cache)
         text.append(np.array(tl))
         for i in range(h.shape[1]):
-            dc = lm.make_depformer_cache(B)
+            dc = lm.make_depformer_cache()
             audio.append(np.stack([np.array(lm.depformer_step(s, h[:, i], mx.array(dep[:, s, t0 + i]), dc))
                                    for s in range(lm.config.dep_q)], 1))
     return np.concatenate(text, 1), np.stack(audio, 2)
@@ -191,7 +191,7 @@ def test_depformer_steps_must_run_in_order(tiny_lm):
     cache = tiny_lm.make_cache(1)
     h, _ = tiny_lm.temporal(tiny_lm.embed(mx.zeros((1, 17, 1), mx.int32)), cache)
     with pytest.raises(ConfigError):
-        tiny_lm.depformer_step(1, h[:, 0], mx.zeros((1,), mx.int32), tiny_lm.make_depformer_cache(1))
+        tiny_lm.depformer_step(1, h[:, 0], mx.zeros((1,), mx.int32), tiny_lm.make_depformer_cache())
     with pytest.raises(ConfigError):
         tiny_lm.temporal(mx.zeros((1, 1, 3)), cache)
 

@@ -117,14 +117,14 @@ def test_batch_rows_are_independent(tiny, audio2):
 
 def test_state_reset_and_independent_states(tiny, audio2):
     frames = _frames(audio2[:1])[:6]
-    s = tiny.streaming(1)
-    first = [np.array(s.encode_step(f)) for f in frames]
-    out1 = [np.array(s.decode_step(c)) for c in first]
+    s = tiny.make_state(1)
+    first = [np.array(tiny.encode_step(f, s)) for f in frames]
+    out1 = [np.array(tiny.decode_step(c, s)) for c in first]
     s.reset()
-    again = [np.array(s.encode_step(f)) for f in frames]
+    again = [np.array(tiny.encode_step(f, s)) for f in frames]
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     s.reset()
-    assert all(np.allclose(np.array(s.decode_step(c)), o, atol=1e-6) for c, o in zip(first, out1))
+    assert all(np.allclose(np.array(tiny.decode_step(c, s)), o, atol=1e-6) for c, o in zip(first, out1))
     # A second state interleaved with the first does not disturb it.
     a, b = tiny.make_state(1), tiny.make_state(1)
     la = []
@@ -290,6 +290,49 @@ def test_sanitized_weights_are_row_major(tiny_sd):
 
 
 # ---------------------------------------------------------------------------------------------
+# output level of the random decoder: what the tiny model says must be listenable
+
+def _dbfs(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(10 * np.log10(np.mean(x ** 2)))
+
+
+def _clipped(x) -> float:
+    return float(np.mean(np.abs(np.asarray(x)) >= 1.0))
+
+
+def _embedded_mimi():
+    from engine.filenames import MIMI_FILE
+    from engine.tiny import ensure_tiny_model
+    return Mimi.from_file(ensure_tiny_model() / MIMI_FILE, num_codebooks=8, config=MimiConfig.tiny())
+
+
+@pytest.mark.parametrize("which", ["seed0", "embedded"])
+def test_tiny_decoder_output_is_at_speech_level(tiny, which):
+    """Random codes (what an untrained LM emits) decode at -20 dBFS RMS (the weights are scaled
+    to it within 0.75 dB; +-1 dB here for another draw of codes), with no clipping and no DC
+    offset; a real signal's codes decode at that level too. Before the decoder was calibrated,
+    random codes came out at +6 dBFS with 56 % of the samples beyond full scale."""
+    mimi = tiny if which == "seed0" else _embedded_mimi()
+    codes = np.random.default_rng(123).integers(0, MimiConfig.tiny().bins, (3, 8, 25))
+    y = np.array(mimi.decode(codes))
+    assert -21.0 <= _dbfs(y) <= -19.0, _dbfs(y)
+    assert _clipped(y) < 0.01 and np.abs(y).max() < 1.0, (_clipped(y), np.abs(y).max())
+    assert abs(float(y.mean())) < 0.003           # DC more than 30 dB under the signal
+    speech = speech_like(4.0, seed=41)[None, None]
+    y = np.array(mimi.decode(mimi.encode(speech)))
+    assert -22.0 <= _dbfs(y) <= -18.0, _dbfs(y)
+    assert _clipped(y) < 0.01
+
+
+def test_tiny_decoder_level_is_a_parameter():
+    """The level comes from the weights (calibrated per state dict), not from a fixed factor."""
+    codes = np.random.default_rng(5).integers(0, MimiConfig.tiny().bins, (2, 8, 25))
+    quiet = Mimi(MimiConfig.tiny(), 8).load_reference_weights(tiny_state_dict(seed=9, level_dbfs=-32.0))
+    assert -33.0 <= _dbfs(np.array(quiet.decode(codes))) <= -31.0
+
+
+# ---------------------------------------------------------------------------------------------
 # parity with the reference (moshi 0.2.13 on torch CPU)
 
 def _ref_run(torch, ref, pcm, stream: bool):
@@ -347,6 +390,27 @@ def test_parity_tiny_config(oracle_torch, mimi_ref_tiny, stream, record_property
     pcm_r = _ref_decode(torch, ref, codes_r, stream)
     pcm_o = _stream_decode(ours, codes_r) if stream else np.array(ours.decode(codes_r))
     assert snr_db(pcm_o, pcm_r) >= 40
+
+
+@pytest.mark.oracle
+def test_parity_tiny_weights_decode_level(oracle_torch):
+    """The tiny model's Mimi weights in the reference decode random codes like ours, at the
+    same speech level: the level lives in the weights, not in an engine-side gain."""
+    from moshi.models.loaders import get_mimi
+
+    from .conftest import mimi_reference_config
+
+    torch, cfg = oracle_torch, MimiConfig.tiny()
+    sd = tiny_state_dict(cfg, seed=17)
+    ref = get_mimi(None, mimi_config=mimi_reference_config(cfg), device="cpu", num_codebooks=8)
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    ref.eval()
+    codes = np.random.default_rng(8).integers(0, cfg.bins, (2, 8, 25))
+    with torch.no_grad():
+        pcm_r = ref.decode(torch.from_numpy(codes)).numpy()
+    pcm_o = np.array(Mimi(cfg, 8).load_reference_weights(sd).decode(codes))
+    assert snr_db(pcm_o, pcm_r) >= 60
+    assert -21.0 <= _dbfs(pcm_r) <= -19.0 and _clipped(pcm_r) < 0.01
 
 
 @pytest.fixture(scope="module")

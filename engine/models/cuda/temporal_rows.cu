@@ -12,7 +12,7 @@
 // ring slot positions before this step, -1 = empty), offs (B) int32 (each row's position now),
 // k0..k{L-1} / v0..v{L-1}: layer l's keys / values (cap >= B, H, C, HD) T, the weights as in
 // temporal.cu, fp (eps, rope base). FusedLM prepends `KP[L]` / `VP[L]`, the tables of the k / v
-// pointers (see FusedLM._temporal_rows_source).
+// pointers (see FusedLM.temporal_rows_source).
 // Outputs: h (B, D) float, logits (B, TXT) float, scratch float (zeroed). Row b's K/V of this
 // step are written straight into k_l / v_l at slot offs[b] % C, in place (the batch engine owns
 // those arrays); the attention takes them from scratch and skips that slot's old contents.
