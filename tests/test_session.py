@@ -218,9 +218,12 @@ def test_unknown_device(tiny_model, pulse_server):
         tiny_model.session(source="device", sink="device", input_device=999)
 
 
+@pytest.mark.quiet
 def test_simulated_device_accounting_and_live_aec(tiny_model):
     """The real rings and loop on a simulated device clock, with an acoustic echo path: every sample
-    accounted for, and the AEC (with its delay tracker) removes the agent's echo from the mic."""
+    accounted for, and the AEC (with its delay tracker) removes the agent's echo from the mic.
+    Marked `quiet`: the simulated device runs on the wall clock, and a machine busy elsewhere makes
+    playback underrun, so the echo path the AEC tracks keeps moving."""
     from engine.session import DeviceIO
 
     played = []
