@@ -133,7 +133,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
                 split[k].append(v * 1e3)
         stages.update({f"split_{k}": v for k, v in split.items()})
         # inside the LM part: the temporal transformer alone, and the 1 + 8 sampling sites alone
-        from engine.server.batch import sample_rows
+        from engine.models.sampling import sample
         sp, c = SamplingParams(), be.lm.config
         x = mx.zeros((b, c.dim), be.lm.dtype)
         lt = mx.random.normal((b, c.text_out)).astype(be.lm.dtype)
@@ -145,10 +145,10 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t0 = time.perf_counter()
             mx.eval(*be._temporal(x))
             t1 = time.perf_counter()
-            toks = [sample_rows(lt, np.full(b, sp.temp_text, np.float32), np.full(b, sp.top_k_text, np.int32),
-                                np.zeros(b, bool), keys)]
-            toks += [sample_rows(la, np.full(b, sp.temp_audio, np.float32), np.full(b, sp.top_k_audio, np.int32),
-                                 np.zeros(b, bool), keys) for _ in range(8)]
+            toks = [sample(lt, np.full(b, sp.temp_text, np.float32), np.full(b, sp.top_k_text, np.int32),
+                           np.zeros(b, bool), keys)]
+            toks += [sample(la, np.full(b, sp.temp_audio, np.float32), np.full(b, sp.top_k_audio, np.int32),
+                            np.zeros(b, bool), keys) for _ in range(8)]
             mx.eval(toks)
             t2 = time.perf_counter()
             temporal.append((t1 - t0) * 1e3)

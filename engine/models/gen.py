@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
+from .sampling import gumbel, sample, site_key, split_keys
 
 # Mimi codes of a silent frame and of a 440 Hz sine frame (reference constants, spec section 3).
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
@@ -150,50 +151,6 @@ class GenState:
                         self.batch_size)
 
 
-def _sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.array) -> mx.array:
-    """logits (B, V) -> tokens (B,) int32.
-
-    Sampling is the reference's "exponential race" argmax(p / E), E ~ Exp(1), over the top-k of
-    p = softmax(logits / temp); written as the equivalent Gumbel-max argmax(logits / temp + G), which
-    needs no softmax. Greedy (or temp 0) is argmax of the raw logits.
-    """
-    return _as_int32(_sample_u32(logits, temp, top_k, greedy, key))
-
-
-def _as_int32(tok: mx.array) -> mx.array:
-    return tok.astype(mx.int32)
-
-
-def _sample_u32(logits, temp: float, top_k: int, greedy: bool, key) -> mx.array:
-    """`_sample` without the final cast: argmax's uint32 (the cast is a kernel per site; the compiled
-    step casts all sampled tokens of a frame at once)."""
-    if greedy or temp <= 0:
-        return mx.argmax(logits, axis=-1)
-    return _sample_with_noise(logits, temp, top_k, mx.random.gumbel(logits.shape, key=key))
-
-
-def _sample_with_noise(logits: mx.array, temp: float, top_k: int, g: mx.array) -> mx.array:
-    """`_sample_u32` (not greedy) with its Gumbel noise `g` (the logits' shape) drawn by the caller."""
-    x = logits.astype(mx.float32) / temp
-    v = x.shape[-1]
-    if 0 < top_k < v:
-        # The k-th largest value: one partition, then a slice (topk + min costs one more kernel).
-        kth = mx.partition(x, v - top_k, axis=-1)[..., v - top_k:v - top_k + 1]
-        x = mx.where(x >= kth, x, -mx.inf)
-    return mx.argmax(x + g, axis=-1)
-
-
-def _split_key(key: mx.array, n_sites: int):
-    """key -> (next key, n_sites sub-keys (n_sites, 2)): `split(key)`, then `split(sub, n_sites)`.
-    Rows are taken by slicing (integer indexing of an mx array's first axis is a Gather kernel)."""
-    pair = mx.random.split(key)
-    return pair[0:1].reshape(2), mx.random.split(pair[1:2].reshape(2), n_sites)
-
-
-def _site_key(keys: mx.array, i: int) -> mx.array:
-    return keys[i:i + 1].reshape(2)
-
-
 def _as_codes(x, name: str, batch: int, n: int, card: int) -> mx.array:
     """Validate (B, n) integer codes. Values are range-checked only for host arrays (no device sync)."""
     if isinstance(x, mx.array):
@@ -229,16 +186,15 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
     target = mx.slice(tokens, tgt_col[1:], axes=(2,), slice_size=(B, S, 1))[:, :, 0]
     h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)
     h, text_logits = h[:, 0], text_logits[:, 0]
-    key, keys = _split_key(key, 1 + c.dep_q)
+    key, keys = split_keys(key, 1 + c.dep_q)
     # Sampled tokens stay uint32 (argmax's type) inside the graph: the embedding lookups take them
     # as they are, and `_column` casts each run of sampled streams once.
-    prev = target[:, 0] if prov[0] else _sample_u32(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
-                                                     _site_key(keys, 0))
+    prev = target[:, 0] if prov[0] else sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
+                                               site_key(keys, 0))
     # Every audio site's noise in one draw (bit-identical to one gumbel call per site key).
-    audio_greedy = sp.greedy or sp.temp_audio <= 0
-    noise = None
-    if not audio_greedy and n_steps:
-        g = mx.vmap(lambda k: mx.random.gumbel((B, c.card), key=k))(keys[1:1 + n_steps])
+    noise = [None] * n_steps
+    if not (sp.greedy or sp.temp_audio <= 0) and n_steps:
+        g = gumbel(keys[1:1 + n_steps], (B, c.card))
         noise = [a.squeeze(0) for a in mx.split(g, n_steps, axis=0)] if n_steps > 1 else [g.squeeze(0)]
     x_in = lm.depformer_inputs(h, n_steps) if n_steps else []
     new_col, kv = [prev], []
@@ -246,10 +202,8 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
         logits, *kv = lm._depformer(s, h, prev, *kv, x_in=x_in[s])
         if prov[s + 1]:
             prev = target[:, s + 1]
-        elif audio_greedy:
-            prev = mx.argmax(logits, axis=-1)
         else:
-            prev = _sample_with_noise(logits, sp.temp_audio, sp.top_k_audio, noise[s])
+            prev = sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, noise=noise[s])
         new_col.append(prev)
     if not all(prov):
         col = _column(new_col, target, n_steps, prov)
@@ -271,7 +225,7 @@ def _column(new_col: list, target: mx.array, n_steps: int, prov: tuple) -> mx.ar
         while end < S and (end <= n_steps and not prov[end]) == sampled:
             end += 1
         if sampled:
-            parts.append(_as_int32(mx.stack(new_col[k:end], axis=1)))
+            parts.append(mx.stack(new_col[k:end], axis=1).astype(mx.int32))
         else:
             parts.append(target[:, k:end])
         k = end
@@ -290,15 +244,15 @@ def _fused_graph(lm, fused, sp: SamplingParams, prov0: bool, n_steps: int, emit:
     cache = FusedCache(kv, pos, offset)
     h, text_logits, scr = fused.temporal(x.reshape(-1), cache)
     cache = fused.advance(cache, scr)
-    key, keys = _split_key(key, 1 + c.dep_q)
+    key, keys = split_keys(key, 1 + c.dep_q)
     if prov0:
         text = target[:, 0]
     else:
-        text = _as_int32(_sample_u32(text_logits[None].astype(lm.dtype), sp.temp_text, sp.top_k_text,
-                                     sp.greedy, _site_key(keys, 0)))
+        text = sample(text_logits[None].astype(lm.dtype), sp.temp_text, sp.top_k_text, sp.greedy,
+                      site_key(keys, 0)).astype(mx.int32)
     noise = None
     if not (sp.greedy or sp.temp_audio <= 0):
-        noise = mx.vmap(lambda k: mx.random.gumbel((B, c.card), key=k))(keys[1:1 + n_steps])
+        noise = gumbel(keys[1:1 + n_steps], (B, c.card))
     toks, _ = fused.depformer(h, text, noise, n_steps, sp)
     col = mx.concatenate([text.reshape(1, 1), toks.reshape(1, n_steps), target[:, n_steps + 1:]], axis=1)
     tokens = mx.slice_update(tokens, col[:, :, None], tgt_col, axes=(1, 2))
@@ -483,9 +437,10 @@ class LmGen:
         if self.stats_hook is not None:
             self.stats_hook("text_logits", text_logits)
 
-        state.key, keys = _split_key(state.key, 1 + c.dep_q)
+        state.key, keys = split_keys(state.key, 1 + c.dep_q)
         sp = self.sampling
-        sampled_text = _sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, _site_key(keys, 0))
+        sampled_text = sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
+                              site_key(keys, 0)).astype(mx.int32)
         if probe is not None:
             mx.eval(h, sampled_text)
             probe("temporal")
@@ -498,7 +453,7 @@ class LmGen:
             logits = self.lm.depformer_step(s, h, prev, dc)
             if self.stats_hook is not None and s < self.n_cb:
                 self.stats_hook("audio_logits", logits)
-            tok = _sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, _site_key(keys, 1 + s))
+            tok = sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, site_key(keys, 1 + s)).astype(mx.int32)
             prev = target[:, s + 1] if prov[s + 1] else tok
             new_col.append(prev)
         new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))

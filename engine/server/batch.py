@@ -12,8 +12,9 @@ How rows that started at different times share one step:
   for "now" matches the batch's shared phase; every row then reads and writes the same columns.
   The provided flags are kept per row (a freshly prompted row still forces the last prompt
   frame's delayed agent codebooks on its first live step, a running row does not).
-- Sampling: per-row temperature / top-k / greedy, and per-row RNG keys split exactly the way
-  `LmGen.step` splits its key, so a seeded slot samples the same tokens in a batch as alone.
+- Sampling: the generator's sampler (engine/models/sampling.py) with per-row temperature / top-k /
+  greedy and a key per row, split exactly the way `LmGen.step` splits its key, so a seeded slot
+  samples the same tokens in a batch as alone.
 - Mimi: a joining slot adds a zero row to the batched state (a first call pads with zeros too),
   with a per-row "fresh" flag for the one replicate-padded conv (the downsampler), whose first
   call pads with the row's own first sample. Transformer KV windows are kept at their full width
@@ -36,6 +37,7 @@ from ..errors import ConfigError
 from ..models.gen import GenState, SamplingParams
 from ..models.lm import _silu_gate
 from ..models.mimi_modules import FRESH_ROWS
+from ..models.sampling import gumbel, sample, site_key, split_keys
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +74,6 @@ class SlotParams:
 
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling, one row per conversation
-# ----------------------------------------------------------------------------------------------
-_split2 = mx.vmap(lambda k: mx.random.split(k))
-
-
-def _row_keys(keys: mx.array, n: int) -> mx.array:
-    return mx.vmap(lambda k: mx.random.split(k, n))(keys)
-
-
-def _gumbel_rows(keys: mx.array, v: int) -> mx.array:
-    # (1, V) per row, exactly what `gen._sample` draws for a B=1 state with that key.
-    return mx.vmap(lambda k: mx.random.gumbel((1, v), key=k))(keys)[:, 0]
-
-
-def sample_rows(logits: mx.array, temp: np.ndarray, top_k: np.ndarray, greedy: np.ndarray,
-                keys: mx.array) -> mx.array:
-    """logits (B, V) -> (B,) int32, row b as `gen._sample(logits[b:b+1], temp[b], top_k[b], ...)`."""
-    arg = mx.argmax(logits, axis=-1).astype(mx.int32)
-    is_greedy = greedy | (temp <= 0)
-    if is_greedy.all():
-        return arg
-    v = logits.shape[-1]
-    t = np.where(is_greedy, 1.0, temp).astype(np.float32)
-    x = logits.astype(mx.float32) / mx.array(t)[:, None]
-    k = np.where((top_k > 0) & (top_k < v), top_k, v).astype(np.int32)
-    if (k < v).any():
-        kmax = int(k.max())
-        top = mx.topk(x, kmax, axis=-1)                                     # (B, kmax), any order
-        if (k == kmax).all():
-            kth = mx.min(top, axis=-1, keepdims=True)
-        else:  # the k_b-th largest of each row: sort only the kmax candidates
-            kth = mx.take_along_axis(mx.sort(top, axis=-1), mx.array(kmax - k)[:, None], axis=-1)
-        x = mx.where(x >= kth, x, -mx.inf)
-    tok = mx.argmax(x + _gumbel_rows(keys, v), axis=-1).astype(mx.int32)
-    if is_greedy.any():
-        tok = mx.where(mx.array(is_greedy), arg, tok)
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,10 +459,10 @@ class BatchEngine:
         # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
         # shape on CUDA: seconds, which would stall every session on the first live step).
         sp = SamplingParams()
-        site = _row_keys(_split2(mx.random.split(mx.random.key(0), b))[:, 1], 1 + c.dep_q)
+        _, site = split_keys(mx.random.split(mx.random.key(0), b), 1 + c.dep_q)
         for v, temp, k in ((c.text_out, sp.temp_text, sp.top_k_text), (c.card, sp.temp_audio, sp.top_k_audio)):
-            mx.eval(sample_rows(mx.zeros((b, v), self.lm.dtype), np.full(b, temp, np.float32),
-                                np.full(b, k, np.int32), np.zeros(b, bool), site[:, 0]))
+            mx.eval(sample(mx.zeros((b, v), self.lm.dtype), np.full(b, temp, np.float32),
+                           np.full(b, k, np.int32), np.zeros(b, bool), site_key(site, 0)))
 
     def rehearse(self, state_fn) -> int:
         """Run real steps for every batch size 1..cap with dummy sessions (`state_fn()` gives a
@@ -763,10 +725,9 @@ class BatchEngine:
         x = self.lm.embed(tokens[:, :, in_col:in_col + 1])[:, 0]             # (B, D)
         h, text_logits = self._temporal(x)
 
-        split = _split2(self.keys)                                          # (B, 2, 2)
-        self.keys = split[:, 0]
-        site = _row_keys(split[:, 1], 1 + c.dep_q)                          # (B, 1+dep_q, 2)
-        text = sample_rows(text_logits, self.temp_text, self.top_k_text, self.greedy, site[:, 0])
+        self.keys, site = split_keys(self.keys, 1 + c.dep_q)                # site (B, 1+dep_q, 2)
+        text = sample(text_logits, self.temp_text, self.top_k_text, self.greedy,
+                      site_key(site, 0)).astype(mx.int32)
         n_steps = c.dep_q
         if gen.depformer_mode == "live":
             while n_steps > self.n_cb and prov[:, n_steps].all():
@@ -788,7 +749,8 @@ class BatchEngine:
             kv: list = []
             for s in range(n_steps):
                 logits, kv = self._depformer(s, h, prev, kv)
-                tok = sample_rows(logits, self.temp_audio, self.top_k_audio, self.greedy, site[:, 1 + s])
+                tok = sample(logits, self.temp_audio, self.top_k_audio, self.greedy,
+                             site_key(site, 1 + s)).astype(mx.int32)
                 prev = pick(s + 1, tok)
                 new_col.append(prev)
         new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
@@ -815,8 +777,7 @@ class BatchEngine:
         temp = np.where(greedy, 0.0, self.temp_audio).astype(np.float32)
         noise = None
         if not greedy.all():
-            keys = site[:, 1:1 + n_steps].reshape(B * n_steps, 2)
-            noise = _gumbel_rows(keys, card).reshape(B, n_steps, card)
+            noise = gumbel(site[:, 1:1 + n_steps], (1, card))[:, :, 0]      # (B, n_steps, card)
         toks, _ = self.fused.depformer_rows(h[:B], text, forced, mx.array(temp), mx.array(self.top_k_audio),
                                             noise, n_steps)
         return toks

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from engine.errors import ConfigError
 from engine.models.gen import (SILENCE_TOKENS, SINE_TOKENS, GenState, LmGen, SamplingParams, StepOutput,
-                               VoicePrompt, _sample)
+                               VoicePrompt)
 from engine.models.lm import LM, LmConfig
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "gen"
@@ -171,23 +171,6 @@ def test_seeded_sampling_is_deterministic(lm, fixture):
     assert (a[2:, :, :9] != c[2:, :, :9]).any()
     greedy = run_live(LmGen(lm, GREEDY), gen.new_state(1), user)
     assert (a[2:, :, :9] != greedy[2:, :, :9]).any()
-
-
-def test_sample_top_k_and_temperature():
-    key = mx.random.key(0)
-    logits = mx.broadcast_to(mx.array(np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))), (20000, 4))
-    tok = np.array(_sample(logits, 1.0, 0, False, key))
-    freq = np.bincount(tok, minlength=4) / len(tok)
-    np.testing.assert_allclose(freq, [0.4, 0.3, 0.2, 0.1], atol=0.015)
-    tok2 = np.array(_sample(logits, 1.0, 2, False, key))
-    freq2 = np.bincount(tok2, minlength=4) / len(tok2)
-    assert set(np.unique(tok2)) == {0, 1}
-    np.testing.assert_allclose(freq2[:2], [4 / 7, 3 / 7], atol=0.015)
-    tok3 = np.array(_sample(logits, 0.25, 0, False, key))  # p ** 4 renormalised
-    p4 = np.array([0.4, 0.3, 0.2, 0.1]) ** 4
-    np.testing.assert_allclose(np.bincount(tok3, minlength=4) / len(tok3), p4 / p4.sum(), atol=0.015)
-    assert (np.array(_sample(logits, 0.7, 25, True, key)) == 0).all()
-    assert (np.array(_sample(logits, 0.0, 25, False, key)) == 0).all()
 
 
 # ---------------------------------------------------------------- prompts
