@@ -39,7 +39,7 @@ def main() -> None:
         frames = np.zeros((1, 1920), np.float32)
         for i in range(args.capacity):
             t0 = time.perf_counter()
-            st = model._prompted_state(None, None, i)
+            st = model.prompts.state(None, None, i, warm=False)
             mx.eval(st.cache.keys, st.cache.values, st.tokens)
             tp = ms(t0)
             t0 = time.perf_counter()
@@ -48,7 +48,7 @@ def main() -> None:
             t0 = time.perf_counter()
             be.step(np.zeros((be.size, 1920), np.float32))
             print({"join": i, "prompted_ms": tp, "join_ms": tj, "step_ms": ms(t0)}, flush=True)
-        st = model._prompted_state(None, None, 99)
+        st = model.prompts.state(None, None, 99, warm=False)
         mx.eval(st.cache.keys, st.cache.values)
         r, L = args.capacity - 1, len(be.k)
         used = int(st.cache.step)

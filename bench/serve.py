@@ -29,7 +29,7 @@ import numpy as np
 import engine  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from engine.models.gen import LmGen, SamplingParams
+from engine.models.gen import LmGen, PromptCache, SamplingParams
 from engine.models.lm import LM, LmConfig
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
 from engine.server.batch import DEFAULT_FUSED_PARTS, FUSED_CHOICES, BatchEngine, SlotParams, fused_choice
@@ -57,18 +57,9 @@ class BenchModel:
         self.mimi = Mimi(mcfg, num_codebooks=8).load_reference_weights(tiny_state_dict(mcfg, seed=0))
         self.gen = LmGen(self.lm, SamplingParams())
         rng = np.random.default_rng(0)
-        self._tokens = [int(t) for t in rng.integers(4, lcfg.text_card, prompt_len)]
-        self._prompt = None
-
-    def _prompted_state(self, voice, text_prompt, seed):
-        if self._prompt is None:
-            st = self.gen.new_state(1, seed=0)
-            self.gen.run_prompts(st, voice=None, text_tokens=self._tokens)
-            mx.eval(st.tokens)
-            self._prompt = st
-        st = self._prompt.copy()
-        st.key = mx.random.key(int(seed))
-        return st
+        tokens = [int(t) for t in rng.integers(4, lcfg.text_card, prompt_len)]
+        # Every (voice, prompt) is the same: no voice, `prompt_len` random text tokens.
+        self.prompts = PromptCache(self.gen, lambda voice, prompt: (None, lambda: (None, tokens)))
 
     def decode_text(self, token):
         return ""
@@ -91,7 +82,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         base = mx.get_active_memory()
         be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused[0], fused_parts=fused[1])
         for i in range(b):
-            be.join(i, model._prompted_state(None, None, i), SlotParams(SamplingParams(), i))
+            be.join(i, model.prompts.state(None, None, i, warm=False), SlotParams(SamplingParams(), i))
         if full:
             fill_context(be)
         frames = (0.1 * rng.standard_normal((b, FRAME))).astype(np.float32)

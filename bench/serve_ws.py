@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import engine  # noqa: F401  (OpenBLAS before mlx)
+from engine.models.gen import PromptCache
 from engine.server.app import ServerConfig, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,21 +38,13 @@ class _AnyVoice:
 
     def __init__(self, model):
         self._model = model
+        self.prompts = PromptCache(model.gen, lambda voice, prompt: model.prompts.resolve(None, prompt))
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def list_voices(self):
         return ["NATF0"]
-
-    def _prompted_state(self, voice, prompt, seed, batch_size: int = 1, warm: bool = True):
-        return self._model._prompted_state(None, prompt, seed, batch_size, warm)
-
-    def _prompt_job(self, voice, prompt, seed, batch_size: int = 1, warm: bool = True, max_chunk=None):
-        return self._model._prompt_job(None, prompt, seed, batch_size, warm, max_chunk)
-
-    def _prompt_ready(self, voice, prompt, batch_size: int = 1) -> bool:
-        return self._model._prompt_ready(None, prompt, batch_size)
 
 
 async def _variant(model, clients: int, seconds: float, compiled: bool, complexity: int) -> dict:

@@ -93,9 +93,11 @@ class PersonaPlex:
         self.load_seconds = load_seconds
         self.is_tiny = bool(getattr(files, "is_tiny", False))
         self.lm_codebooks = 8
-        self._prompt_cache: dict[tuple, Any] = {}
-        self._prompt_warmed: set = set()
         self._voice_cache: dict[str, Any] = {}
+        from .models.gen import PromptCache
+        # States after the prompt phases per (voice, prompt): FrameProcessor and the server's loop
+        # take new conversations' states from it.
+        self.prompts = PromptCache(gen, self._prompt_inputs)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -156,52 +158,18 @@ class PersonaPlex:
             self._voice_cache[voice] = persona.load_voice(voice, self.files, mimi=self.mimi)
         return self._voice_cache[voice]
 
-    def _prompted_state(self, voice: str | None, system_prompt: str | None, seed: int | None,
-                        batch_size: int = 1, warm: bool = True):
-        """Generator state after the prompt phases; computed once per (voice, prompt) and reused.
-        `warm`: also trace/JIT the live B=`batch_size` step (the server's batch never runs it).
-        Worker thread only."""
-        job = self._prompt_job(voice, system_prompt, seed, batch_size, warm)
-        while True:
-            try:
-                next(job)
-            except StopIteration as done:
-                return done.value
-
-    def _prompt_job(self, voice, system_prompt, seed, batch_size: int = 1, warm: bool = True,
-                    max_chunk: int | None = None):
-        """`_prompted_state` as a generator that yields between units of model work (prefill
-        chunks of at most `max_chunk` positions, the warm-up) and returns the state, so the
-        server's loop can fit a new prompt into the slack between its steps."""
-        import mlx.core as mx
+    def _prompt_inputs(self, voice, system_prompt):
+        """`self.prompts`' resolver: (key, inputs) of a (voice name or path, system prompt or
+        preset name) pair; inputs() reads the voice and tokenizes the prompt (worker thread)."""
         from . import persona
-
         text = persona.resolve_prompt(system_prompt)
-        key = (voice, text, batch_size)
-        if key not in self._prompt_cache:
-            state = self.gen.new_state(batch_size, seed=0)
+
+        def inputs():
             # An empty prompt skips the text phase (the reference crashes on it).
             tokens = persona.encode_system_prompt(text, self.sp) if text.strip() else []
-            voice_prompt = self._voice(voice)
-            yield from self.gen.prompt_steps(state, voice=voice_prompt, text_tokens=tokens, max_chunk=max_chunk)
-            mx.eval(state.tokens)
-            self._prompt_cache[key] = state
-        if warm and key not in self._prompt_warmed:
-            yield
-            # Trace/JIT the live step now (on a copy), not during the conversation's first frames:
-            # on MLX CUDA a kernel's first use can cost seconds.
-            self.gen.warmup(self._prompt_cache[key])
-            self._prompt_warmed.add(key)
-        state = self._prompt_cache[key].copy()
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        state.key = mx.random.key(int(seed))
-        return state
+            return self._voice(voice), tokens
 
-    def _prompt_ready(self, voice, system_prompt, batch_size: int = 1) -> bool:
-        """Whether this (voice, prompt) state is cached (a join then costs no model work)."""
-        from . import persona
-        return (voice, persona.resolve_prompt(system_prompt), batch_size) in self._prompt_cache
+        return (voice, text), inputs
 
     def decode_text(self, token: int | None) -> str:
         from . import persona

@@ -350,7 +350,7 @@ def _profile_loaded(model, load_s: float, args, audio) -> dict:
     # time them here so the session's start-up does not blur the first steps.
     model._check_voice(voice)
     t0 = time.perf_counter()
-    model.worker.call(model._prompted_state, voice, None, args.seed)
+    model.worker.call(model.prompts.state, voice, None, args.seed)
     prompt_ms = (time.perf_counter() - t0) * 1e3
     peak_load = model.worker.call(mx.get_peak_memory)      # load + prompt
     model.worker.call(mx.reset_peak_memory)

@@ -135,7 +135,7 @@ class FrameProcessor:
 
     def reset(self) -> None:
         """New conversation: fresh prompt state (from the model's prompt cache), Mimi and AEC state."""
-        self.gen_state = self.model._prompted_state(self.voice, self.system_prompt, self.seed)
+        self.gen_state = self.model.prompts.state(self.voice, self.system_prompt, self.seed)
         self.mimi_state = self.model.mimi.make_state(1)
         if self.aec is not None:
             self.aec.reset()

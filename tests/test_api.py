@@ -207,4 +207,4 @@ def test_many_threads_alternating_calls(tiny_model):
     assert not errors, errors[0]
     assert results == [50 * 1920] * 100
     assert (rss1 - rss0) / 1024 < 200, f"peak RSS grew by {(rss1 - rss0) / 1024:.0f} MB"
-    assert len(tiny_model._prompt_cache) <= 8
+    assert len(tiny_model.prompts) <= 8

@@ -54,7 +54,7 @@ def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depforme
     for t in range(T):
         for i in range(n):
             if t == i // 3:
-                be.join(i, model._prompted_state(None, None, 100 + i), SlotParams(_sampling(i % 6), 100 + i))
+                be.join(i, model.prompts.state(None, None, 100 + i, warm=False), SlotParams(_sampling(i % 6), 100 + i))
         if t == T // 2:
             be.leave(4)
         if frng is not None:    # force random agent codebooks of random rows (both engines alike)
@@ -104,7 +104,7 @@ def _temporal_rows_vs_mlx(shape):
     assert be.fused.prepare_temporal_rows()[1:] == shape
     c = model.lm.config
     for i in range(11):
-        be.join(i, model._prompted_state(None, None, 100 + i), SlotParams(_sampling(i % 6), 100 + i))
+        be.join(i, model.prompts.state(None, None, 100 + i, warm=False), SlotParams(_sampling(i % 6), 100 + i))
     assert be.size > be.fused._tnb
     rng = np.random.default_rng(2)
     B = be.size
@@ -198,7 +198,7 @@ def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
     from engine.server.batch import BatchEngine, SlotParams
     be = BatchEngine(model, fused=True)
     for i in range(3):
-        be.join(i, model._prompted_state(None, None, i), SlotParams())
+        be.join(i, model.prompts.state(None, None, i, warm=False), SlotParams())
     c = model.lm.config
     sp = SamplingParams()
     be.fused.prepare_rows(8)

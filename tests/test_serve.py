@@ -61,7 +61,7 @@ def test_query_validation_and_clamping():
 # ----------------------------------------------------------------------------------------------
 def _solo(model, voice, prompt, seed, sampling, audio):
     gen = LmGen(model.lm, sampling, depformer_mode=model.gen.depformer_mode)
-    st = model._prompted_state(voice, prompt, seed)
+    st = model.prompts.state(voice, prompt, seed)
     ms = model.mimi.make_state(1)
     toks, pcm = [], []
     for frame in audio:
@@ -107,7 +107,7 @@ def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
                 if t == e:
                     be.leave(i)
                 if t == j:
-                    be.join(i, model._prompted_state(v, p, s), SlotParams(sampling[i], s))
+                    be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
             frames = np.stack([audio[i][t - plan[i][3]] for i in be.slots])
             pcm, text = be.step(frames)
             sizes.append(be.size)
@@ -139,7 +139,7 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
     def run():
         be = BatchEngine(tiny_model, capacity=3)
         for i in range(3):
-            be.join(i, tiny_model._prompted_state("NATF0", None, i), SlotParams())
+            be.join(i, tiny_model.prompts.state("NATF0", None, i), SlotParams())
         C = tiny_model.lm.config.context
         o = 2 * C + np.arange(3) * 5                        # long sessions: every slot in use
         j = np.arange(C)
@@ -190,12 +190,12 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 assert len(fns[1]) == 3 * tiny_model.lm.config.dep_q
                 assert {k[0] for k in fns[2]} == {"enc", "dec"} and len(fns[2]) == 2   # batched Mimi
                 # Rehearsal: real steps of 1..3 dummy sessions, gone afterwards.
-                n = be.rehearse(lambda: tiny_model._prompted_state("NATF0", None, 0))
+                n = be.rehearse(lambda: tiny_model.prompts.state("NATF0", None, 0))
                 assert n == 9 and be.size == 0 and be.enc is None and be.dec is None
             texts = []
             for t in range(6):
                 if t < 3:
-                    be.join(t, tiny_model._prompted_state("NATF0", None, t), SlotParams(SamplingParams(greedy=True)))
+                    be.join(t, tiny_model.prompts.state("NATF0", None, t), SlotParams(SamplingParams(greedy=True)))
                 pcm, text = be.step(np.full((be.size, FRAME), 0.01 * t, np.float32))
                 texts.append((text.tolist(), pcm))
             if warm:
@@ -223,7 +223,7 @@ def test_batch_errors(tiny_model):
         be = BatchEngine(tiny_model)
         with pytest.raises(EngineError):
             be.step(np.zeros((1, FRAME), np.float32))
-        st = tiny_model._prompted_state("NATF0", None, 1)
+        st = tiny_model.prompts.state("NATF0", None, 1)
         be.join("a", st, SlotParams())
         with pytest.raises(EngineError):
             be.join("a", st, SlotParams())
@@ -306,7 +306,7 @@ def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
         for t in range(8):
             for i in range(7):
                 if t == i // 2:
-                    be.join(i, tiny_model._prompted_state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
+                    be.join(i, tiny_model.prompts.state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
             if t == 5:
                 be.leave(2)
             if t == 6:                   # long sessions: every ring full, the newest slot wraps around
@@ -360,7 +360,7 @@ def test_join_step_and_leave_update_the_kv_in_place(tiny_model, compiled):
             fn()
             over[name] = max(over.get(name, 0), mx.get_peak_memory() - a0)
 
-        st = tiny_model._prompted_state("NATF0", None, 0)
+        st = tiny_model.prompts.state("NATF0", None, 0)
         mx.eval(st.tokens, st.cache.keys, st.cache.values)
         for i in range(3):
             peak_over("join", lambda: be.join(i, st, SlotParams()))
@@ -453,7 +453,7 @@ def _bare_step_ms(model, n: int, q: float = 99) -> float:
         be = BatchEngine(model, compiled=True, capacity=n)          # as the server runs it
         be.reserve()
         for i in range(n):
-            be.join(i, model._prompted_state("NATF0", None, i), SlotParams())
+            be.join(i, model.prompts.state("NATF0", None, i), SlotParams())
         frames, ts = np.zeros((n, FRAME), np.float32), []
         for _ in range(15):
             t0 = time.perf_counter()
@@ -868,7 +868,7 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
     # work) fitted in one tick's slack whenever the machine was quick and made this test flaky.
     prompt = ("You are a patient tutor. Explain trains, slowly, to a curious child. " * 12
               + tiny_model.__class__.__name__)
-    assert not tiny_model._prompt_ready("NATF1", prompt)
+    assert not tiny_model.prompts.ready("NATF1", prompt)
     a, b = make("a", "NATF0", None), make("b", "NATF0", None)
     for s in (a, b):
         loop.join(s)
@@ -902,7 +902,8 @@ def test_new_prompt_is_prepared_in_the_slack_between_steps(tiny_model):
         text = persona.resolve_prompt(prompt)
         tiny_model.gen.run_prompts(st, voice=tiny_model._voice("NATF1"),
                                    text_tokens=persona.encode_system_prompt(text, tiny_model.sp))
-        got = tiny_model._prompt_cache[("NATF1", text, 1)]
+        assert tiny_model.prompts.ready("NATF1", prompt)                    # prepared by the loop
+        got = tiny_model.prompts.state("NATF1", prompt, 0, warm=False)     # a copy of that state
         mx.eval(st.tokens, got.tokens)
         return (np.array(st.tokens), np.array(got.tokens), st.offset, got.offset,
                 [np.array(x) for x in st.cache.arrays()], [np.array(x) for x in got.cache.arrays()])
@@ -958,7 +959,7 @@ def test_joins_wait_for_slack_but_not_forever(tiny_model):
                   lambda pcm, text: None) for i in range(3)]
 
     def run():
-        tiny_model._prompted_state("NATF0", None, 0)          # the prompt cache: no prompt job
+        tiny_model.prompts.state("NATF0", None, 0)          # the prompt cache: no prompt job
         be, active = BatchEngine(tiny_model, capacity=4), {}
         for s in slots:
             loop.join(s)

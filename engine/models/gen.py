@@ -1,4 +1,5 @@
-"""The generator: token ring, delays, prompt phases, sampling, one 12.5 Hz step.
+"""The generator: token ring, delays, prompt phases (and the cache of prompted states), one 12.5 Hz
+step; its tokens are drawn by the sampler in sampling.py.
 
 Semantics follow PersonaPlex's own `LMGen` (github NVIDIA/personaplex, moshi/moshi/models/lm.py;
 spec sections 4-5), not PyPI moshi's:
@@ -43,7 +44,7 @@ SILENCE_FRAMES = 6       # int(0.5 s * 12.5 Hz), as the reference server/offline
 _PREFILL_CHUNK = 64      # temporal prefill chunk (steps)
 _CHUNK_SLOW_S = 0.05     # a prefill chunk faster than this is never judged slow (timer noise)
 
-__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen",
+__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen", "PromptCache",
            "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
 
 
@@ -782,3 +783,61 @@ class LmGen:
             raise ConfigError("a voice prompt needs at least 2 frames of codes")
         x = self.lm.embed(mx.array(np.stack(cols, axis=-1).astype(np.int32)))
         return VoicePrompt(embeddings=np.array(x[0].astype(mx.float32)), cache=ring[0].astype(np.int64))
+
+
+class PromptCache:
+    """Generator states after the prompt phases, built once per (voice, prompt, batch size) and
+    copied for each new conversation (a copy is no model work), with a fresh RNG key per copy.
+
+    `resolve(voice, prompt) -> (key, inputs)` comes from the owner, which knows what voice and
+    prompt names mean (engine.api.PersonaPlex resolves them through engine.persona): `key` is a
+    hashable name for the pair, `inputs()` returns (VoicePrompt | None, text prompt token ids) and
+    is called only for a pair not cached yet. `state`, `job` and `warm` run MLX (worker thread);
+    `ready` does not.
+    """
+
+    def __init__(self, gen: LmGen, resolve: Callable):
+        self.gen, self.resolve = gen, resolve
+        self._states: dict = {}
+        self._warmed: set = set()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def ready(self, voice, prompt, batch_size: int = 1) -> bool:
+        """Whether this pair's state is cached (a new conversation then costs no model work)."""
+        return (self.resolve(voice, prompt)[0], batch_size) in self._states
+
+    def state(self, voice, prompt, seed: int | None, batch_size: int = 1, warm: bool = True) -> GenState:
+        """A new conversation's state after the prompt phases; `seed` fixes its sampling (None:
+        random). `warm`: also trace/JIT the live B=`batch_size` step once per pair (the server's
+        batch never runs it)."""
+        job = self.job(voice, prompt, seed, batch_size, warm)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value
+
+    def job(self, voice, prompt, seed: int | None, batch_size: int = 1, warm: bool = True,
+            max_chunk: int | None = None):
+        """`state` as a generator that yields between units of model work (prefill chunks of at
+        most `max_chunk` positions, the warm-up) and returns the state, so a caller with deadlines
+        (the server's loop) can fit a new prompt into the slack between its steps."""
+        name, inputs = self.resolve(voice, prompt)
+        key = (name, batch_size)
+        if key not in self._states:
+            voice_prompt, tokens = inputs()
+            state = self.gen.new_state(batch_size, seed=0)
+            yield from self.gen.prompt_steps(state, voice=voice_prompt, text_tokens=tokens, max_chunk=max_chunk)
+            mx.eval(state.tokens)
+            self._states[key] = state
+        if warm and key not in self._warmed:
+            yield
+            # Trace/JIT the live step now (on a copy), not during the conversation's first frames:
+            # on MLX CUDA a kernel's first use can cost seconds.
+            self.gen.warmup(self._states[key])
+            self._warmed.add(key)
+        state = self._states[key].copy()
+        state.key = mx.random.key(secrets.randbits(32) if seed is None else int(seed))
+        return state

@@ -337,20 +337,17 @@ class StepLoop:
             self._join(be, active, slot, state, t0)
 
     def _prompted(self, voice, prompt, seed):
-        """The model's prompted state, without its solo-step warm-up where it has one (the batch
-        never runs the B=1 live step)."""
-        if hasattr(self.model, "_prompt_job"):
-            return self.model._prompted_state(voice, prompt, seed, warm=False)
-        return self.model._prompted_state(voice, prompt, seed)
+        """The model's prompted state, without the solo-step warm-up (the batch never runs the
+        B=1 live step)."""
+        return self.model.prompts.state(voice, prompt, seed, warm=False)
 
     def _prompt_job(self, slot: Slot):
-        """A generator preparing `slot`'s prompt state, or None when the model has it cached (or
-        cannot prepare incrementally: then `_prompted_state` runs it in one go)."""
-        ready = getattr(self.model, "_prompt_ready", None)
-        if ready is None or ready(slot.voice, slot.text_prompt):
+        """A generator preparing `slot`'s prompt state, or None when the model has it cached."""
+        prompts = self.model.prompts
+        if prompts.ready(slot.voice, slot.text_prompt):
             return None
-        return self.model._prompt_job(slot.voice, slot.text_prompt, slot.params.seed, warm=False,
-                                      max_chunk=self.prep_max_chunk)
+        return prompts.job(slot.voice, slot.text_prompt, slot.params.seed, warm=False,
+                           max_chunk=self.prep_max_chunk)
 
     def _join(self, be: BatchEngine, active: dict, slot: Slot, state, t0: float) -> None:
         try:

@@ -13,8 +13,8 @@ import mlx.core as mx
 from safetensors import safe_open
 
 from engine.errors import ConfigError
-from engine.models.gen import (SILENCE_TOKENS, SINE_TOKENS, GenState, LmGen, SamplingParams, StepOutput,
-                               VoicePrompt)
+from engine.models.gen import (SILENCE_TOKENS, SINE_TOKENS, GenState, LmGen, PromptCache, SamplingParams,
+                               StepOutput, VoicePrompt)
 from engine.models.lm import LM, LmConfig
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "gen"
@@ -242,6 +242,56 @@ def test_state_copy_reuses_prompt_state(lm, fixture):
     np.testing.assert_array_equal(first, second)
     assert base.offset == snap_offset
     np.testing.assert_array_equal(np.array(base.tokens), snap_tokens)
+
+
+def test_prompt_cache_builds_once_per_pair_and_copies(lm, fixture):
+    """PromptCache: the resolver's inputs are read only on a miss; the state equals the prompt
+    phases run directly; `job` yields between prefill chunks; copies get the seed's key; the
+    warm-up runs once per pair; batch sizes are separate entries."""
+    voice, text = _prompt_args(fixture)
+    user = fixture[2]["user_plain"][:1, :8]
+    gen = LmGen(lm)
+    gen.prefill_guard = False                  # chunks of max_chunk from the start (no timed probe)
+    loads = []
+
+    def resolve(v, p):
+        def inputs():
+            loads.append((v, p))
+            return (voice if v == "V" else None), (text if p else [])
+        return (v, p), inputs
+
+    cache = PromptCache(gen, resolve)
+    assert not cache.ready("V", "T") and len(cache) == 0
+    job = cache.job("V", "T", 3, warm=False, max_chunk=4)
+    units = 0
+    while True:
+        try:
+            next(job)
+            units += 1
+        except StopIteration as done:
+            a = done.value
+            break
+    want = gen.new_state(1, seed=3)
+    gen.run_prompts(want, voice, text)
+    model_calls = want.offset - 1               # every voice step, both silences, the text
+    assert units == -(-model_calls // 4) - 1 > 3 and cache.ready("V", "T") and loads == [("V", "T")]
+    assert a.offset == want.offset
+    np.testing.assert_array_equal(np.array(a.tokens), np.array(want.tokens))
+    np.testing.assert_array_equal(np.array(a.key), np.array(mx.random.key(3)))
+    for x, y in zip(a.cache.arrays(), want.cache.arrays()):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=2e-5)
+    # cached: no new load, no model work (the job ends at once); same seed, same conversation
+    job = cache.job("V", "T", 3, warm=False)
+    with pytest.raises(StopIteration):
+        next(job)
+    b, c = cache.state("V", "T", 3), cache.state("V", "T", 4)
+    assert loads == [("V", "T")] and len(cache._warmed) == 1
+    np.testing.assert_array_equal(run_live(gen, a, user), run_live(gen, b, user))
+    assert (run_live(gen, cache.state("V", "T", 3), user) != run_live(gen, c, user)).any()
+    # another pair and another batch size are new entries
+    d = cache.state(None, "", 0, batch_size=2, warm=False)
+    assert d.batch_size == 2 and d.offset == 2 * 6 and len(cache) == 2
+    assert loads == [("V", "T"), (None, "")] and cache.ready(None, "", 2) and not cache.ready(None, "")
 
 
 def test_probe_sees_both_stages(lm):
