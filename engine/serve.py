@@ -1,27 +1,58 @@
 """`python -m engine.serve`: the PersonaPlex websocket server with one batched step loop.
 
-    python -m engine.serve --host 127.0.0.1 --port 8998 --model nvidia/personaplex-7b-v1 \
-        --quantize 4 --max-sessions 16
+    python -m engine.serve --port 8998 --max-sessions 8                  # the tiny model (default)
+    python -m engine.serve --model nvidia/personaplex-7b-v1 --quantize 4 --max-sessions 16 \
+        --host 0.0.0.0 --ssl-certfile cert.pem --ssl-keyfile key.pem --auth-token "$TOKEN"
 
 Endpoints: `/api/chat` (the reference web client's protocol), `/` (our page), `/healthz`,
-`/metrics` (Prometheus text). Echo cancellation is left to the client (browsers do it).
+`/metrics` (Prometheus text). Echo cancellation is left to the client (browsers do it). An ASGI
+app (Starlette) served by uvicorn; SIGTERM (or Ctrl-C) drains: no new sessions, `/healthz` 503
+"draining", live sessions go on for up to --drain-seconds, then are closed with a reason.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 
 from .errors import EngineError
+
+TOKEN_ENV = "PERSONAPLEX_AUTH_TOKEN"
+
+
+def kernel_cache_dir() -> Path:
+    """Where MLX keeps the CUDA kernels it compiles: the user's cache directory unless
+    MLX_PTX_CACHE_DIR says otherwise (MLX's own default, /tmp/mlx, is lost at reboot; a cold
+    16-session start on a GPU compiles for ~220 s, ~10 s with the cache)."""
+    if os.environ.get("MLX_PTX_CACHE_DIR"):
+        return Path(os.environ["MLX_PTX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "personaplex" / "mlx-kernels"
+
+
+def use_kernel_cache() -> Path:
+    """Point MLX's kernel cache at kernel_cache_dir() (before any kernel is compiled)."""
+    path = kernel_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["MLX_PTX_CACHE_DIR"] = str(path)
+    except OSError as e:
+        print(f"warning: cannot create the kernel cache {path} ({e}); MLX uses its default", file=sys.stderr)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 faces the network)")
     p.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 = any free port)")
-    p.add_argument("--model", default="nvidia/personaplex-7b-v1",
-                   help='"tiny", a Hugging Face repo id or a local model directory')
+    p.add_argument("--model", default="tiny",
+                   help='"tiny" (default: the embedded tiny model, random weights, babbles), a Hugging Face '
+                        'repo id such as nvidia/personaplex-7b-v1, or a local model directory')
     p.add_argument("--model-dir", default=None, help="local directory with the model files (used instead of --model)")
     p.add_argument("--offline", action="store_true", help="never touch the network")
     p.add_argument("--quantize", default=None, help="4, 8 or none (default: none)")
@@ -46,24 +77,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--auth-token", default=None,
+                     help=f"require this token (default: ${TOKEN_ENV}; none when unset): clients send "
+                          "`Authorization: Bearer TOKEN`, browsers open /?token=TOKEN. /healthz and the "
+                          "page's files stay open")
+    sec.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="also accept websockets from pages of this origin, e.g. https://app.example.org "
+                          "(repeatable; '*' = any). Default: only the server's own pages")
+    sec.add_argument("--max-sessions-per-client", type=int, default=None, metavar="N",
+                     help="sessions one client address may hold at once (default: no limit)")
+    sec.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM): serve https:// and wss://")
+    sec.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM) of --ssl-certfile")
+    sec.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                     help="trust X-Forwarded-For from these proxy addresses (comma list) for the client "
+                          "address (the per-client limit, logs); default: none")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C: how long live sessions may go on before they are closed "
+                        "(default 30; a second signal stops at once)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
     return p
 
 
+def _check_args(args) -> str | None:
+    if args.max_sessions < 1:
+        return f"--max-sessions={args.max_sessions} must be >= 1"
+    if args.idle_timeout <= 0 or args.silence_timeout <= 0:
+        return "--idle-timeout and --silence-timeout must be > 0"
+    if args.max_sessions_per_client is not None and args.max_sessions_per_client < 1:
+        return f"--max-sessions-per-client={args.max_sessions_per_client} must be >= 1"
+    if args.drain_seconds < 0:
+        return f"--drain-seconds={args.drain_seconds} must be >= 0"
+    if args.auth_token is not None and not args.auth_token.strip():
+        return f"the auth token is empty; set a real one (e.g. `openssl rand -hex 24`) or unset ${TOKEN_ENV}"
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        return "TLS needs both --ssl-certfile and --ssl-keyfile"
+    if args.ssl_certfile:
+        import ssl
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        except (OSError, ssl.SSLError) as e:
+            return (f"cannot use --ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {e} "
+                    "(both PEM files, the key matching the certificate)")
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.auth_token is None:
+        args.auth_token = os.environ.get(TOKEN_ENV)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    if args.max_sessions < 1:
-        print(f"error: --max-sessions={args.max_sessions} must be >= 1", file=sys.stderr)
+    err = _check_args(args)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.idle_timeout <= 0 or args.silence_timeout <= 0:
-        print("error: --idle-timeout and --silence-timeout must be > 0", file=sys.stderr)
-        return 2
+    cache = use_kernel_cache()
     try:
         from .api import PersonaPlex
         from .audio.opus import load_opus
-        from .server.app import ServerConfig, start
+        from .server.app import ServerConfig
         load_opus()                      # before the (long) model load: a missing libopus fails fast
         if args.fused not in ("auto", "off"):
             from .models.fused import cuda_backend
@@ -82,27 +155,76 @@ def main(argv=None) -> int:
         return 1
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        silence_timeout=args.silence_timeout, static_dir=args.static,
-                       compiled=args.compile, opus_complexity=args.opus_complexity, fused=args.fused)
+                       compiled=args.compile, opus_complexity=args.opus_complexity, fused=args.fused,
+                       auth_token=args.auth_token, allowed_origins=tuple(args.allow_origin),
+                       max_sessions_per_client=args.max_sessions_per_client, drain_seconds=args.drain_seconds)
     if args.warm:
         cfg.warm_prompts = tuple((w.split(":", 1)[0].removesuffix(".pt"), w.split(":", 1)[1] if ":" in w else None)
                                  for w in args.warm)
     if args.compile:
         model.worker.call(model.lm.compile)
-
-    async def run() -> None:
-        runner, server, port = await start(model, args.host, args.port, cfg)
-        print(f"serving on http://{args.host}:{port}/ (max {cfg.max_sessions} sessions)", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
     try:
-        asyncio.run(run())
+        return asyncio.run(_serve(model, args, cfg, cache))
     except KeyboardInterrupt:
-        pass
+        return 130
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         model.close()
+
+
+async def _serve(model, args, cfg, cache: Path) -> int:
+    from .server.app import ChatServer, uvicorn_server
+
+    server = ChatServer(model, cfg)
+    aloop = asyncio.get_running_loop()
+    state = {"signals": 0, "drain": None}
+
+    def progress(stage, done, total, seconds):
+        print(f"[startup] {stage}: {done}/{total} batch sizes ({seconds:.0f} s; kernel cache {cache})",
+              file=sys.stderr, flush=True)
+
+    server.loop.on_progress = progress
+
+    def on_signal(sig):                      # signal handler: only hands over to the event loop
+        state["signals"] += 1
+        aloop.call_soon_threadsafe(_on_signal, sig)
+
+    def _on_signal(sig):
+        if state["signals"] > 1:
+            print("stopping now", file=sys.stderr, flush=True)
+            uv.should_exit = uv.force_exit = True
+            return
+        print(f"{signal.Signals(sig).name}: draining, up to {cfg.drain_seconds:g} s for "
+              f"{len(server.conns)} live sessions (again to stop at once)", file=sys.stderr, flush=True)
+        state["drain"] = asyncio.ensure_future(_drain())
+
+    async def _drain():
+        closed = await server.drain()
+        if closed:
+            print(f"closed {closed} sessions at the end of the drain", file=sys.stderr, flush=True)
+        uv.should_exit = True
+
+    uv = uvicorn_server(server.make_app(), args.host, args.port, cfg, args.ssl_certfile, args.ssl_keyfile,
+                        on_signal=on_signal)
+    if args.forwarded_allow_ips:
+        uv.config.proxy_headers, uv.config.forwarded_allow_ips = True, args.forwarded_allow_ips
+    task = asyncio.create_task(uv.serve())
+    while not (server.loop.ready.is_set() and uv.started):
+        if task.done():
+            return 1 if task.exception() else 0
+        if server._started and not server.loop.running and server.loop.failure is not None:
+            print(f"error: the step loop did not start: {server.loop.failure}", file=sys.stderr)
+            uv.should_exit = True
+            await task
+            return 1
+        await asyncio.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"serving on {scheme}://{args.host}:{port}/ (max {cfg.max_sessions} sessions"
+          f"{', token required' if cfg.auth_token else ''})", flush=True)
+    await task
     return 0
 
 

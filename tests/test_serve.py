@@ -18,7 +18,7 @@ from engine.server import protocol as P
 from engine.server.client import run_client, speechlike
 from engine.server.loop import host_counters
 
-aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[serve]'")
+aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[test]'")
 # sphn (the reference server's Opus package) plays the reference-compatible client here
 sphn = pytest.importorskip("sphn", reason="pip install 'personaplex-engine[test]'")
 

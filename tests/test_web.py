@@ -20,7 +20,7 @@ import pytest
 
 import engine  # noqa: F401
 
-aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[serve]'")
+aiohttp = pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[test]'")
 pytest.importorskip("sphn", reason="pip install 'personaplex-engine[serve]'")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -417,16 +417,19 @@ class BatchEngine:
     def fused_dep(self) -> bool:
         return self.fused is not None and "depformer" in self.fused_parts
 
-    def reserve(self) -> None:
+    def reserve(self, progress=None) -> None:
         """Allocate the KV rows of `capacity` sessions (and build their kernels) now; compiled:
         also trace the step graphs of every batch size, so a join or leave never waits for a
-        trace (a whole temporal graph per new size) while the other sessions are live."""
+        trace (a whole temporal graph per new size) while the other sessions are live.
+        `progress(done, total)` is called after each batch size."""
         if self.capacity and self.cap < self.capacity:
             self._grow(self.capacity)
         if self.compiled and self.size == 0:
             for b in range(1, self.cap + 1):
                 self._prewarm(b)
                 self._prewarm_mimi(b)
+                if progress is not None:
+                    progress(b, self.cap)
 
     def _prewarm(self, b: int) -> None:
         """Run the compiled temporal (fresh and full-ring variants) and depformer steps once for
@@ -464,12 +467,13 @@ class BatchEngine:
             mx.eval(sample(mx.zeros((b, v), self.lm.dtype), np.full(b, temp, np.float32),
                            np.full(b, k, np.int32), np.zeros(b, bool), site_key(site, 0)))
 
-    def rehearse(self, state_fn) -> int:
+    def rehearse(self, state_fn, progress=None) -> int:
         """Run real steps for every batch size 1..cap with dummy sessions (`state_fn()` gives a
         prompted B=1 GenState), then remove them. Beyond the traced graphs, a live step runs
         eager ops (token ring, embeddings, provided-codebook merges, joins) whose CUDA
         kernels MLX JIT-compiles on first use; measured on an H100, the first live step of 16
-        fresh sessions otherwise took 7-8 s. Only while no session is active. Returns the steps run."""
+        fresh sessions otherwise took 7-8 s. Only while no session is active. Returns the steps run.
+        `progress(done, total)` is called after each batch size."""
         if self.size:
             raise ConfigError("rehearse() needs an empty batch")
         steps = 0
@@ -486,6 +490,8 @@ class BatchEngine:
                 self.set_offsets(2 * C + np.arange(self.size))
                 self.step(np.zeros((self.size, self.mimi.frame_size), np.float32))
                 steps += 1
+                if progress is not None:
+                    progress(b, max(self.cap, 1))
         finally:
             for slot in list(self.slots):
                 self.leave(slot)

@@ -7,6 +7,7 @@ clients this is the load generator for the server; run it in its own process (as
 real clients are), so its Opus coding and event loop do not share the server's interpreter.
 
     python -m engine.server.client --url ws://127.0.0.1:8998 --clients 8 --seconds 20 --json out.json
+    python -m engine.server.client --url wss://chat.example.org --token "$TOKEN" --cafile server.pem
 
 Exit status: 0 when every client got its handshake, no error and continuous audio (at least one
 frame back per frame sent, minus the frames in flight at the end), 1 otherwise (the server not
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -52,81 +54,119 @@ def _codec(codec: str, complexity: int):
     return OggOpusWriter(SR, complexity=complexity), OggOpusReader(SR)
 
 
+def ssl_context(url: str, cafile: str | None = None):
+    """The TLS context for a wss:// URL (the system's CAs, plus `cafile`, e.g. a self-signed
+    certificate); None for ws://."""
+    if not url.startswith("wss://"):
+        return None
+    import ssl
+    ctx = ssl.create_default_context()
+    if cafile:
+        ctx.load_verify_locations(cafile)
+    return ctx
+
+
 async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
-                     opus_complexity: int = 5, codec: str = "libopus") -> dict:
+                     opus_complexity: int = 5, codec: str = "libopus", token: str | None = None,
+                     cafile: str | None = None, headers: dict | None = None) -> dict:
     """One session: stream `audio` (mono 24 kHz) in real time; returns what happened. Failures
-    (no server, no handshake, a broken stream back) are in `error`, never raised.
-    `codec="sphn"` codes with the reference server's package instead of ours."""
-    import aiohttp
+    (no server, no handshake, a refusal, a broken stream back) are in `error`, never raised; the
+    websocket's close code (1006: the connection dropped without a close frame) in `close_code`.
+    `codec="sphn"` codes with the reference server's package instead of ours. `token` goes in an
+    `Authorization: Bearer` header; `cafile` adds a CA (a self-signed certificate) for wss://."""
+    from websockets.exceptions import InvalidStatus, WebSocketException
 
     res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
-           "error": None, "close_code": None}
+           "error": None, "close_code": None, "close_reason": None, "closed_at": None, "last_audio_at": None}
     writer, reader = _codec(codec, opus_complexity)
     try:
-        await _session(url, audio, query, handshake_timeout, writer, reader, res)
-    except aiohttp.ClientConnectorError as e:
+        await _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers)
+    except InvalidStatus as e:
+        res["error"] = f"the server refused the websocket: HTTP {e.response.status_code}"
+        res["close_code"] = e.response.status_code
+    except ConnectionRefusedError as e:
         res["error"] = f"cannot reach {url}: {e}"
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+    except (WebSocketException, asyncio.TimeoutError, OSError, ValueError) as e:
         res["error"] = res["error"] or f"{type(e).__name__}: {e}"
     return res
 
 
-async def _session(url, audio, query, handshake_timeout, writer, reader, res) -> None:
-    import aiohttp
+async def _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     q = urlencode(query or {"voice_prompt": P.DEFAULT_VOICE})
-    async with aiohttp.ClientSession() as s:
-        t0 = time.monotonic()
-        async with s.ws_connect(f"{url.rstrip('/')}/api/chat?{q}", max_msg_size=0) as ws:
-            first = await ws.receive(timeout=handshake_timeout)
-            if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != bytes([P.HANDSHAKE]):
-                if first.type == aiohttp.WSMsgType.BINARY:
-                    res["error"] = first.data[1:].decode(errors="replace")
-                else:
-                    res["error"] = f"no handshake (websocket {first.type.name})"
-                await ws.close()
-                res["close_code"] = ws.close_code
-                return
-            res["handshake_s"] = time.monotonic() - t0
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    t0 = time.monotonic()
+    async with connect(f"{url.rstrip('/')}/api/chat?{q}", max_size=None, ping_interval=None,
+                       additional_headers=hdrs, ssl=ssl_context(url, cafile), open_timeout=handshake_timeout,
+                       close_timeout=5) as ws:
 
-            async def receive():
-                last = None
+        def closed():
+            res["close_code"], res["close_reason"] = ws.close_code, ws.close_reason
+            res["closed_at"] = res["closed_at"] or time.monotonic()
+
+        try:
+            first = await asyncio.wait_for(ws.recv(), handshake_timeout)
+        except ConnectionClosed:
+            closed()
+            res["error"] = f"no handshake (websocket closed: {res['close_code']} {res['close_reason']})"
+            return
+        if not isinstance(first, bytes) or first[:1] != bytes([P.HANDSHAKE]):
+            res["error"] = (first[1:].decode(errors="replace") if isinstance(first, bytes)
+                            else "no handshake (a text message)")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.wait_closed(), 5)
+            closed()
+            return
+        res["handshake_s"] = time.monotonic() - t0
+
+        async def receive():
+            last = None
+            try:
                 async for msg in ws:
-                    if msg.type != aiohttp.WSMsgType.BINARY:
+                    if not isinstance(msg, bytes):
                         break
-                    kind, payload = msg.data[0], msg.data[1:]
+                    kind, payload = msg[0], msg[1:]
                     if kind == P.AUDIO:
                         now = time.monotonic()
                         if last is not None:
                             res["max_gap_s"] = max(res["max_gap_s"], now - last)
-                        last = now
+                        last = res["last_audio_at"] = now
                         pcm = reader.append_bytes(payload)
                         res["samples"] += 0 if pcm is None else np.asarray(pcm).size
                     elif kind == P.TEXT:
                         res["text"].append(payload.decode(errors="replace"))
                     elif kind == P.ERROR:
                         res["error"] = payload.decode(errors="replace")
+            except ConnectionClosed:
+                pass
+            closed()
 
-            rx = asyncio.create_task(receive())
-            start = time.monotonic()
-            n = len(audio) // FRAME
-            for i in range(n):
-                await asyncio.sleep(max(0.0, start + i * FRAME / SR - time.monotonic()))
-                if ws.closed:
-                    break
-                try:
-                    await ws.send_bytes(P.encode(P.AUDIO, writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])))
-                except ConnectionError as e:
-                    res["error"] = res["error"] or f"connection lost: {e}"
-                    break
-                res["frames_sent"] = i + 1
-            await asyncio.sleep(IN_FLIGHT * FRAME / SR)
-            await ws.close()
+        rx = asyncio.create_task(receive())
+        start = time.monotonic()
+        n = len(audio) // FRAME
+        for i in range(n):
+            await asyncio.sleep(max(0.0, start + i * FRAME / SR - time.monotonic()))
+            if rx.done():
+                break
             try:
-                await asyncio.wait_for(rx, 10)
-            except asyncio.TimeoutError:
-                rx.cancel()
-            res["close_code"] = ws.close_code
+                await ws.send(P.encode(P.AUDIO, writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])))
+            except ConnectionClosed as e:
+                res["error"] = res["error"] or f"connection lost: {e}"
+                break
+            res["frames_sent"] = i + 1
+        if not rx.done():
+            await asyncio.sleep(IN_FLIGHT * FRAME / SR)
+        await ws.close()
+        try:
+            await asyncio.wait_for(rx, 10)
+        except asyncio.TimeoutError:
+            rx.cancel()
+        if res["close_code"] == 1006 and res["error"] is None:
+            res["error"] = "connection lost (1006: closed without a close frame)"
 
 
 def continuous(r: dict) -> bool:
@@ -135,7 +175,8 @@ def continuous(r: dict) -> bool:
 
 
 async def run_clients(url: str, clients: int, seconds: float, query: dict | None = None,
-                      stagger_s: float = 0.0, wav: str | None = None) -> list[dict]:
+                      stagger_s: float = 0.0, wav: str | None = None, **kw) -> list[dict]:
+    """`clients` sessions at once (started `stagger_s` apart); `kw` goes to run_client (token, cafile)."""
     if wav:
         from ..audio.wav import load_audio
         base, _ = load_audio(wav)
@@ -146,14 +187,19 @@ async def run_clients(url: str, clients: int, seconds: float, query: dict | None
 
     async def one(i):
         await asyncio.sleep(i * stagger_s)
-        return await run_client(url, audios[i], query)
+        return await run_client(url, audios[i], query, **kw)
 
     return list(await asyncio.gather(*[one(i) for i in range(clients)]))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.server.client", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="ws://127.0.0.1:8998", help="the server (default ws://127.0.0.1:8998)")
+    ap.add_argument("--url", default="ws://127.0.0.1:8998",
+                    help="the server: ws://, wss:// (TLS), http:// or https:// (default ws://127.0.0.1:8998)")
+    ap.add_argument("--token", default=os.environ.get("PERSONAPLEX_AUTH_TOKEN"),
+                    help="the server's auth token (default: $PERSONAPLEX_AUTH_TOKEN), sent as a Bearer header")
+    ap.add_argument("--cafile", default=None,
+                    help="trust this CA / self-signed certificate for wss:// (PEM)")
     ap.add_argument("--clients", type=int, default=1, help="concurrent sessions (default 1)")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio each client sends (default 10)")
     ap.add_argument("--voice", default=P.DEFAULT_VOICE, help=f"voice_prompt (default {P.DEFAULT_VOICE})")
@@ -178,7 +224,8 @@ def main(argv=None) -> int:
         query["text_prompt"] = args.text_prompt
     url = args.url.replace("http://", "ws://").replace("https://", "wss://")
     try:
-        results = asyncio.run(run_clients(url, args.clients, args.seconds, query, args.stagger, args.wav))
+        results = asyncio.run(run_clients(url, args.clients, args.seconds, query, args.stagger, args.wav,
+                                          token=args.token, cafile=args.cafile))
     except EngineError as e:                 # e.g. an unreadable --wav
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,7 +66,11 @@ class Metrics:
         self.misses = 0
         self.sessions_active = 0
         self.sessions_total = 0
-        self.refused = 0
+        self.refused = 0                  # every refusal; the reasons below are parts of it
+        self.refused_busy = 0             # server full
+        self.refused_auth = 0             # missing or wrong token (websocket and HTTP routes)
+        self.refused_origin = 0           # websocket from a foreign Origin
+        self.refused_client_limit = 0     # per-client-address limit
         self.closed_idle = 0
         self.closed_error = 0
         self.in_dropped_frames = 0
@@ -96,6 +100,14 @@ class Metrics:
             ("personaplex_sessions_total", "counter", "sessions accepted", self.sessions_total),
             ("personaplex_sessions_refused_total", "counter", "connections refused (limit or bad query)",
              self.refused),
+            ("personaplex_sessions_refused_busy_total", "counter", "connections refused: server full",
+             self.refused_busy),
+            ("personaplex_refused_auth_total", "counter", "requests refused: missing or wrong auth token",
+             self.refused_auth),
+            ("personaplex_sessions_refused_origin_total", "counter",
+             "websocket upgrades refused: Origin not allowed", self.refused_origin),
+            ("personaplex_sessions_refused_client_limit_total", "counter",
+             "connections refused: per-client-address session limit", self.refused_client_limit),
             ("personaplex_sessions_closed_idle_total", "counter", "sessions closed for idleness/silence",
              self.closed_idle),
             ("personaplex_sessions_closed_error_total", "counter", "sessions closed for bad messages",
@@ -257,9 +269,18 @@ class StepLoop:
         self._future = None
         self.batch: BatchEngine | None = None
         self.startup: dict = {}            # seconds spent in reserve() and rehearse() at start
+        # on_progress(stage, done, total, seconds): called on the worker thread during startup (per
+        # batch size of reserve() and rehearse(); on a GPU without MLX's kernel cache, minutes)
+        self.on_progress: Callable | None = None
+        self.ready = threading.Event()     # set once the loop serves (after warm-up, reserve, rehearsal)
+
+    def _progress(self, stage: str, done: int, total: int, t0: float) -> None:
+        if self.on_progress is not None:
+            self.on_progress(stage, done, total, time.perf_counter() - t0)
 
     # -- control (any thread)
     def start(self) -> None:
+        self.ready.clear()
         self._future = self.model.worker.submit(self._run)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -423,12 +444,14 @@ class StepLoop:
                                       fused=self.fused, fused_parts=self.fused_parts)
         if self.capacity:
             t0 = time.perf_counter()
-            be.reserve()                 # every session's KV rows and GPU kernels now, not mid-call
+            # every session's KV rows and GPU kernels now, not mid-call
+            be.reserve(progress=lambda d, n: self._progress("compiling the step graphs", d, n, t0))
             self.startup["reserve_s"] = round(time.perf_counter() - t0, 2)
             if self.compiled:
                 voice, prompt = self.warm[0] if self.warm else (None, None)
                 t0 = time.perf_counter()
-                n = be.rehearse(lambda: self._prompted(voice, prompt, 0))
+                n = be.rehearse(lambda: self._prompted(voice, prompt, 0),
+                                progress=lambda d, n: self._progress("rehearsing live steps", d, n, t0))
                 self.startup["rehearse_s"] = round(time.perf_counter() - t0, 2)
                 log.info("rehearsed %d steps of 1..%d sessions in %.1f s", n, be.cap, self.startup["rehearse_s"])
         # The weights, engine and compiled graphs live as long as the loop: frozen (engine.rt),
@@ -459,6 +482,7 @@ class StepLoop:
             time.sleep(0)
 
     def _tick_loop(self, be: BatchEngine) -> None:
+        self.ready.set()
         active: dict[int, Slot] = {}
         m, period = self.metrics, self.frame_seconds
         deadline = None

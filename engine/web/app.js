@@ -69,8 +69,17 @@ class OggReader {            // bytes in (any split), Opus packets out (headers 
 }
 
 // ---- UI
+// The server's auth token, when it needs one: browsers cannot set websocket headers, so the page
+// takes it from its own URL (/?token=...) and passes it on as a query parameter. URLs are relative
+// to the page, so the app also works mounted under a prefix.
+const TOKEN = new URLSearchParams(location.search).get("token");
+function apiUrl(path) {
+  const u = new URL(path, location.href);
+  if (TOKEN) u.searchParams.set("token", TOKEN);
+  return u;
+}
 async function loadChoices() {
-  const r = await fetch("/api/voices"); const info = await r.json();
+  const r = await fetch(apiUrl("api/voices")); const info = await r.json();
   for (const v of info.voices) $("voice").add(new Option(v, v));
   const want = new URLSearchParams(location.search).get("voice");
   if (want) $("voice").value = want;
@@ -92,7 +101,10 @@ async function connect() {
     echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 } });
   const q = new URLSearchParams({ voice_prompt: $("voice").value, text_prompt: $("prompt").value,
     seed: $("seed").value || "-1", text_temperature: "0.7", text_topk: "25", audio_temperature: "0.8", audio_topk: "250" });
-  const ws = (s.ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/chat?${q}`));
+  if (TOKEN) q.set("token", TOKEN);
+  const wsUrl = new URL("api/chat?" + q, location.href);
+  wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = (s.ws = new WebSocket(wsUrl));
   ws.binaryType = "arraybuffer";
   status("Connecting: the server runs the voice and prompt phases first...");
 
