@@ -31,6 +31,9 @@ from . import protocol as P
 
 SR, FRAME = 24000, 1920
 IN_FLIGHT = 8            # frames still on their way back when a client stops sending
+LONG_GAP_S = 0.15        # gaps between audio messages longer than this are listed in `long_gaps`
+# Result times: `handshake_at`, `closed_at`, `last_audio_at` are time.monotonic() (comparable across
+# processes on Linux); `long_gaps` holds (seconds after the handshake, gap seconds).
 
 
 def speechlike(seconds: float, seed: int) -> np.ndarray:
@@ -68,16 +71,19 @@ def ssl_context(url: str, cafile: str | None = None):
 
 async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
                      opus_complexity: int = 5, codec: str = "libopus", token: str | None = None,
-                     cafile: str | None = None, headers: dict | None = None) -> dict:
+                     cafile: str | None = None, headers: dict | None = None, result: dict | None = None) -> dict:
     """One session: stream `audio` (mono 24 kHz) in real time; returns what happened. Failures
     (no server, no handshake, a refusal, a broken stream back) are in `error`, never raised; the
     websocket's close code (1006: the connection dropped without a close frame) in `close_code`.
     `codec="sphn"` codes with the reference server's package instead of ours. `token` goes in an
-    `Authorization: Bearer` header; `cafile` adds a CA (a self-signed certificate) for wss://."""
+    `Authorization: Bearer` header; `cafile` adds a CA (a self-signed certificate) for wss://.
+    `result`: a dict to fill (and return) instead of a new one, to watch the session while it runs."""
     from websockets.exceptions import InvalidStatus, WebSocketException
 
-    res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
-           "error": None, "close_code": None, "close_reason": None, "closed_at": None, "last_audio_at": None}
+    res = result if result is not None else {}
+    res.update({"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
+           "error": None, "close_code": None, "close_reason": None, "closed_at": None, "last_audio_at": None,
+           "long_gaps": [], "handshake_at": None})
     writer, reader = _codec(codec, opus_complexity)
     try:
         await _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers)
@@ -122,6 +128,7 @@ async def _session(url, audio, query, handshake_timeout, writer, reader, res, to
             closed()
             return
         res["handshake_s"] = time.monotonic() - t0
+        res["handshake_at"] = time.monotonic()
 
         async def receive():
             last = None
@@ -134,6 +141,9 @@ async def _session(url, audio, query, handshake_timeout, writer, reader, res, to
                         now = time.monotonic()
                         if last is not None:
                             res["max_gap_s"] = max(res["max_gap_s"], now - last)
+                            if now - last > LONG_GAP_S:          # (seconds since the handshake, gap)
+                                res["long_gaps"].append((round(last - t0 - res["handshake_s"], 3),
+                                                         round(now - last, 3)))
                         last = res["last_audio_at"] = now
                         pcm = reader.append_bytes(payload)
                         res["samples"] += 0 if pcm is None else np.asarray(pcm).size
