@@ -234,3 +234,39 @@ def test_redeploy_drains(cluster):
         assert r["closed_at"] - t_redeploy > 4.0 - 0.5 and r["last_audio_at"] > r["closed_at"] - 0.5, r
         assert r["handshake_s"] is not None and r["max_gap_s"] < 0.5, r["long_gaps"]
     assert after["error"] is None and after["handshake_s"] is not None and _continuous(after), after
+
+
+def test_serve_run_with_the_example_config(cluster, tmp_path):
+    """`serve run examples/cluster.yaml` (Ray's CLI, the shipped config unchanged) against this
+    cluster: its application replaces the test's and serves a session; /healthz shows the config's
+    8 session slots. Runs last: it leaves the config's application deployed."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
+    serve_cli = Path(sys.executable).with_name("serve")
+    proc = subprocess.Popen([str(serve_cli), "run", "--address", cluster.cluster.address, str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0, body = time.monotonic(), {}
+        while time.monotonic() - t0 < 180 and proc.poll() is None:
+            try:
+                status, text, _ = _get(cluster.port, "/healthz", timeout=5)
+                body = json.loads(text) if status == 200 else {}
+            except OSError:
+                body = {}
+            if body.get("max_sessions") == 8:
+                break
+            time.sleep(0.5)
+        assert body.get("max_sessions") == 8, proc.stdout.read() if proc.poll() is not None else body
+        r = asyncio.run(run_client(cluster.url, speechlike(2.0, 30), Q))
+        assert r["error"] is None and r["handshake_s"] is not None and _continuous(r), r
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
