@@ -71,13 +71,15 @@ def ssl_context(url: str, cafile: str | None = None):
 
 async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, handshake_timeout=60.0,
                      opus_complexity: int = 5, codec: str = "libopus", token: str | None = None,
-                     cafile: str | None = None, headers: dict | None = None, result: dict | None = None) -> dict:
+                     cafile: str | None = None, headers: dict | None = None, result: dict | None = None,
+                     arrivals: list | None = None) -> dict:
     """One session: stream `audio` (mono 24 kHz) in real time; returns what happened. Failures
     (no server, no handshake, a refusal, a broken stream back) are in `error`, never raised; the
     websocket's close code (1006: the connection dropped without a close frame) in `close_code`.
     `codec="sphn"` codes with the reference server's package instead of ours. `token` goes in an
     `Authorization: Bearer` header; `cafile` adds a CA (a self-signed certificate) for wss://.
-    `result`: a dict to fill (and return) instead of a new one, to watch the session while it runs."""
+    `result`: a dict to fill (and return) instead of a new one, to watch the session while it runs;
+    `arrivals`: a list to which the time.monotonic() of each audio message received is appended."""
     from websockets.exceptions import InvalidStatus, WebSocketException
 
     res = result if result is not None else {}
@@ -86,7 +88,7 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
            "long_gaps": [], "handshake_at": None})
     writer, reader = _codec(codec, opus_complexity)
     try:
-        await _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers)
+        await _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers, arrivals)
     except InvalidStatus as e:
         res["error"] = f"the server refused the websocket: HTTP {e.response.status_code}"
         res["close_code"] = e.response.status_code
@@ -97,7 +99,8 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
     return res
 
 
-async def _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers) -> None:
+async def _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers,
+                   arrivals) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -145,6 +148,8 @@ async def _session(url, audio, query, handshake_timeout, writer, reader, res, to
                                 res["long_gaps"].append((round(last - t0 - res["handshake_s"], 3),
                                                          round(now - last, 3)))
                         last = res["last_audio_at"] = now
+                        if arrivals is not None:
+                            arrivals.append(now)
                         pcm = reader.append_bytes(payload)
                         res["samples"] += 0 if pcm is None else np.asarray(pcm).size
                     elif kind == P.TEXT:
