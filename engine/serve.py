@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched CUDA kernels: auto (default) = the depformer of all sessions as one kernel "
                         "where MLX runs on CUDA, the MLX path elsewhere; off = MLX only; depformer / "
                         "temporal / all = those kernels (CUDA only; the temporal one is slower at 16 "
-                        "sessions, see docs/performance_serve.md)")
+                        "sessions, see docs/performance.md)")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")

@@ -378,12 +378,8 @@ class ChatServer:
             self.loop.join(conn.slot)
             kicked = asyncio.ensure_future(conn.kicked.wait())
             tasks = [kicked]
-            try:
-                done, _ = await asyncio.wait([asyncio.shield(conn.joined), kicked],
-                                             timeout=self.config.prompt_timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                raise
+            done, _ = await asyncio.wait([asyncio.shield(conn.joined), kicked],
+                                         timeout=self.config.prompt_timeout, return_when=asyncio.FIRST_COMPLETED)
             if kicked in done:
                 await self._close(conn, conn.closed_reason or "server shutting down", conn.kick_code)
                 return
