@@ -263,6 +263,9 @@ def test_sigterm_drains(tmp_path, ends):
     assert t_late < 1.0
     assert rc == 0, err
     assert "SIGTERM: draining" in err
+    # startup progress while the step graphs are traced and rehearsed (2 batch sizes)
+    assert "[startup] compiling the step graphs: 2/2 batch sizes" in err
+    assert "[startup] rehearsing live steps: 2/2 batch sizes" in err
     if ends == "cut":
         # closed by the server at the end of the drain time, with its reason; audio until then
         assert r["close_code"] == 1001 and "drain time is over" in r["close_reason"], r
@@ -272,3 +275,24 @@ def test_sigterm_drains(tmp_path, ends):
     else:
         assert _ok(r, seconds), r
         assert r["close_code"] == 1000
+
+
+def test_cli_defaults_and_kernel_cache(monkeypatch, tmp_path, capsys):
+    """`python -m engine.serve` serves the tiny model by default and says so in --help; MLX's kernel
+    cache goes to the user's cache directory unless MLX_PTX_CACHE_DIR names one."""
+    from engine.serve import build_parser, kernel_cache_dir, use_kernel_cache
+
+    p = build_parser()
+    assert p.get_default("model") == "tiny" and p.get_default("host") == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert '"tiny" (default' in help_text and "--auth-token" in help_text and "--drain-seconds" in help_text
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernel_cache_dir() == tmp_path / "personaplex" / "mlx-kernels"
+    assert use_kernel_cache() == tmp_path / "personaplex" / "mlx-kernels"
+    assert (tmp_path / "personaplex" / "mlx-kernels").is_dir()
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "personaplex" / "mlx-kernels")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "mine"))
+    assert kernel_cache_dir() == tmp_path / "mine"
