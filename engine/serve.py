@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM): serve https:// and wss://")
     sec.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM) of --ssl-certfile")
     sec.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
-                     help="trust X-Forwarded-For from these proxy addresses (comma list) for the client "
-                          "address (the per-client limit, logs); default: none")
+                     help="take the client address (per-client limit, logs) from X-Forwarded-For when the "
+                          "connection comes from these proxy addresses (comma list; default: uvicorn's, "
+                          "$FORWARDED_ALLOW_IPS or 127.0.0.1, a reverse proxy on this machine)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C: how long live sessions may go on before they are closed "
                         "(default 30; a second signal stops at once)")
@@ -207,9 +208,7 @@ async def _serve(model, args, cfg, cache: Path) -> int:
         uv.should_exit = True
 
     uv = uvicorn_server(server.make_app(), args.host, args.port, cfg, args.ssl_certfile, args.ssl_keyfile,
-                        on_signal=on_signal)
-    if args.forwarded_allow_ips:
-        uv.config.proxy_headers, uv.config.forwarded_allow_ips = True, args.forwarded_allow_ips
+                        on_signal=on_signal, forwarded_allow_ips=args.forwarded_allow_ips)
     task = asyncio.create_task(uv.serve())
     while not (server.loop.ready.is_set() and uv.started):
         if task.done():

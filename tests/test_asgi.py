@@ -74,8 +74,8 @@ def test_auth_token_origin_and_per_client_limit(tiny_model, caplog):
     model work (no session joins), logged without the token. The right token (Bearer header, or
     the query parameter browsers use) is served. A page from a foreign Origin is refused at the
     upgrade (HTTP 403); the server's own origin and allow-listed ones are served. A third
-    concurrent session from one address over a limit of 2 is refused; `/metrics` needs the
-    token, `/healthz` does not."""
+    concurrent session from one address over a limit of 2 is refused (one that a trusted proxy
+    says comes from another address is not); `/metrics` needs the token, `/healthz` does not."""
     caplog.set_level(logging.INFO, logger="engine.serve")
     q = {"voice_prompt": "NATF0.pt"}
 
@@ -98,6 +98,8 @@ def test_auth_token_origin_and_per_client_limit(tiny_model, caplog):
         while len(server.conns) < 2 and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.05)
         out["third"] = await run_client(url, audio, q, token=TOKEN)
+        # from a trusted proxy (uvicorn's default: 127.0.0.1), X-Forwarded-For names the client
+        out["forwarded"] = await run_client(url, audio, q, token=TOKEN, headers={"X-Forwarded-For": "198.51.100.7"})
         out["long"] = await asyncio.gather(*long)
         base = f"http://127.0.0.1:{port}"
         out["metrics_none"] = await _http(base + "/metrics")
@@ -121,13 +123,14 @@ def test_auth_token_origin_and_per_client_limit(tiny_model, caplog):
     third = out["third"]
     assert third["close_code"] == 1008 and "too many sessions from your address: 2/2" in third["error"], third
     assert all(_ok(r, 4.0) for r in out["long"]), out["long"]
+    assert _ok(out["forwarded"], 1.0), out["forwarded"]
     assert out["metrics_none"][0] == 401 and "auth token" in out["metrics_none"][1]
     assert out["metrics_ok"][0] == 200 and "personaplex_refused_auth_total 4" in out["metrics_ok"][1]
     assert out["voices_query"][0] == 200 and "NATF0.pt" in out["voices_query"][1]
     assert out["health"][0] == 200 and json.loads(out["health"][1])["status"] == "ok"
     assert out["page"][0] == 200 and "static/app.js" in out["page"][1]
     assert (m.refused_auth, m.refused_origin, m.refused_client_limit) == (4, 1, 1)
-    assert m.refused == 3 + 1 + 1 and m.sessions_total == 6
+    assert m.refused == 3 + 1 + 1 and m.sessions_total == 7
     logged = caplog.text
     assert "missing or wrong auth token" in logged and "Origin 'https://evil.example'" in logged
     assert TOKEN[:-1] not in logged                        # no token (nor a prefix of it) in the log

@@ -477,11 +477,12 @@ class Standalone:
 
 
 def uvicorn_server(app, host: str, port: int, config: ServerConfig, ssl_certfile=None, ssl_keyfile=None,
-                   on_signal=None):
+                   on_signal=None, forwarded_allow_ips: str | None = None):
     """A uvicorn.Server for `app`: websockets without pings (the audio flows both ways every 80 ms),
     messages over `max_message_bytes` closed by the protocol layer (1009), no access log (a
     browser's URL carries its token). `on_signal(sig)` replaces uvicorn's own SIGINT/SIGTERM
-    handling (None: no signal handlers)."""
+    handling (None: no signal handlers). `forwarded_allow_ips`: proxies whose X-Forwarded-For names
+    the client (None: uvicorn's default, $FORWARDED_ALLOW_IPS or 127.0.0.1)."""
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -507,7 +508,7 @@ def uvicorn_server(app, host: str, port: int, config: ServerConfig, ssl_certfile
                          ws_max_size=config.max_message_bytes, ws_ping_interval=None,
                          ws_ping_timeout=None, access_log=False, log_level="warning",
                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                         timeout_graceful_shutdown=5)
+                         timeout_graceful_shutdown=5, forwarded_allow_ips=forwarded_allow_ips)
     return _Server(cfg)
 
 
