@@ -493,7 +493,7 @@ class SessionStats:
     thread_priority: str = "default"
     user_utterances: int = 0   # --asr: utterances the VAD cut from what the model heard
     asr_dropped: int = 0       # utterances not transcribed: the recognizer was max_pending behind
-    asr_failed: int = 0        # utterances whose recognition failed (or whose process died)
+    asr_failed: int = 0        # utterances whose recognition failed, or not back by the end (asr_drain_s)
 
     def health_line(self) -> str:
         """One short line: step time p50/p99, mic and speaker buffer fill, then the counters that are
@@ -720,8 +720,10 @@ class DuplexSession:
         while self._asr_jobs:
             left = max(0.0, deadline - time.monotonic()) if drain else 0.0
             if not self._asr_emit(self._asr_jobs[0], frame, timeout=left):
-                if drain:     # not back in time: counted as failed
+                if drain:     # not back in time: counted as failed, their late results dropped
                     st.asr_failed += len(self._asr_jobs)
+                    for job in self._asr_jobs:
+                        rec.discard(job)
                     self._asr_jobs.clear()
                 return
 

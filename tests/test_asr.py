@@ -229,6 +229,13 @@ def test_a_stalled_recognizer_never_stops_the_live_loop(tiny_model):
         assert (st.user_utterances, st.asr_dropped, st.asr_failed) == (3, 2, 1)
         assert s.user_transcript == []
         assert took < x.size / SR + 30          # a loop waiting on the frozen process never ends
+        os.kill(rec._proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while rec.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with rec._lock:
+                rec._collect(block_until=None)
+        assert rec.pending == 0 and rec._done == {}     # the late transcript was dropped, not kept
     finally:
         os.kill(rec._proc.pid, signal.SIGCONT)
         rec.close()
@@ -245,3 +252,40 @@ def test_respond_fills_user_text(tiny_model, recognizer):
         tiny_model.asr = None
     assert r.user_text == recognizer.transcribe(x) and r.user_text
     assert d.user_text == r.user_text
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines
+def run_cli(*args, timeout=300):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_backend
+def test_duplex_cli_shows_you_lines_per_utterance(tmp_path):
+    import re
+    r = run_cli("engine.duplex", "--in-wav", "examples/hello.wav", "--out-wav", str(tmp_path / "r.wav"), "--fast",
+                "--asr", "tiny")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"user transcript: (\d+) utterances, (\d+) transcribed, 0 dropped .*, 0 failed", r.stderr)
+    assert m and int(m.group(1)) == int(m.group(2)) >= 1
+    you = [ln for ln in r.stdout.splitlines() if ln.startswith("  you: ")]
+    assert len(you) == int(m.group(1)) and all(len(ln) > len("  you: ") for ln in you)
+    assert all(ln.startswith(("agent: ", "  you: ", "-- ")) for ln in r.stdout.splitlines())
+
+
+@needs_backend
+def test_respond_cli_prints_what_the_user_said():
+    r = run_cli("engine.respond", "examples/hello.wav", "--asr", "tiny", "--max-steps", "50")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("you: ") and len(first) > len("you: ")
+
+
+def test_cli_asr_model_missing_is_clear(tmp_path):
+    r = run_cli("engine.respond", "examples/hello.wav", "--asr", str(tmp_path), "--max-steps", "50")
+    assert r.returncode == 2
+    assert "error:" in r.stderr and ("lacks config.json" in r.stderr or 'pip install -e ".[asr]"' in r.stderr)
