@@ -47,16 +47,16 @@ def utterance(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
     return resample(x[: int(seconds * 24000)], 24000, rate).astype(np.float32)
 
 
-def qwen_runner(dtype):
-    import mlx.core as mx
+def qwen_runner():
     import mlx_qwen3_asr.generate as gen
-    from mlx_qwen3_asr import Session
+
+    from engine.asr import load_backend
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from asr import asr_model_dir
 
     gen._detect_repetition = lambda *a, **k: False            # random weights: run every token
-    session = Session(model=asr_model_dir("random:0.6b"), dtype=dtype)
+    session = load_backend(asr_model_dir("random:0.6b"))       # what the recognizer process runs
 
     def run(audio, tokens):
         session.transcribe(audio, language="English", max_new_tokens=tokens)
@@ -77,10 +77,12 @@ def whisper_runner(name: str, dtype, cache: Path):
         mx.save_safetensors(str(d / "weights.safetensors"), dict(tree_flatten(model.parameters())))
         (d / "config.json").write_text(json.dumps(WHISPER[name]))
     model = load_model(str(d), dtype=dtype)
+    model.set_dtype(dtype)          # the loader keeps the file's float16 (slow on MLX's CPU backend)
+    mx.eval(model.parameters())
     n_mels = WHISPER[name]["n_mels"]
 
     def run(audio, tokens):
-        mel = wa.log_mel_spectrogram(wa.pad_or_trim(audio, wa.N_SAMPLES), n_mels=n_mels)
+        mel = wa.log_mel_spectrogram(wa.pad_or_trim(mx.array(audio), wa.N_SAMPLES), n_mels=n_mels)
         eot = 50257   # both vocabularies' end-of-text
         opts = decoding.DecodingOptions(language="en", task="transcribe", temperature=0.0, sample_len=tokens,
                                         without_timestamps=True, fp16=dtype == mx.float16,
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         t0 = time.perf_counter()
-        run = qwen_runner(dtype) if name.startswith("qwen") else whisper_runner(name, dtype, cache)
+        run = qwen_runner() if name.startswith("qwen") else whisper_runner(name, dtype, cache)
         row = {"backend": name, "device": args.device, "dtype": str(dtype), "audio_s": args.seconds,
                "tokens": args.tokens, "load_s": time.perf_counter() - t0, "machine": platform.machine(),
                "cpus": os.cpu_count(), **measure(run, audio, args.tokens, args.repeats)}

@@ -237,6 +237,25 @@ class UtteranceCutter:
 # ----------------------------------------------------------------------------------------------
 # The recognizer process
 # ----------------------------------------------------------------------------------------------
+def load_backend(model_dir: str):
+    """An mlx-qwen3-asr `Session` for MLX's default device: float16 on a GPU, float32 on the CPU.
+    (The backend keeps a checkpoint's own dtype when asked for float32, and MLX's CPU backend has
+    no fast half-precision matrix products: bf16 weights ran ~20x slower there.)"""
+    import mlx.core as mx
+    from mlx_qwen3_asr import Session
+
+    if mx.default_device() != mx.cpu:
+        return Session(model=model_dir, dtype=mx.float16)
+    session = Session(model=model_dir, dtype=mx.float32)
+    model = session.model
+    model.set_dtype(mx.float32)
+    text_cfg = model.config.text_config if getattr(model, "config", None) is not None else None
+    if text_cfg is not None and text_cfg.tie_word_embeddings and not hasattr(model.lm_head, "scales"):
+        model.lm_head.weight = model.model.embed_tokens.weight       # one copy, as the backend keeps it
+    mx.eval(model.parameters())
+    return session
+
+
 def _serve(conn, model_dir: str, language: str | None, device: str, nice: int, threads: int,
            max_new_tokens: int | None) -> None:
     """Child process: load the model, then transcribe utterances until told to stop (None) or the
@@ -252,15 +271,13 @@ def _serve(conn, model_dir: str, language: str | None, device: str, nice: int, t
         if threads > 0 and _blas._handle is not None and hasattr(_blas._handle, "openblas_set_num_threads"):
             _blas._handle.openblas_set_num_threads(int(threads))
         import mlx.core as mx
-        from mlx_qwen3_asr import Session
 
         from .audio.resample import resample
 
         if device == "cpu":
             mx.set_default_device(mx.cpu)
-        on_cpu = mx.default_device() == mx.cpu
         t0 = time.perf_counter()
-        session = Session(model=model_dir, dtype=mx.float32 if on_cpu else mx.float16)
+        session = load_backend(model_dir)
         opts = dict(language=language, max_new_tokens=max_new_tokens)
         session.transcribe(np.zeros(ASR_RATE // 2, np.float32), **opts)   # warm-up
         conn.send(("ready", {"load_s": time.perf_counter() - t0, "device": str(mx.default_device())}))

@@ -148,6 +148,19 @@ def test_load_failure_in_the_process_is_raised(tmp_path):
         asr.Recognizer(d)
 
 
+@needs_backend
+def test_cpu_backend_runs_in_float32_with_one_embedding():
+    """The checkpoint is half precision; MLX's CPU backend has no fast half matmuls."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from engine.tiny_asr import ensure_tiny_asr
+    session = asr.load_backend(str(ensure_tiny_asr()))
+    params = tree_flatten(session.model.parameters())
+    assert {str(v.dtype) for _, v in params if mx.issubdtype(v.dtype, mx.floating)} == {"mlx.core.float32"}
+    assert session.model.lm_head.weight is session.model.model.embed_tokens.weight
+
+
 # ----------------------------------------------------------------------------------------------
 # The recognizer process
 @pytest.fixture(scope="module")
