@@ -33,12 +33,13 @@ def add_model_args(p: argparse.ArgumentParser, more_models: str = "") -> None:
                    help="none | 8 | 4 | a plan name from engine.models.quant (default: none)")
 
 
-def add_asr_arg(p: argparse.ArgumentParser) -> None:
+def add_asr_arg(p: argparse.ArgumentParser,
+                shows: str = "also show what the user says (`you:` lines, one per utterance)") -> None:
     """--asr [MODEL]: a transcript of what the user says (engine.asr), off unless given."""
     from .asr import DEFAULT_ASR_REPO
 
     p.add_argument("--asr", nargs="?", const=DEFAULT_ASR_REPO, default=None, metavar="MODEL",
-                   help="also show what the user says (`you:` lines), recognized in a process of its own so "
+                   help=f"{shows}, recognized in a process of its own so "
                         f"the model's loop never waits for it. MODEL: {DEFAULT_ASR_REPO} (the default when "
                         "--asr is given alone; ~1.9 GB, downloaded through huggingface_hub like the model), "
                         "another repo id or a local directory of a Qwen3-ASR model, or tiny (random weights "

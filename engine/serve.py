@@ -13,6 +13,7 @@ import asyncio
 import logging
 import sys
 
+from .cli import add_asr_arg
 from .errors import EngineError
 
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
+    add_asr_arg(p, shows="send what each user says to the clients that ask for it (query user_text=1) "
+                         "as metadata messages {\"user_text\": ...}; text messages stay the agent's")
     return p
 
 
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
                       "use --fused auto (the MLX path here) or off", file=sys.stderr)
                 return 2
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
-                                 offline=args.offline or None)
+                                 offline=args.offline or None, asr=args.asr)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -302,3 +302,46 @@ def test_cli_asr_model_missing_is_clear(tmp_path):
     r = run_cli("engine.respond", "examples/hello.wav", "--asr", str(tmp_path), "--max-steps", "50")
     assert r.returncode == 2
     assert "error:" in r.stderr and ("lacks config.json" in r.stderr or 'pip install -e ".[asr]"' in r.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The server (engine.serve --asr): metadata messages for the clients that ask
+def test_query_asks_for_user_text():
+    from engine.server import protocol as P
+    assert P.parse_query({}).user_text is False
+    assert P.parse_query({"user_text": "1"}).user_text is True
+    assert P.parse_query({"user_text": "0"}).user_text is False
+
+
+def test_server_sends_user_text_only_to_clients_that_ask(tiny_model, recognizer):
+    pytest.importorskip("aiohttp", reason="pip install 'personaplex-engine[serve]'")
+    import asyncio
+
+    from engine.server.app import ServerConfig, start
+    from engine.server.client import run_client
+
+    x = conversation(("q", 0.4), ("s", 1.2, 1), ("q", 1.3), ("s", 1.0, 2), ("q", 3.0))   # 2 s to spare at the end
+    expected, _ = cut(x)
+    q = {"voice_prompt": "NATF0.pt", "seed": "1"}
+
+    async def main():
+        tiny_model.asr = recognizer
+        try:
+            runner, server, port = await start(tiny_model, "127.0.0.1", 0, ServerConfig(compiled=False))
+        finally:
+            tiny_model.asr = None
+        try:
+            url = f"ws://127.0.0.1:{port}"
+            asked, plain = await asyncio.gather(run_client(url, x, {**q, "user_text": "1"}), run_client(url, x, q))
+            return asked, plain, server.metrics
+        finally:
+            await runner.cleanup()
+
+    asked, plain, m = asyncio.run(main())
+    assert asked["error"] is None and plain["error"] is None
+    assert plain["user_text"] == [] and plain["text"]           # the agent's text as before, nothing more
+    got = asked["user_text"]
+    assert len(got) == len(expected) == 2 and m.asr_utterances == 2 and m.asr_dropped == m.asr_failed == 0
+    assert all(g["user_text"] for g in got)
+    for g, u in zip(got, expected):     # the same VAD boundaries, within the Opus round trip's shift
+        assert abs(g["start_s"] - u.start_s) < 0.15 and abs(g["end_s"] - u.end_s) < 0.15

@@ -60,7 +60,7 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
     import aiohttp
 
     res = {"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
-           "error": None, "close_code": None}
+           "error": None, "close_code": None, "user_text": []}
     writer, reader = _codec(codec, opus_complexity)
     try:
         await _session(url, audio, query, handshake_timeout, writer, reader, res)
@@ -104,6 +104,10 @@ async def _session(url, audio, query, handshake_timeout, writer, reader, res) ->
                         res["samples"] += 0 if pcm is None else np.asarray(pcm).size
                     elif kind == P.TEXT:
                         res["text"].append(payload.decode(errors="replace"))
+                    elif kind == P.METADATA:        # user_text=1 with a server started with --asr
+                        meta = json.loads(payload.decode(errors="replace") or "{}")
+                        if isinstance(meta, dict) and "user_text" in meta:
+                            res["user_text"].append(meta)
                     elif kind == P.ERROR:
                         res["error"] = payload.decode(errors="replace")
 
