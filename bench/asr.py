@@ -111,6 +111,10 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for use in (False, True):
                 row = run_once(model, audio, rec if use else None)
+                if use:       # the next session starts with an idle recognizer
+                    row["idle_wait_s"] = -time.perf_counter()
+                    rec.wait_idle(600)
+                    row["idle_wait_s"] += time.perf_counter()
                 row.update(round=r, asr_model=args.asr_model, machine=platform.machine(), cpus=os.cpu_count(),
                            max_new_tokens=args.max_new_tokens, load_avg=os.getloadavg()[0])
                 rows.append(row)

@@ -386,14 +386,16 @@ class Recognizer:
         deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
         while not self.ready:
             with self._lock:
-                self._collect(block_until=deadline)
+                self._collect()
             if self.error is not None:
                 where = "" if Path(self.model) == self.model_dir else f" ({self.model_dir})"
                 raise EngineError(f"the speech recognizer could not load {self.model}{where}: {self.error}. "
                                   "Are the files complete and of a Qwen3-ASR model?")
-            if not self.ready and time.monotonic() >= deadline:
-                raise EngineError(f"the speech recognizer did not load {self.model} within "
-                                  f"{self.ready_timeout:.0f} s")
+            if not self.ready:
+                if time.monotonic() >= deadline:
+                    raise EngineError(f"the speech recognizer did not load {self.model} within "
+                                      f"{self.ready_timeout:.0f} s")
+                time.sleep(0.02)
         return self
 
     @property
@@ -457,13 +459,13 @@ class Recognizer:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                self._collect(block_until=None)
+                self._collect()
                 if job in self._done:
                     return self._done.pop(job)
                 if job not in self._sent:
                     raise ConfigError(f"unknown recognizer job {job!r}")
                 if not self.alive:
-                    self._collect(block_until=None)
+                    self._collect()
                     if job in self._done:
                         return self._done.pop(job)
                     self._finish(job, "", 0.0, f"the recognizer process exited (code {self._proc.returncode})")
@@ -471,6 +473,19 @@ class Recognizer:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until the process has answered every job handed to it (discarded ones too);
+        returns whether it did within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._collect()
+                if not self._sent or not self.alive:
+                    return not self._sent
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def discard(self, job: int | None) -> None:
         """The caller no longer wants job `job`'s transcript: it is dropped when it arrives."""
@@ -506,30 +521,26 @@ class Recognizer:
         else:
             self.failed += 1
 
-    def _collect(self, block_until: float | None) -> None:
+    def _collect(self) -> None:
+        """Read every message that is there (never waits: callers sleep outside the lock)."""
         while True:
-            wait = 0.0 if block_until is None else max(0.0, min(0.2, block_until - time.monotonic()))
             try:
-                msg = self._conn.recv() if self._conn.poll(wait) else None
+                msg = self._conn.recv() if self._conn.poll(0) else None
             except (EOFError, OSError):
                 msg = None
             if msg is None:
-                if block_until is not None and not self.ready and not self.alive and self.error is None:
+                if not self.ready and self.error is None and not self.alive:
                     self.error = f"the recognizer process exited (code {self._proc.returncode}) while loading"
                 return
             kind = msg[0]
             if kind == "ready":
                 self.ready, self.info = True, msg[1]
-                if block_until is not None:
-                    return
             elif kind == "failed_to_load":
                 self.error = msg[1]
-                return
             elif kind == "text":
                 self._finish(msg[1], msg[2], msg[3], None)
             elif kind == "error":
                 self._finish(msg[1], "", msg[3], msg[2])
-
 
 if __name__ == "__main__":
     import sys

@@ -243,11 +243,7 @@ def test_a_stalled_recognizer_never_stops_the_live_loop(tiny_model):
         assert s.user_transcript == []
         assert took < x.size / SR + 30          # a loop waiting on the frozen process never ends
         os.kill(rec._proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while rec.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
-            with rec._lock:
-                rec._collect(block_until=None)
+        assert rec.wait_idle(60)
         assert rec.pending == 0 and rec._done == {}     # the late transcript was dropped, not kept
     finally:
         os.kill(rec._proc.pid, signal.SIGCONT)
