@@ -4,7 +4,8 @@ Runs real-time DuplexSessions (wall-clock paced source, in-memory sink) of the t
 same input, alternating: without a recognizer, with one, without, with ... (so a change of machine
 load hits both sides alike), and reports per side the step p50/p99/max, the deadline misses, and
 for the recognizer the utterances, transcripts, drops, its own time per utterance and the latency
-from the end of an utterance to its text.
+from the end of an utterance to its text, and what the loop itself pays for it per step (the
+cutter's VAD, handing utterances over, polling for transcripts: `loop_asr_*_ms`, inside the step).
 
 The recognizer is "tiny" (random, small) or, by default, `random:0.6b`: Qwen3-ASR-0.6B's real
 shapes with random weights (built once into the cache by engine.tiny_asr), so its process does the
@@ -68,6 +69,16 @@ def asr_model_dir(name: str) -> str:
 def run_once(model, audio, rec) -> dict:
     s = model.session(source=audio, sink=None, realtime=True, asr=rec if rec is not None else False,
                       record_steps=True, seed=1, asr_drain_s=30.0)
+    feed_ms = []                  # what the loop pays per step: VAD, hand-over, polling
+    if rec is not None:
+        inner = s._asr_feed
+
+        def timed(utterances, frame, drain=False):
+            t = time.perf_counter()
+            inner(utterances, frame, drain)
+            if not drain:
+                feed_ms.append((time.perf_counter() - t) * 1e3)
+        s._asr_feed = timed
     s.start()
     s.wait()
     st = s.stats()
@@ -77,6 +88,9 @@ def run_once(model, audio, rec) -> dict:
            "misses": st.deadline_misses, "late_frames": st.late_frames}
     if rec is not None:
         tr = s.user_transcript
+        f = np.array(feed_ms) if feed_ms else np.zeros(1)
+        row.update(loop_asr_p50_ms=float(np.percentile(f, 50)), loop_asr_p99_ms=float(np.percentile(f, 99)),
+                   loop_asr_max_ms=float(f.max()))
         row.update(utterances=st.user_utterances, transcripts=len(tr), dropped=st.asr_dropped,
                    failed=st.asr_failed,
                    recognize_p50_s=float(np.median([t.recognize_s for t in tr])) if tr else None,

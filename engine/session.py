@@ -698,15 +698,16 @@ class DuplexSession:
             self._events_dropped += 1
 
     # -- the user's transcript (engine.asr) ------------------------------------------------------
-    def _asr_feed(self, utterances, frame: int, drain: bool = False) -> None:
-        """Hand new utterances to the recognizer and emit the transcripts that are back, in
-        utterance order. Live sources never wait here: a recognizer `max_pending` behind drops the
+    def _asr_feed(self, heard: np.ndarray | None, frame: int, drain: bool = False) -> None:
+        """Cut what the model heard into utterances (None: the end of the stream, the utterance in
+        progress is cut there), hand them to the recognizer and emit the transcripts that are
+        back, in utterance order. Live sources never wait here: a recognizer `max_pending` behind drops the
         utterance (counted). File and array sources have no deadline: they wait for room instead.
         `drain` (the end of the session): wait for every transcript, `asr_drain_s` at most for a
         live source."""
         st, rec = self._stats, self.asr
         wait_for_room = not self.source.realtime
-        for u in utterances:
+        for u in (self._asr_cutter.feed(heard) if heard is not None else self._asr_cutter.flush()):
             st.user_utterances += 1
             if wait_for_room:
                 while len(self._asr_jobs) >= rec.max_pending:
@@ -779,7 +780,7 @@ class DuplexSession:
             last_underrun = self.device.play_ring.underrun_count if self.device is not None else 0
             if self.asr is not None:
                 from .asr import UtteranceCutter
-                cutter = UtteranceCutter(silence_ms=self.asr_silence_ms)
+                self._asr_cutter = UtteranceCutter(silence_ms=self.asr_silence_ms)
             st.state = "live"
             self._emit("state", "live", 0)
             period = FRAME_SECONDS
@@ -840,7 +841,7 @@ class DuplexSession:
                     st.samples_out += FRAME
                 last_out = out
                 if self.asr is not None:
-                    self._asr_feed(cutter.feed(proc.last_mic), st.frames + 1)
+                    self._asr_feed(proc.last_mic, st.frames + 1)
                 self.timer.mark("playback_push")
                 step_ms = (time.perf_counter() - t0) * 1e3
                 self.timer.end()
@@ -857,7 +858,7 @@ class DuplexSession:
                     if self.on_text is not None:
                         self.on_text(res.text)
             if self.asr is not None:        # the utterance in progress, then what is still queued
-                self._asr_feed(cutter.flush(), st.frames, drain=True)
+                self._asr_feed(None, st.frames, drain=True)
         except BaseException as exc:  # noqa: BLE001 - surfaced through stop()/wait()/error
             self.error = exc
             st.state = "error"
