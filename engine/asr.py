@@ -240,7 +240,7 @@ class UtteranceCutter:
 def load_backend(model_dir: str):
     """An mlx-qwen3-asr `Session` for MLX's default device: float16 on a GPU, float32 on the CPU.
     (The backend keeps a checkpoint's own dtype when asked for float32, and MLX's CPU backend has
-    no fast half-precision matrix products: bf16 weights ran ~20x slower there.)"""
+    no fast half-precision matrix products: half-precision weights ran ~7x slower there.)"""
     import mlx.core as mx
     from mlx_qwen3_asr import Session
 

@@ -41,7 +41,7 @@ def add_asr_arg(p: argparse.ArgumentParser,
     p.add_argument("--asr", nargs="?", const=DEFAULT_ASR_REPO, default=None, metavar="MODEL",
                    help=f"{shows}, recognized in a process of its own so "
                         f"the model's loop never waits for it. MODEL: {DEFAULT_ASR_REPO} (the default when "
-                        "--asr is given alone; ~1.9 GB, downloaded through huggingface_hub like the model), "
+                        "--asr is given alone; about 1.6 GB, downloaded through huggingface_hub like the model), "
                         "another repo id or a local directory of a Qwen3-ASR model, or tiny (random weights "
                         "built locally: nonsense text). Needs the asr extra: pip install -e \".[asr]\".")
 
