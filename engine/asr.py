@@ -304,8 +304,12 @@ def _serve(conn, model_dir: str, language: str | None, device: str, nice: int, t
 def _child_main(argv: list[str]) -> int:
     """`python -m engine.asr FD JSON`: the recognizer process (started by `Recognizer`)."""
     import json
+    import signal
     from multiprocessing.connection import Connection
 
+    # Ctrl-C in the terminal reaches the whole process group: the parent decides when this ends
+    # (close(), or its end of the connection closing), so the transcripts due can still come back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
     try:
         _serve(conn, **json.loads(argv[1]))

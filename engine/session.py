@@ -701,17 +701,17 @@ class DuplexSession:
     def _asr_feed(self, heard: np.ndarray | None, frame: int, drain: bool = False) -> None:
         """Cut what the model heard into utterances (None: the end of the stream, the utterance in
         progress is cut there), hand them to the recognizer and emit the transcripts that are
-        back, in utterance order. Live sources never wait here: a recognizer `max_pending` behind drops the
-        utterance (counted). File and array sources have no deadline: they wait for room instead.
-        `drain` (the end of the session): wait for every transcript, `asr_drain_s` at most for a
-        live source."""
+        back, in utterance order. Live sources never wait here: a recognizer `max_pending` behind
+        drops the utterance (counted). File and array sources have no deadline: they wait for room
+        instead (up to 600 s an utterance). `drain` (the end of the session): wait for every
+        transcript, `asr_drain_s` at most for a live source."""
         st, rec = self._stats, self.asr
         wait_for_room = not self.source.realtime
         for u in (self._asr_cutter.feed(heard) if heard is not None else self._asr_cutter.flush()):
             st.user_utterances += 1
-            if wait_for_room:
-                while len(self._asr_jobs) >= rec.max_pending:
-                    self._asr_emit(self._asr_jobs[0], frame, timeout=600.0)
+            while (wait_for_room and len(self._asr_jobs) >= rec.max_pending
+                   and self._asr_emit(self._asr_jobs[0], frame, timeout=600.0)):
+                pass
             job = rec.submit(u.audio, u.sample_rate, index=u.index, start_s=u.start_s, end_s=u.end_s)
             if job is None:
                 st.asr_dropped += 1

@@ -184,6 +184,12 @@ def test_recognizer_answers_in_order_and_deterministically(recognizer):
     assert recognizer.pending == 0 and recognizer.completed >= 4
 
 
+def test_ctrl_c_in_the_terminal_does_not_end_the_recognizer(recognizer):
+    os.kill(recognizer._proc.pid, signal.SIGINT)         # what a Ctrl-C sends the process group
+    assert recognizer.transcribe(speechlike(SR, 3))
+    assert recognizer.alive
+
+
 def test_a_dead_recognizer_loses_jobs_with_an_error_and_drops_new_ones():
     pytest.importorskip("mlx_qwen3_asr")
     rec = asr.Recognizer("tiny", **FAST)
