@@ -779,7 +779,7 @@ class DuplexSession:
             last_out = silence
             last_underrun = self.device.play_ring.underrun_count if self.device is not None else 0
             if self.asr is not None:
-                from .asr import UtteranceCutter
+                from .audio.vad import UtteranceCutter
                 self._asr_cutter = UtteranceCutter(silence_ms=self.asr_silence_ms)
             st.state = "live"
             self._emit("state", "live", 0)

@@ -73,7 +73,7 @@ class _Conn:
         self.cutter = None
         self.asr_jobs: deque = deque()
         if server.asr is not None and req.user_text:
-            from ..asr import UtteranceCutter
+            from ..audio.vad import UtteranceCutter
             self.cutter = UtteranceCutter()
 
     # -- called on the worker thread
