@@ -32,6 +32,7 @@ class Response:
     sample_rate: int = SAMPLE_RATE
     input_info: str = ""
     babble: bool = False     # True for the tiny random model: the output is noise-like babble
+    user_text: str | None = None   # what the user said, when the model has a recognizer (asr=)
 
     @property
     def duration(self) -> float:
@@ -98,13 +99,14 @@ class PersonaPlex:
         # States after the prompt phases per (voice, prompt): FrameProcessor and the server's loop
         # take new conversations' states from it.
         self.prompts = PromptCache(gen, self._prompt_inputs)
+        self.asr = None          # engine.asr.Recognizer when loaded with asr=
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_REPO, quantize: int | str | None = None, *,
              model_dir: str | os.PathLike | None = None, offline: bool | None = None,
              progress: bool = True, dtype: str | None = None, depformer_mode: str = "live",
-             sampling=None, worker: ModelWorker | None = None) -> "PersonaPlex":
+             sampling=None, worker: ModelWorker | None = None, asr=None) -> "PersonaPlex":
         """Load a model: "tiny" (embedded, random weights, babbles), a repo id, or a local directory.
 
         The Swift demo's converted checkpoints (`aufklarer/PersonaPlex-7B-MLX-8bit` / `-4bit`, or a
@@ -113,21 +115,42 @@ class PersonaPlex:
         group 64), applied at load. A converted checkpoint accepts only its own bits.
         dtype: "float32" | "bfloat16" | "float16" | None (float32 for the tiny model, else bfloat16;
         a converted checkpoint's fp16 floats, scales and biases are cast to it).
+        asr: a speech recognizer for the user's side (engine.asr; needs the `asr` extra): a repo id
+        (e.g. engine.asr.DEFAULT_ASR_REPO), a local directory, "tiny", or a Recognizer. It loads in
+        its own process while the model loads; then `Response.user_text` and the sessions'
+        `user_text` events carry what the user said.
         """
         from . import hub
 
         quantize = _parse_quantize(quantize)
         files = hub.resolve_model(model, model_dir=model_dir, offline=offline, progress=progress,
                                   quantize=quantize if isinstance(quantize, int) else None)
-        worker = worker or ModelWorker()
-        t0 = time.perf_counter()
-        mimi, lm, gen, sp = worker.call(_load_on_worker, files, quantize, dtype, depformer_mode,
-                                        sampling)
+        recognizer = None
+        if asr is not None and not hasattr(asr, "submit"):
+            from .asr import Recognizer
+            recognizer = Recognizer(asr, wait=False, offline=offline, progress=progress)
+        elif asr is not None:
+            recognizer = asr
+        try:
+            worker = worker or ModelWorker()
+            t0 = time.perf_counter()
+            mimi, lm, gen, sp = worker.call(_load_on_worker, files, quantize, dtype, depformer_mode,
+                                            sampling)
+            if recognizer is not None:
+                recognizer.wait_ready()
+        except BaseException:
+            if recognizer is not None and recognizer is not asr:
+                recognizer.close()
+            raise
         if quantize is None and lm.quant_plan is not None:   # a converted checkpoint's own plan
             quantize = lm.quant_plan.name
-        return cls(files, mimi, lm, gen, sp, worker, quantize, time.perf_counter() - t0)
+        model = cls(files, mimi, lm, gen, sp, worker, quantize, time.perf_counter() - t0)
+        model.asr = recognizer
+        return model
 
     def close(self) -> None:
+        if self.asr is not None:
+            self.asr.close()
         self.worker.shutdown()
 
     # -- voices and prompts --------------------------------------------------------------------
@@ -191,6 +214,29 @@ class PersonaPlex:
                               f"(each step is 80 ms of agent speech)")
         return int(max_steps)
 
+    # -- the user's transcript (asr=) ----------------------------------------------------------
+    def _asr_submit(self, pcm: np.ndarray) -> int | None:
+        """Start recognizing the user's turn in the recognizer's process (it runs while the model
+        answers); None without a recognizer."""
+        if self.asr is None:
+            return None
+        job = self.asr.submit(pcm, SAMPLE_RATE)
+        if job is None:
+            from .errors import EngineError
+            raise EngineError("the speech recognizer is stopped or has max_pending turns queued")
+        return job
+
+    def _asr_text(self, job: int | None, timeout: float = 120.0) -> str | None:
+        if job is None:
+            return None
+        from .errors import EngineError
+        tr = self.asr.result(job, timeout)
+        if tr is None:
+            raise EngineError(f"the speech recognizer gave no transcript within {timeout:.0f} s")
+        if tr.error is not None:
+            raise EngineError(f"speech recognition of the user's turn failed: {tr.error}")
+        return tr.text
+
     # -- turn-based ----------------------------------------------------------------------------
     def _turn(self, audio: np.ndarray, voice, system_prompt, max_steps, seed, timer=None,
               diag: Diagnostics | None = None) -> Iterator[tuple[np.ndarray | None, int | None]]:
@@ -235,9 +281,16 @@ class PersonaPlex:
                     tokens.append(t)
             return frames, tokens
 
-        frames, tokens = self.worker.call(run)
+        job = self._asr_submit(pcm)
+        try:
+            frames, tokens = self.worker.call(run)
+        except BaseException:
+            if job is not None:
+                self.asr.discard(job)
+            raise
         text = "".join(self.decode_text(t) for t in tokens)
-        return Response(np.concatenate(frames), text, tokens, input_info=info, babble=self.is_tiny)
+        return Response(np.concatenate(frames), text, tokens, input_info=info, babble=self.is_tiny,
+                        user_text=self._asr_text(job))
 
     def respond_stream(self, audio, voice: str = "NATM0", system_prompt: str | None = None,
                        max_steps: int = 75, seed: int | None = None,
@@ -291,9 +344,16 @@ class PersonaPlex:
             diag.step_timings = timer.records[-max_steps:]
             return frames, tokens
 
-        frames, tokens = self.worker.call(run)
+        job = self._asr_submit(pcm)
+        try:
+            frames, tokens = self.worker.call(run)
+        except BaseException:
+            if job is not None:
+                self.asr.discard(job)
+            raise
         text = "".join(self.decode_text(t) for t in tokens)
-        return Response(np.concatenate(frames), text, tokens, input_info=info, babble=self.is_tiny), diag
+        return Response(np.concatenate(frames), text, tokens, input_info=info, babble=self.is_tiny,
+                        user_text=self._asr_text(job)), diag
 
     # -- full duplex ---------------------------------------------------------------------------
     def respond_realtime(self, blocks: Iterable[np.ndarray], voice: str = "NATM0",

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["DEFAULT_MODEL", "MODEL_HELP", "TINY_NOTE", "add_model_args", "note_if_tiny", "device_arg"]
+__all__ = ["DEFAULT_MODEL", "MODEL_HELP", "TINY_NOTE", "add_model_args", "add_asr_arg", "note_if_tiny",
+           "device_arg"]
 
 DEFAULT_MODEL = "tiny"
 
@@ -30,6 +31,19 @@ def add_model_args(p: argparse.ArgumentParser, more_models: str = "") -> None:
                    help="a local directory with the model's files, used instead of --model")
     p.add_argument("--quantize", default="none",
                    help="none | 8 | 4 | a plan name from engine.models.quant (default: none)")
+
+
+def add_asr_arg(p: argparse.ArgumentParser,
+                shows: str = "also show what the user says (`you:` lines, one per utterance)") -> None:
+    """--asr [MODEL]: a transcript of what the user says (engine.asr), off unless given."""
+    from .asr import DEFAULT_ASR_REPO
+
+    p.add_argument("--asr", nargs="?", const=DEFAULT_ASR_REPO, default=None, metavar="MODEL",
+                   help=f"{shows}, recognized in a process of its own so "
+                        f"the model's loop never waits for it. MODEL: {DEFAULT_ASR_REPO} (the default when "
+                        "--asr is given alone; about 1.6 GB, downloaded through huggingface_hub like the model), "
+                        "another repo id or a local directory of a Qwen3-ASR model, or tiny (random weights "
+                        "built locally: nonsense text). Needs the asr extra: pip install -e \".[asr]\".")
 
 
 def note_if_tiny(args) -> None:

@@ -8,7 +8,8 @@ Examples:
 
 The model is `tiny` unless --model says otherwise: random weights, so it babbles (see --model).
 
-Output: the agent's words as lines (`agent: ...`, wrapped at 80 columns) on stdout. On a terminal
+Output: the agent's words as lines (`agent: ...`, wrapped at 80 columns) on stdout, and with --asr
+what the user said, one `  you: ...` line per utterance (cut where the VAD hears a pause). On a terminal
 the health line is the status line below them; piped or redirected, a health line `-- ...` is
 printed every 5 s instead. It reads: audio time | step time p50/p99 | mic and speaker buffer fill
 | the counters that are not zero: miss (deadline misses), underrun (samples of silence played),
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 
-from .cli import add_model_args, device_arg, note_if_tiny
+from .cli import add_asr_arg, add_model_args, device_arg, note_if_tiny
 from .errors import EngineError
 
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--silence-ms", type=float, default=1500, help="turn-based: silence that ends a turn (ms)")
     p.add_argument("--max-steps", type=int, default=75, help="turn-based: reply length in 80 ms steps (50..500)")
     p.add_argument("--quiet", action="store_true", help="no health line")
+    add_asr_arg(p)
     return p
 
 
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
         from .api import PersonaPlex
         note_if_tiny(args)
         t0 = time.perf_counter()
-        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
-        print(f"[loaded {model.files.source} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir, asr=args.asr)
+        print(f"[loaded {model.files.source}{f' and the recognizer {args.asr}' if args.asr else ''} in "
+              f"{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
         if args.list_voices:
             print("\n".join(model.list_voices()))
             return 0
@@ -133,6 +136,9 @@ def _live(model, args) -> int:
           f"drift-skipped {stats.drift_skipped_frames}, AEC {'on' if stats.aec else 'off'}", file=sys.stderr)
     if args.rt_priority:
         print(f"loop thread priority: {stats.thread_priority}", file=sys.stderr)
+    if model.asr is not None:
+        print(f"user transcript: {stats.user_utterances} utterances, {len(session.user_transcript)} transcribed, "
+              f"{stats.asr_dropped} dropped (recognizer behind), {stats.asr_failed} failed", file=sys.stderr)
     if args.out_wav:
         print(f"wrote {args.out_wav}", file=sys.stderr)
     return 0
@@ -147,6 +153,25 @@ def _show_text(session, view) -> None:
             return
         if ev.kind == "text":
             view.text(ev.value)
+        elif ev.kind == "user_text":
+            view.text(ev.value + "\n", speaker="you")     # one line per utterance
+
+
+def _user_turn(model, user):
+    """Start recognizing a turn-based user turn (returns a job id, None without --asr)."""
+    return None if model.asr is None else model.asr.submit(user)
+
+
+def _show_user_turn(model, job, view, timeout: float = 0.0):
+    """Show the turn's `you:` line once its transcript is back; returns the job if not yet."""
+    if job is None:
+        return None
+    tr = model.asr.result(job, timeout)
+    if tr is None:
+        return job
+    if tr.error is None:
+        view.text(tr.text + "\n", speaker="you")
+    return None
 
 
 def _turn_based(model, args) -> int:
@@ -176,10 +201,13 @@ def _turn_based(model, args) -> int:
                 user = audio[start:ev.sample]
                 print(f"[turn {turns}: {len(user) / 24000:.1f} s of speech]", file=sys.stderr)
                 view = Transcript(sys.stdout)
+                job = _user_turn(model, user)
                 for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
                                               max_steps=args.max_steps, seed=args.seed):
                     out.append(c.samples)
+                    job = _show_user_turn(model, job, view)
                     view.text(c.text)
+                _show_user_turn(model, job, view, timeout=60.0)
                 view.close()
                 start = None
     if turns == 0:
@@ -220,12 +248,15 @@ def _turn_based_device(model, args) -> int:
                     user = np.concatenate(heard)
                     heard.clear()
                     view = Transcript(sys.stdout)
+                    job = _user_turn(model, user)
                     for c in model.respond_stream(user, voice=args.voice, system_prompt=args.prompt,
                                                   max_steps=args.max_steps, seed=args.seed):
                         while play.available_write < len(c.samples) and not stop.is_set():
                             time.sleep(0.01)
                         play.write(c.samples)
+                        job = _show_user_turn(model, job, view)
                         view.text(c.text)
+                    _show_user_turn(model, job, view, timeout=60.0)
                     view.close()
                     while play.available_read > 0 and not stop.is_set():
                         time.sleep(0.02)

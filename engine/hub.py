@@ -652,8 +652,9 @@ def _check_download_space(repo, wanted, *, revision, cache_dir, token, endpoint,
 
 
 def _map_hub_error(exc: BaseException, filename: str, *, repo: str, offline: bool, endpoint=None,
-                   token=None, cache_dir=None) -> Exception:
-    """Turn a huggingface_hub / network exception into an actionable engine error."""
+                   token=None, cache_dir=None, default: str = DEFAULT_REPO) -> Exception:
+    """Turn a huggingface_hub / network exception into an actionable engine error. `default`: the
+    repository the caller would use by default (named in the "not found" hints)."""
     from huggingface_hub import errors as he
     from huggingface_hub import constants
 
@@ -678,7 +679,7 @@ def _map_hub_error(exc: BaseException, filename: str, *, repo: str, offline: boo
     if isinstance(exc, he.RepositoryNotFoundError):
         hint = "" if has_token else f" If it is private or gated, {login}."
         return ModelNotFound(f"repository {repo} was not found on {endpoint or constants.ENDPOINT}: check "
-                             f"the name (default {DEFAULT_REPO}).{hint}")
+                             f"the name (default {default}).{hint}")
     if isinstance(exc, he.RevisionNotFoundError):
         return ModelNotFound(f"{repo} has no such revision: {exc}")
     if isinstance(exc, he.LocalEntryNotFoundError) or isinstance(exc, he.OfflineModeIsEnabled):
@@ -692,6 +693,9 @@ def _map_hub_error(exc: BaseException, filename: str, *, repo: str, offline: boo
             f"it is not in the cache: check your connection / proxy (HTTPS_PROXY), or set HF_HUB_OFFLINE=1 "
             f"with a filled cache, or pass --model-dir DIR with the files. ({_cause_text(exc)})")
     if isinstance(exc, he.EntryNotFoundError):
+        if default != DEFAULT_REPO:      # another kind of model (the speech recognizer)
+            return ModelNotFound(f"{repo} has no file {filename}: is this the right kind of model repository "
+                                 f"(like {default})?")
         hint = ""
         if filename == LM_FILE:
             hint = (f" A converted MLX checkpoint (the Swift demo's layout, {MLX_TEMPORAL_FILE} ...) is read from "

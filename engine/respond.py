@@ -7,6 +7,8 @@
 The model is `tiny` unless --model says otherwise: random weights, so it babbles (see --model).
 The input may have any sample rate and channel count: it is downmixed and resampled to 24 kHz
 mono, and the conversion is printed. The transcript goes to stdout, everything else to stderr.
+With --asr a line `you: ...` (what the user said, recognized while the model answers) comes first;
+with --stream it follows the streamed reply.
 Exit status: 0 done, 2 error (with a message saying what to do).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 import time
 
-from .cli import add_model_args, note_if_tiny
+from .cli import add_asr_arg, add_model_args, note_if_tiny
 from .errors import EngineError
 
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="use respond_stream and print text as it comes")
     p.add_argument("--diagnostic", action="store_true", help="print per-stage timings and entropies (JSON)")
     p.add_argument("--list-voices", action="store_true", help="list the voices and exit")
+    add_asr_arg(p)
     return p
 
 
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
         from .api import PersonaPlex
         note_if_tiny(args)
         t0 = time.perf_counter()
-        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir)
+        model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir, asr=args.asr)
         load_s = time.perf_counter() - t0
         if args.list_voices:
             print("\n".join(model.list_voices()))
@@ -56,10 +59,11 @@ def main(argv=None) -> int:
         print(f"[input: {info}]", file=sys.stderr)
         t1 = time.perf_counter()
         kw = dict(voice=args.voice, system_prompt=args.prompt, max_steps=args.max_steps, seed=args.seed)
-        diag = None
+        diag, user_text = None, None
         if args.stream:
             import numpy as np
             chunks, first = [], None
+            job = model.asr.submit(user) if model.asr is not None else None   # recognized meanwhile
             for c in model.respond_stream(user, **kw):
                 if first is None:
                     first = time.perf_counter() - t1
@@ -70,15 +74,22 @@ def main(argv=None) -> int:
             audio = np.concatenate([c.samples for c in chunks])
             text = "".join(c.text for c in chunks)
             print(f"[first chunk after {first * 1e3:.0f} ms]", file=sys.stderr)
+            if job is not None:
+                tr = model.asr.result(job, 120.0)
+                user_text = tr.text if tr is not None and tr.error is None else None
         elif args.diagnostic:
             resp, diag = model.respond_diagnostic(user, **kw)
-            audio, text = resp.audio, resp.text
+            audio, text, user_text = resp.audio, resp.text, resp.user_text
         else:
             resp = model.respond(user, **kw)
-            audio, text = resp.audio, resp.text
+            audio, text, user_text = resp.audio, resp.text, resp.user_text
         took = time.perf_counter() - t1
+        if user_text is not None and not args.stream:
+            print(f"you: {user_text}")
         if not args.stream:
             print(text)
+        elif user_text is not None:
+            print(f"you: {user_text}")
         secs = len(audio) / 24000
         print(f"[load {load_s:.1f} s | reply {secs:.1f} s of audio in {took:.2f} s | RTF {took / max(secs, 1e-9):.2f}]",
               file=sys.stderr)

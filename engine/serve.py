@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .cli import add_asr_arg
 from .errors import EngineError
 
 TOKEN_ENV = "PERSONAPLEX_AUTH_TOKEN"
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM / Ctrl-C: how long live sessions may go on before they are closed "
                         "(default 30; a second signal stops at once)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every session event")
+    add_asr_arg(p, shows="send what each user says to the clients that ask for it (query user_text=1) "
+                         "as metadata messages {\"user_text\": ...}; text messages stay the agent's")
     return p
 
 
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
                       "use --fused auto (the MLX path here) or off", file=sys.stderr)
                 return 2
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir,
-                                 offline=args.offline or None)
+                                 offline=args.offline or None, asr=args.asr)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -462,7 +462,7 @@ class EchoDelayTracker:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Event:
-    kind: str                  # "text" | "state" | "stats" | "error"
+    kind: str                  # "text" | "user_text" | "state" | "stats" | "error"
     value: Any
     frame: int
     time: float = field(default_factory=time.monotonic)
@@ -491,6 +491,9 @@ class SessionStats:
     aec_delay_ms: float = 0.0
     state: str = "idle"
     thread_priority: str = "default"
+    user_utterances: int = 0   # --asr: utterances the VAD cut from what the model heard
+    asr_dropped: int = 0       # utterances not transcribed: the recognizer was max_pending behind
+    asr_failed: int = 0        # utterances whose recognition failed, or not back by the end (asr_drain_s)
 
     def health_line(self) -> str:
         """One short line: step time p50/p99, mic and speaker buffer fill, then the counters that are
@@ -529,7 +532,8 @@ class DuplexSession:
                  max_frames: int | None = None, on_text: Callable[[str], None] | None = None,
                  on_mic: Callable[[np.ndarray, np.ndarray], None] | None = None,
                  profile: bool = False, event_queue_size: int = 1024, record_steps: bool = False,
-                 thread_priority: bool = False, sample_rate: int | None = None):
+                 thread_priority: bool = False, sample_rate: int | None = None, asr=None,
+                 asr_silence_ms: float = 800, asr_drain_s: float = 5.0):
         if deadline_policy not in ("catch_up", "drop"):
             raise ConfigError(f"deadline_policy={deadline_policy!r}: use 'catch_up' or 'drop'")
         if max_backlog_frames < 1:
@@ -576,6 +580,18 @@ class DuplexSession:
         self.transcript: list[str] = []
         self.delay_tracker: EchoDelayTracker | None = None
         self.error: BaseException | None = None
+        # Optional transcript of the user (engine.asr): None uses the model's recognizer if it has
+        # one, False none, a model name a recognizer of this session's own, or a Recognizer.
+        self._asr_owned = False
+        if asr is None:
+            asr = getattr(model, "asr", None)
+        elif isinstance(asr, (str, bytes)) or hasattr(asr, "__fspath__"):
+            from .asr import Recognizer
+            asr, self._asr_owned = Recognizer(asr), True
+        self.asr = asr or None
+        self.asr_silence_ms, self.asr_drain_s = float(asr_silence_ms), float(asr_drain_s)
+        self.user_transcript: list = []      # engine.asr.Transcript per utterance, in order
+        self._asr_jobs: deque = deque()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "DuplexSession":
@@ -681,6 +697,49 @@ class DuplexSession:
         except queue.Full:
             self._events_dropped += 1
 
+    # -- the user's transcript (engine.asr) ------------------------------------------------------
+    def _asr_feed(self, heard: np.ndarray | None, frame: int, drain: bool = False) -> None:
+        """Cut what the model heard into utterances (None: the end of the stream, the utterance in
+        progress is cut there), hand them to the recognizer and emit the transcripts that are
+        back, in utterance order. Live sources never wait here: a recognizer `max_pending` behind
+        drops the utterance (counted). File and array sources have no deadline: they wait for room
+        instead (up to 600 s an utterance). `drain` (the end of the session): wait for every
+        transcript, `asr_drain_s` at most for a live source."""
+        st, rec = self._stats, self.asr
+        wait_for_room = not self.source.realtime
+        for u in (self._asr_cutter.feed(heard) if heard is not None else self._asr_cutter.flush()):
+            st.user_utterances += 1
+            while (wait_for_room and len(self._asr_jobs) >= rec.max_pending
+                   and self._asr_emit(self._asr_jobs[0], frame, timeout=600.0)):
+                pass
+            job = rec.submit(u.audio, u.sample_rate, index=u.index, start_s=u.start_s, end_s=u.end_s)
+            if job is None:
+                st.asr_dropped += 1
+            else:
+                self._asr_jobs.append(job)
+        deadline = time.monotonic() + (self.asr_drain_s if self.source.realtime else 600.0 * len(self._asr_jobs))
+        while self._asr_jobs:
+            left = max(0.0, deadline - time.monotonic()) if drain else 0.0
+            if not self._asr_emit(self._asr_jobs[0], frame, timeout=left):
+                if drain:     # not back in time: counted as failed, their late results dropped
+                    st.asr_failed += len(self._asr_jobs)
+                    for job in self._asr_jobs:
+                        rec.discard(job)
+                    self._asr_jobs.clear()
+                return
+
+    def _asr_emit(self, job, frame: int, timeout: float) -> bool:
+        tr = self.asr.result(job, timeout)
+        if tr is None:
+            return False
+        self._asr_jobs.popleft()
+        if tr.error is not None:
+            self._stats.asr_failed += 1
+            return True
+        self.user_transcript.append(tr)
+        self._emit("user_text", tr.text, frame)
+        return True
+
     # -- the loop (worker thread) --------------------------------------------------------------
     def _make_processor(self) -> FrameProcessor:
         aec = None
@@ -719,6 +778,9 @@ class DuplexSession:
                 self.sink.write(silence)
             last_out = silence
             last_underrun = self.device.play_ring.underrun_count if self.device is not None else 0
+            if self.asr is not None:
+                from .audio.vad import UtteranceCutter
+                self._asr_cutter = UtteranceCutter(silence_ms=self.asr_silence_ms)
             st.state = "live"
             self._emit("state", "live", 0)
             period = FRAME_SECONDS
@@ -778,6 +840,8 @@ class DuplexSession:
                     self.sink.write(out)
                     st.samples_out += FRAME
                 last_out = out
+                if self.asr is not None:
+                    self._asr_feed(proc.last_mic, st.frames + 1)
                 self.timer.mark("playback_push")
                 step_ms = (time.perf_counter() - t0) * 1e3
                 self.timer.end()
@@ -793,6 +857,8 @@ class DuplexSession:
                     self._emit("text", res.text, st.frames)
                     if self.on_text is not None:
                         self.on_text(res.text)
+            if self.asr is not None:        # the utterance in progress, then what is still queued
+                self._asr_feed(None, st.frames, drain=True)
         except BaseException as exc:  # noqa: BLE001 - surfaced through stop()/wait()/error
             self.error = exc
             st.state = "error"
@@ -802,6 +868,8 @@ class DuplexSession:
             heap.close()
             if undo_priority is not None:     # the worker thread outlives the session
                 undo_priority()
+            if self._asr_owned:
+                self.asr.close()
             stop_error = None
             for part in {id(self.source): self.source, id(self.sink): self.sink}.values():
                 try:

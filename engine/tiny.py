@@ -29,7 +29,7 @@ import numpy as np
 
 from .filenames import VOICE_NAMES
 
-__all__ = ["ensure_tiny_model", "tiny_dir", "TINY_NAME", "TINY_SEED", "TINY_CORPUS"]
+__all__ = ["ensure_tiny_model", "build_once", "tiny_dir", "TINY_NAME", "TINY_SEED", "TINY_CORPUS"]
 
 TINY_NAME = "tiny-v1"
 TINY_SEED = 20240601
@@ -127,10 +127,7 @@ def _build_id() -> str:
 
 def _is_complete(d: Path, build_id: str) -> bool:
     from .filenames import CONFIG_FILE, LM_FILE, MIMI_FILE, TOKENIZER_FILE
-    try:
-        if (d / _BUILD_ID).read_text().strip() != build_id:
-            return False
-    except OSError:
+    if read_build_id(d) != build_id:
         return False
     names = (LM_FILE, MIMI_FILE, TOKENIZER_FILE, CONFIG_FILE)
     return all((d / n).is_file() for n in names) and all(
@@ -143,19 +140,26 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     Deterministic: the same engine version produces byte-identical files. Safe against concurrent
     builders (each builds in its own temp directory; the first rename wins).
     """
-    final = tiny_dir(cache_dir)
     build_id = _build_id()
-    if _is_complete(final, build_id):
+    return build_once(tiny_dir(cache_dir), build_id, _build, lambda d: _is_complete(d, build_id))
+
+
+def build_once(final: Path, build_id: str, build, is_complete) -> Path:
+    """Build a generated model directory atomically: `build(tmp)` fills a temp sibling of `final`,
+    which gets a `.build_id` stamp and is renamed into place. `is_complete(dir)` (stamp and files
+    present) says whether a copy can be used as it is: then nothing is built. A stale copy is
+    moved aside first; when concurrent builders race, the first rename wins. Returns `final`."""
+    if is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _build(tmp)
+        build(tmp)
         (tmp / _BUILD_ID).write_text(build_id + "\n")
         if final.exists():  # stale or incomplete: move it aside first
-            if _is_complete(final, build_id):  # another process just finished
+            if is_complete(final):  # another process just finished
                 return final
-            old = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
             try:
                 os.replace(final, old / "x")
             except OSError:
@@ -164,12 +168,20 @@ def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
         try:
             os.replace(tmp, final)
         except OSError:
-            if not _is_complete(final, build_id):
+            if not is_complete(final):
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def read_build_id(d: Path) -> str | None:
+    """The `.build_id` stamp of a generated directory, or None."""
+    try:
+        return (d / _BUILD_ID).read_text().strip()
+    except OSError:
+        return None
 
 
 def _build(out: Path) -> None:

@@ -2,7 +2,7 @@
 # Installs everything the engine needs on a fresh Debian/Ubuntu machine into ./.venv.
 #   bash scripts/setup.sh          runtime + audio + server (python -m engine.serve) extras
 #   bash scripts/setup.sh --test   also the test extras, the reference oracle (moshi 0.2.13 + torch CPU),
-#                                  the cluster extra (Ray Serve) and headless Chromium (web page test)
+#                                  the cluster (Ray Serve) and asr extras and headless Chromium (web page test)
 # macOS: `brew install portaudio speexdsp opus` then the same pip steps (no apt, no OpenBLAS needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 if [ $WITH_TEST = 1 ]; then
     # torch 2.13.0 CPU (the oracle's backend); moshi itself without its stale version pins.
-    .venv/bin/pip install -q -e ".[audio,test,plot,serve,cluster]"
+    .venv/bin/pip install -q -e ".[audio,test,plot,serve,cluster,asr]"
     .venv/bin/pip install -q --no-deps "moshi==0.2.13"
 else
     .venv/bin/pip install -q -e ".[audio,serve]"

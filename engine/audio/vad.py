@@ -3,7 +3,9 @@
 webrtcvad accepts only 8/16/32/48 kHz and 10/20/30 ms frames, so `Vad` resamples the 24 kHz
 stream to 16 kHz (engine.audio.resample) and cuts it into VAD frames. `Endpointer` turns the
 per-frame decisions into turn events: "start" once `start_ms` of speech arrived, "end" after
-`silence_ms` (1.5 s by default) of non-speech following it. Pure frame processors: no I/O, no threads.
+`silence_ms` (1.5 s by default) of non-speech following it. `UtteranceCutter` cuts the stream into
+utterances at those events (the user's transcript, engine.asr). Pure frame processors: no I/O,
+no threads.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as _np
 from ..errors import AudioFormatError, ConfigError, MissingLibraryError
 from .resample import StreamingResampler as _StreamingResampler
 
-__all__ = ["Vad", "Endpointer", "TurnEvent", "VAD_RATE"]
+__all__ = ["Vad", "Endpointer", "TurnEvent", "Utterance", "UtteranceCutter", "VAD_RATE"]
 
 VAD_RATE = 16000
 
@@ -134,3 +136,112 @@ class Endpointer:
                 self.turns += 1
                 events.append(TurnEvent("end", self._frames * fs))
         return events
+
+
+@_dataclass
+class Utterance:
+    """A stretch of the user's stream the VAD called speech: samples [start, end) at `sample_rate`."""
+
+    index: int
+    start: int
+    end: int
+    audio: _np.ndarray
+    sample_rate: int = 24000
+    cut: bool = False          # True when cut at max_seconds (the speech went on)
+
+    @property
+    def start_s(self) -> float:
+        return self.start / self.sample_rate
+
+    @property
+    def end_s(self) -> float:
+        return self.end / self.sample_rate
+
+
+class UtteranceCutter:
+    """Cuts a mono stream into utterances at the VAD's turn boundaries.
+
+    `feed(block)` returns the utterances completed by the block; `flush()` those in progress at the
+    end of the stream. An utterance spans [VAD start - `pre_roll_ms`, last speech + `tail_ms`]: the
+    endpointer reports the end `silence_ms` after the speech stopped, and that silence is not sent.
+    Keeps at most `max_seconds` of audio (longer speech is cut into pieces, counted in `cuts`).
+    Pure: no I/O, no threads, no MLX.
+    """
+
+    def __init__(self, silence_ms: float = 800, sample_rate: int = 24000, max_seconds: float = 30.0,
+                 pre_roll_ms: float = 200, tail_ms: float = 300, aggressiveness: int = 2):
+        if max_seconds <= 1 or pre_roll_ms < 0 or tail_ms < 0:
+            raise ConfigError(f"max_seconds must be > 1 and pre_roll_ms, tail_ms >= 0, got {max_seconds!r}, "
+                              f"{pre_roll_ms!r}, {tail_ms!r}")
+        self.endpointer = Endpointer(silence_ms=silence_ms, sample_rate=sample_rate,
+                                     aggressiveness=aggressiveness)
+        self.sample_rate = int(sample_rate)
+        self.max_samples = int(max_seconds * sample_rate)
+        self.pre_roll = int(pre_roll_ms * sample_rate / 1000)
+        self.tail = int(tail_ms * sample_rate / 1000)
+        self.silence = int(silence_ms * sample_rate / 1000)
+        self.keep_idle = self.pre_roll + int(0.5 * sample_rate)   # > the endpointer's start look-back
+        self.reset()
+
+    def reset(self) -> None:
+        self.endpointer.reset()
+        self._chunks: list[_np.ndarray] = []
+        self._buf_start = 0          # stream index of the first buffered sample
+        self._buffered = 0
+        self.position = 0            # samples fed so far
+        self._start: int | None = None
+        self.utterances = 0
+        self.cuts = 0
+
+    def _slice(self, a: int, b: int) -> _np.ndarray:
+        buf = _np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks = [buf]
+        return buf[max(0, a - self._buf_start): max(0, b - self._buf_start)].copy()
+
+    def _drop_before(self, s: int) -> None:
+        if s <= self._buf_start:
+            return
+        buf = _np.concatenate(self._chunks) if self._chunks else _np.zeros(0, _np.float32)
+        cut = min(s - self._buf_start, buf.size)
+        self._chunks = [buf[cut:]]
+        self._buf_start += cut
+        self._buffered = buf.size - cut
+
+    def _emit(self, start: int, end: int, cut: bool) -> Utterance:
+        u = Utterance(self.utterances, start, end, self._slice(start, end), self.sample_rate, cut)
+        self.utterances += 1
+        self.cuts += int(cut)
+        return u
+
+    def feed(self, block) -> list[Utterance]:
+        x = _np.asarray(block, _np.float32).reshape(-1)
+        out: list[Utterance] = []
+        self._chunks.append(x)
+        self._buffered += x.size
+        self.position += x.size
+        for ev in self.endpointer.feed(x):
+            if ev.kind == "start":
+                self._start = max(self._buf_start, ev.sample - self.pre_roll)
+            elif ev.kind == "end" and self._start is not None:
+                end = min(ev.sample, ev.sample - self.silence + self.tail)
+                if end > self._start:       # (else a max_seconds cut already took all the speech)
+                    out.append(self._emit(self._start, end, False))
+                    self._drop_before(end)
+                self._start = None
+        if self._start is not None and self.position - self._start >= self.max_samples:
+            end = self._start + self.max_samples
+            out.append(self._emit(self._start, end, True))
+            self._drop_before(end)
+            self._start = end
+        if self._start is None and self._buffered > self.keep_idle:
+            self._drop_before(self.position - self.keep_idle)
+        return out
+
+    def flush(self) -> list[Utterance]:
+        """End of stream: the utterance in progress (if any), up to the last sample fed."""
+        if self._start is None or self.position <= self._start:
+            return []
+        u = self._emit(self._start, self.position, False)
+        self._drop_before(self.position)
+        self._start = None
+        return [u]

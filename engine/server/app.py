@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
+from collections import deque
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,13 @@ class _Conn:
         self.out_dropped = 0
         self.closed_reason: str | None = None
         self.kick_code = CLOSE_GOING_AWAY
+        # The user's transcript (server --asr, client user_text=1): utterances cut here, on the
+        # asyncio thread, recognized in the recognizer's process; the step loop never sees them.
+        self.cutter = None
+        self.asr_jobs: deque = deque()
+        if server.asr is not None and req.user_text:
+            from ..audio.vad import UtteranceCutter
+            self.cutter = UtteranceCutter()
 
     # -- called on the worker thread
     def _joined_threadsafe(self, error) -> None:
@@ -153,6 +162,43 @@ class _Conn:
             if float(np.sqrt(np.mean(pcm * pcm))) > self.server.config.silence_level:
                 self.last_voice = now
             self.inbox.push(pcm)
+            if self.cutter is not None:
+                self._asr_submit(self.cutter.feed(pcm))
+
+    def _asr_submit(self, utterances) -> None:
+        m = self.server.metrics
+        for u in utterances:
+            m.asr_utterances += 1
+            job = self.server.asr.submit(u.audio, u.sample_rate, index=u.index, start_s=u.start_s, end_s=u.end_s)
+            if job is None:
+                m.asr_dropped += 1
+            else:
+                self.asr_jobs.append(job)
+
+    async def asr_loop(self) -> None:
+        """Sends each transcript, in utterance order, as a metadata message."""
+        m = self.server.metrics
+        while True:
+            await asyncio.sleep(0.05)
+            while self.asr_jobs:
+                tr = self.server.asr.result(self.asr_jobs[0], 0.0)
+                if tr is None:
+                    break
+                self.asr_jobs.popleft()
+                if tr.error is not None:
+                    m.asr_failed += 1
+                    continue
+                msg = json.dumps({"user_text": tr.text, "start_s": round(tr.start_s, 3), "end_s": round(tr.end_s, 3)})
+                try:
+                    self.outbox.put_nowait(P.encode(P.METADATA, msg))
+                except asyncio.QueueFull:
+                    m.asr_dropped += 1
+
+    def close_asr(self) -> None:
+        """The session ended: transcripts still due are not wanted any more."""
+        for job in self.asr_jobs:
+            self.server.asr.discard(job)
+        self.asr_jobs.clear()
 
     async def send_loop(self) -> None:
         while True:
@@ -196,6 +242,7 @@ class ChatServer:
         self.draining = False
         self._started = False
         self.voices = model.list_voices()
+        self.asr = getattr(model, "asr", None)       # engine.asr.Recognizer (engine.serve --asr)
         self.static_dir = Path(self.config.static_dir) if self.config.static_dir else WEB_DIR
         self._token = self.config.auth_token.encode() if self.config.auth_token else None
 
@@ -395,6 +442,8 @@ class ChatServer:
             watchdog = asyncio.create_task(conn.watchdog())
             receiver = asyncio.create_task(self._recv(conn))
             tasks += [sender, watchdog, receiver]
+            if conn.cutter is not None:
+                tasks.append(asyncio.create_task(conn.asr_loop()))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if kicked in done:
                 await self._close(conn, conn.closed_reason or "server shutting down", conn.kick_code)
@@ -410,6 +459,8 @@ class ChatServer:
         finally:
             self.loop.leave(conn.slot)
             self.conns.discard(conn)
+            if conn.cutter is not None:
+                conn.close_asr()
             self.per_client[conn.client] -= 1
             if self.per_client[conn.client] <= 0:
                 del self.per_client[conn.client]

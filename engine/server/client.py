@@ -85,7 +85,7 @@ async def run_client(url: str, audio: np.ndarray, query: dict | None = None, *, 
     res = result if result is not None else {}
     res.update({"handshake_s": None, "frames_sent": 0, "samples": 0, "text": [], "max_gap_s": 0.0,
            "error": None, "close_code": None, "close_reason": None, "closed_at": None, "last_audio_at": None,
-           "long_gaps": [], "handshake_at": None})
+           "long_gaps": [], "handshake_at": None, "user_text": []})
     writer, reader = _codec(codec, opus_complexity)
     try:
         await _session(url, audio, query, handshake_timeout, writer, reader, res, token, cafile, headers, arrivals)
@@ -154,6 +154,10 @@ async def _session(url, audio, query, handshake_timeout, writer, reader, res, to
                         res["samples"] += 0 if pcm is None else np.asarray(pcm).size
                     elif kind == P.TEXT:
                         res["text"].append(payload.decode(errors="replace"))
+                    elif kind == P.METADATA:        # user_text=1 with a server started with --asr
+                        meta = json.loads(payload.decode(errors="replace") or "{}")
+                        if isinstance(meta, dict) and "user_text" in meta:
+                            res["user_text"].append(meta)
                     elif kind == P.ERROR:
                         res["error"] = payload.decode(errors="replace")
             except ConnectionClosed:

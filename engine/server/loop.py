@@ -88,6 +88,9 @@ class Metrics:
         self.gc_ms: deque = deque(maxlen=window)      # the loop's own collections, between steps
         self.prep_ms: deque = deque(maxlen=window)    # prompt-phase work done in a tick's slack
         self.prompts_prepared = 0
+        self.asr_utterances = 0       # --asr: utterances cut from the clients that asked (user_text=1)
+        self.asr_dropped = 0          # not transcribed (recognizer behind) or not sent (client too slow)
+        self.asr_failed = 0
 
     def percentile(self, q: float) -> float:
         vals = list(self.step_ms)
@@ -133,6 +136,12 @@ class Metrics:
              self.out_dropped_frames),
             ("personaplex_input_underrun_frames_total", "counter", "frames stepped with silence (no input)",
              self.in_underrun_frames),
+            ("personaplex_asr_utterances_total", "counter", "user utterances cut for the transcript (--asr)",
+             self.asr_utterances),
+            ("personaplex_asr_dropped_total", "counter",
+             "user utterances not transcribed or not sent (recognizer or client behind)", self.asr_dropped),
+            ("personaplex_asr_failed_total", "counter", "user utterances whose recognition failed",
+             self.asr_failed),
         ]
         out = []
         for name, kind, help_, value in rows:

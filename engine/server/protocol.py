@@ -8,13 +8,16 @@ Every websocket message is binary: one kind byte, then the payload.
 | 0x01 | audio     | both ways, Ogg/Opus stream bytes (24 kHz mono)            |
 | 0x02 | text      | server -> client, UTF-8 text piece                        |
 | 0x03 | control   | client -> server (start/endTurn/pause/restart): ignored   |
-| 0x04 | metadata  | JSON (unused)                                            |
+| 0x04 | metadata  | JSON; server -> client only on request: see `user_text`  |
 | 0x05 | error     | server -> client, UTF-8 reason (sent before a refusal)   |
 | 0x06 | ping      | no payload (ignored)                                     |
 
 Query parameters of `/api/chat`: `voice_prompt` (a preset such as `NATF2.pt`), `text_prompt`,
 `seed` (-1 = random; the reference client's `text_seed` / `audio_seed` when it is absent),
-`text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`. Unlike the reference server,
+`text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`, and ours: `user_text=1` asks a
+server started with `--asr` for what the user said, as metadata messages
+`{"user_text": "...", "start_s": 1.2, "end_s": 3.4}` (one per utterance, times in the session's
+audio); text messages stay the agent's text, so clients that do not ask see no change. Unlike the reference server,
 sampling parameters and seed are honoured: validated (a non-number is an error) and clamped to
 safe ranges (temperatures 0..2, top-k 1..500). Parameters the reference client also sends (`pad_mult`,
 `repetition_penalty`, ...) are accepted and ignored.
@@ -76,6 +79,7 @@ class SessionRequest:
     seed: int
     sampling: SamplingParams
     seed_given: bool = False
+    user_text: bool = False        # metadata messages with the user's transcript (server --asr)
 
 
 def _number(q: Mapping[str, str], name: str, default: float, lo: float, hi: float, integer: bool):
@@ -129,4 +133,5 @@ def parse_query(q: Mapping[str, str], voices: list[str] | None = None) -> Sessio
         temp_audio=_number(q, "audio_temperature", d.temp_audio, *TEMP_RANGE, False),
         top_k_audio=_number(q, "audio_topk", d.top_k_audio, *TOPK_RANGE, True),
     )
-    return SessionRequest(name, text, seed, sampling, seed_given)
+    user_text = (q.get("user_text") or "").strip().lower() in ("1", "true", "yes", "on")
+    return SessionRequest(name, text, seed, sampling, seed_given, user_text)
