@@ -9,7 +9,7 @@ import argparse
 import sys
 
 __all__ = ["DEFAULT_MODEL", "MODEL_HELP", "TINY_NOTE", "add_model_args", "add_asr_arg", "note_if_tiny",
-           "device_arg"]
+           "device_arg", "check_output_file"]
 
 DEFAULT_MODEL = "tiny"
 
@@ -21,6 +21,24 @@ MODEL_HELP = ("tiny: the embedded model with random weights, built on first use 
 TINY_NOTE = ("note: --model tiny is the embedded random model: it runs the real loop but babbles. "
              "For the real model: --model nvidia/personaplex-7b-v1 (accept the license on its Hugging Face "
              "page, set HF_TOKEN; ~17 GB download, use --quantize 8 on small GPUs).")
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Before any model work: `path` (a file to write) must name a file in an existing, writable
+    directory; raises ConfigError naming `flag` and the fix."""
+    import os
+
+    from .errors import ConfigError
+
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name, e.g. {os.path.join(path, 'reply.wav')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: the directory {parent} does not exist; create it or write elsewhere")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the directory {parent} is not writable; write elsewhere")
 
 
 def add_model_args(p: argparse.ArgumentParser, more_models: str = "") -> None:

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-from .cli import add_asr_arg, add_model_args, device_arg, note_if_tiny
+from .cli import add_asr_arg, add_model_args, check_output_file, device_arg, note_if_tiny
 from .errors import EngineError
 
 
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
             print(format_devices(devices), file=sys.stdout if devices else sys.stderr)
             return 0 if devices else 1
         from .api import PersonaPlex
+        check_output_file(args.out_wav, "--out-wav")
         note_if_tiny(args)
         t0 = time.perf_counter()
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir, asr=args.asr)

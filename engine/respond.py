@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from .cli import add_asr_arg, add_model_args, note_if_tiny
+from .cli import add_asr_arg, add_model_args, check_output_file, note_if_tiny
 from .errors import EngineError
 
 
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from .api import PersonaPlex
+        check_output_file(args.output, "--output")
         note_if_tiny(args)
         t0 = time.perf_counter()
         model = PersonaPlex.load(args.model, quantize=args.quantize, model_dir=args.model_dir, asr=args.asr)

@@ -107,6 +107,18 @@ def test_duplex_bad_wav(tmp_path, kind):
     assert p.name in r.stderr
 
 
+@pytest.mark.parametrize("tool,flag", [("engine.duplex", "--out-wav"), ("engine.respond", "--output")])
+def test_output_file_in_a_missing_directory_is_refused_before_loading(tmp_path, tool, flag):
+    """A reply that could not be written is refused up front (before any model work), naming the
+    flag and the directory; a directory given as the file is refused too."""
+    extra = ["--in-wav", str(HELLO), "--fast"] if tool == "engine.duplex" else [str(HELLO)]
+    for target, words in ((tmp_path / "nowhere" / "r.wav", "does not exist"), (tmp_path, "is a directory")):
+        r = run(tool, "--model", "tiny", *extra, flag, str(target))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert flag in r.stderr and words in r.stderr and "[loaded" not in r.stderr, r.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_respond_cli(tmp_path):
     out = tmp_path / "r.wav"
     r = run("engine.respond", str(HELLO), "-o", str(out), "--model", "tiny", "--voice", "NATF2",
