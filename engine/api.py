@@ -281,6 +281,11 @@ class PersonaPlex:
                     tokens.append(t)
             return frames, tokens
 
+        return self._reply(pcm, info, run)
+
+    def _reply(self, pcm, info: str, run) -> Response:
+        """Run a turn (`run` on the worker: (frames, text tokens)) while the recognizer, if any,
+        transcribes the user's audio; the Response of both."""
         job = self._asr_submit(pcm)
         try:
             frames, tokens = self.worker.call(run)
@@ -344,16 +349,7 @@ class PersonaPlex:
             diag.step_timings = timer.records[-max_steps:]
             return frames, tokens
 
-        job = self._asr_submit(pcm)
-        try:
-            frames, tokens = self.worker.call(run)
-        except BaseException:
-            if job is not None:
-                self.asr.discard(job)
-            raise
-        text = "".join(self.decode_text(t) for t in tokens)
-        return Response(np.concatenate(frames), text, tokens, input_info=info, babble=self.is_tiny,
-                        user_text=self._asr_text(job)), diag
+        return self._reply(pcm, info, run), diag
 
     # -- full duplex ---------------------------------------------------------------------------
     def respond_realtime(self, blocks: Iterable[np.ndarray], voice: str = "NATM0",
