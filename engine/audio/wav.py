@@ -142,7 +142,8 @@ def write_wav(path, audio, sample_rate: int = TARGET_RATE, sample_format: str = 
         data = v.tobytes()
     else:
         data = v.view(_np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    with _wave.open(_os.fspath(path), "wb") as w:
+    # The file is opened first: a Wave_write whose open failed raises again from its __del__.
+    with open(_os.fspath(path), "wb") as f, _wave.open(f, "wb") as w:
         w.setnchannels(channels)
         w.setsampwidth(width)
         w.setframerate(int(sample_rate))
