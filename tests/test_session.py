@@ -374,7 +374,10 @@ def test_heap_is_frozen_once_per_loop_not_per_frame_processor(tiny_model):
                            on_mic=lambda mic, heard: during.append(gc.get_freeze_count()))
     with s:
         s.wait(timeout=60)
-    assert len(during) == 13 and len(set(during)) == 1 and during[0] > before
+    # Frozen at the start; no freeze during the loop (the count of frozen objects may only fall,
+    # as frozen objects are still freed by reference counting); unfrozen at the end.
+    assert len(during) == 13 and during[0] > before
+    assert all(b <= a for a, b in zip(during, during[1:])), during
     assert gc.get_freeze_count() == before
 
 
