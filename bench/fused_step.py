@@ -35,8 +35,9 @@ def fill_context(gen, st):
     """Pretend the KV ring is full (every slot valid): the attention then reads all 3000 keys."""
     c = gen.config
     cache = st.cache
-    cache.pos = mx.arange(c.context, dtype=mx.int32)
-    cache.offset = mx.array(c.context + 7, mx.int32)
+    cache.pos = mx.arange(c.context, dtype=mx.int32)[None]
+    cache.offset = mx.array([c.context + 7], mx.int32)
+    cache.steps = np.array([c.context + 7], np.int64)
     mx.eval(cache.pos, cache.offset)
 
 

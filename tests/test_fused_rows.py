@@ -87,7 +87,7 @@ def test_rows_kernel_matches_mlx_depformer_float32():
 
 
 def test_temporal_rows_kernel_matches_mlx_float32():
-    """The batched temporal kernel against MLX's batched temporal step (`_temporal_pure`) from the
+    """The batched temporal kernel against the model's temporal step for rows (`LM._temporal`) from the
     same state, 11 rows (more than one chunk), fresh rings and then full rings where some rows wrap
     around: h, text logits, the K/V rows written and the positions. At positions near 2 x context a
     float32 RoPE angle is only good to ~5e-4 rad in either implementation: looser there."""
@@ -96,7 +96,7 @@ def test_temporal_rows_kernel_matches_mlx_float32():
 
 
 def _temporal_rows_vs_mlx(shape):
-    from engine.server.batch import BatchEngine, SlotParams, _temporal_pure
+    from engine.server.batch import BatchEngine, SlotParams
     model = _model()
     be = BatchEngine(model, fused=True, fused_parts=("temporal",))
     assert be.fused_temporal and not be.fused_dep
@@ -115,8 +115,8 @@ def _temporal_rows_vs_mlx(shape):
         for _ in range(3):
             x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
             kv = [a[:B] * 1 for a in be.k + be.v]
-            h_ref, lg_ref, pos_ref, off_ref, *kv_ref = _temporal_pure(model.lm, c.context, B, False, x, be.pos,
-                                                                      be.offset, *kv)
+            h_ref, lg_ref, *kv_ref, pos_ref, off_ref = model.lm._temporal(x[:, None], *kv, be.pos, be.offset,
+                                                                          flags=model.lm.row_flags())
             h, lg = be._temporal(x)
             np.testing.assert_allclose(np.array(h), np.array(h_ref), rtol=tol, atol=tol)
             np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=tol, atol=10 * tol)

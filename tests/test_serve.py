@@ -125,6 +125,63 @@ def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
         assert np.abs(solo[i][1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, True, 8)],
+                         ids=["greedy", "seeded-compiled-gpu-layout"])
+def test_batched_equals_solo_when_rings_wrap(tiny_model, greedy, compiled, min_rows):
+    """The tiny model with a 40-position KV ring: every row's ring wraps (during its prompt or live),
+    rows sit at different positions and ring phases in one forward, sessions join and leave between
+    ticks, and each row still gets exactly what the same conversation gets alone (B=1)."""
+    import dataclasses
+
+    from mlx.utils import tree_flatten
+
+    from engine.api import PersonaPlex
+    from engine.models.lm import LM
+    from engine.server.batch import BatchEngine, SlotParams
+
+    base = tiny_model
+    rng = np.random.default_rng(4)
+    T = 56
+    plan = [(None, "Be brief.", 3, 0, 30), ("NATM1", "", 5, 2, T), (None, "Talk about trains.", 7, 9, T),
+            (None, "", 11, 18, T)]
+    sampling = [SamplingParams(greedy=True) if greedy else
+                SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.8, top_k_audio=50 * k)
+                for k in (1, 3, 5, 7)]
+    audio = [(0.2 * rng.standard_normal((T, FRAME))).astype(np.float32) for _ in plan]
+
+    def run():
+        lm = LM(dataclasses.replace(base.lm.config, context=40), base.lm.dtype)
+        lm.load_weights(tree_flatten(base.lm.parameters()), strict=True)
+        gen = LmGen(lm, base.gen.sampling, depformer_mode=base.gen.depformer_mode)
+        model = PersonaPlex(base.files, base.mimi, lm, gen, base.sp, base.worker)
+        solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j]) for i, (v, p, s, j, e) in enumerate(plan)]
+        be = BatchEngine(model, compiled=compiled)
+        be.min_rows = min_rows
+        got, offsets, last = [([], []) for _ in plan], set(), {}
+        for t in range(T):
+            for i, (v, p, s, j, e) in enumerate(plan):
+                if t == e:
+                    be.leave(i)
+                if t == j:
+                    be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
+            offsets.add(tuple(be.off_host.tolist()))
+            last.update(zip(be.slots, be.off_host.tolist()))
+            pcm, text = be.step(np.stack([audio[i][t - plan[i][3]] for i in be.slots]))
+            for r, i in enumerate(be.slots):
+                got[i][0].append(int(text[r]))
+                got[i][1].append(pcm[r])
+        return solo, got, offsets, last
+
+    solo, got, offsets, last = base.worker.call(run)
+    assert min(last.values()) > 40, f"every row's ring wraps: last positions {last}"
+    assert any(len(set(o)) == len(o) > 2 for o in offsets), "rows at different positions in one step"
+    assert any(len(set(np.array(o) % 40)) == len(o) > 2 for o in offsets), "and at different ring slots"
+    for i in range(len(plan)):
+        assert len(set(solo[i][0])) > 3, "degenerate tiny model: text tokens do not vary"
+        assert got[i][0] == solo[i][0], f"session {i}: batched text tokens differ from B=1"
+        np.testing.assert_allclose(np.stack(got[i][1]), solo[i][1], atol=1e-4)
+
+
 def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
     """Once every row's ring holds `context` positions the step attends without a mask (the fused
     kernel on CUDA); it must give what the masked step gives on the same state. Also: rows padded
@@ -134,7 +191,7 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
 
     import mlx.core as mx
 
-    from engine.server.batch import BatchEngine, SlotParams, _temporal_pure
+    from engine.server.batch import BatchEngine, SlotParams
 
     def run():
         be = BatchEngine(tiny_model, capacity=3)
@@ -148,14 +205,15 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
         rng = np.random.default_rng(0)
         kv = [mx.array(rng.standard_normal(a.shape).astype(np.float32)) for a in be.k + be.v]
         x = mx.array(rng.standard_normal((3, tiny_model.lm.config.dim)).astype(np.float32))
-        outs = [_temporal_pure(tiny_model.lm, C, rows, full, x, pos, off, *kv)
+        lm = tiny_model.lm
+        outs = [lm._temporal(x[:, None], *kv, pos, off, flags=lm.row_flags(C, rows, full))
                 for rows, full in ((3, False), (3, True), (8, True))]
         mx.eval(outs)
         ref = outs[0]
         for out in outs[1:]:
             np.testing.assert_allclose(np.array(out[1]), np.array(ref[1]), atol=1e-4)      # logits
             np.testing.assert_allclose(np.array(out[0][:3]), np.array(ref[0]), atol=1e-4)  # h
-            for a, b in zip(out[4:], ref[4:]):                                           # caches
+            for a, b in zip(out[2:], ref[2:]):                                # caches, pos, offset
                 np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
         assert outs[2][0].shape[0] == 8 and outs[2][1].shape[0] == 3
         be.step(np.zeros((3, FRAME), np.float32))
@@ -256,23 +314,20 @@ class _RowsContract:
 
     def temporal_rows(self, x, pos, offs, keys, values):
         import mlx.core as mx
-        from engine.server.batch import _temporal_pure
         self.tcalls += 1
-        L, B = len(keys), x.shape[0]
-        h, logits, _, _, *kv = _temporal_pure(self.lm, self.lm.config.context, B, False, x, pos, offs,
-                                               *keys, *values)
+        L = len(keys)
+        h, logits, *kv, _, _ = self.lm._temporal(x[:, None], *keys, *values, pos, offs, flags=self.lm.row_flags())
         keys[:], values[:] = kv[:L], kv[L:]          # the kernel writes the callers' rings in place
         return h.astype(mx.float32), logits.astype(mx.float32), None
 
     def depformer_rows(self, h, ttok, forced, temp, top_k, noise, n):
         import mlx.core as mx
-        from engine.server.batch import _depformer_pure
         self.calls += 1
         card = self.lm.config.card
         t, k = np.array(temp), np.array(top_k)
         prev, kv, out = ttok, [], []
         for s in range(n):
-            logits, *kv = _depformer_pure(self.lm, s, h.astype(self.lm.dtype), prev, *kv)
+            logits, *kv = self.lm._depformer(s, h.astype(self.lm.dtype), prev, *kv)
             x = logits.astype(mx.float32) / mx.array(np.where(t <= 0, 1, t).astype(np.float32))[:, None]
             kk = np.where((k > 0) & (k < card), k, card)
             kth = mx.take_along_axis(mx.sort(x, axis=-1), mx.array(card - kk)[:, None], axis=-1)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import ConfigError
 
@@ -83,13 +84,13 @@ class FusedCache:
         if cache.batch_size != 1:
             raise FusedUnavailable("the fused step runs batch 1")
         kv = mx.stack([mx.stack([k[0], v[0]]) for k, v in zip(cache.keys, cache.values)])
-        return cls(kv, cache.pos, cache.offset, cache.step)
+        return cls(kv, cache.pos[0], cache.offset.reshape(()), cache.step)
 
     def to_lm_cache(self):
         from .lm import LmCache
         L = self.kv.shape[0]
         return LmCache([self.kv[i, 0][None] for i in range(L)], [self.kv[i, 1][None] for i in range(L)],
-                       self.pos, self.offset, self.step)
+                       self.pos[None], self.offset.reshape(1), np.array([self.step], np.int64))
 
     def copy(self) -> "FusedCache":
         """An independent copy: the fused kernel writes `kv` in place, so it is never shared."""

@@ -185,8 +185,7 @@ def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple,
     B, S, _ = tokens.shape
     x = lm.embed(mx.slice(tokens, in_col, axes=(2,), slice_size=(B, S, 1)))
     target = mx.slice(tokens, tgt_col[1:], axes=(2,), slice_size=(B, S, 1))[:, :, 0]
-    h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)
-    h, text_logits = h[:, 0], text_logits[:, 0]
+    h, text_logits, *cache = lm._temporal(x.astype(lm.dtype), *cache, flags=flags)   # (B, D), (B, V)
     key, keys = split_keys(key, 1 + c.dep_q)
     # Sampled tokens stay uint32 (argmax's type) inside the graph: the embedding lookups take them
     # as they are, and `_column` casts each run of sampled streams once.

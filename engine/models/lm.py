@@ -337,31 +337,45 @@ def _silu_gate(y):
 # ----------------------------------------------------------------------------- state
 @dataclass
 class LmCache:
-    """Temporal KV ring for one batch of B conversations.
+    """Temporal KV rings of B conversations, each row at its own position.
 
-    keys/values[l]: (B, H, context, head_dim); `pos[j]` the absolute position stored in slot j (-1
-    empty); `offset` the next absolute position (an mx scalar, so compiled steps don't retrace) and
-    `step` its host-side mirror. Memory is fixed at creation: positions keep growing (RoPE stays
-    absolute), slots are reused modulo `context`.
+    keys/values[l]: (R, H, context, head_dim) with R >= B (rows past B are spare capacity a slot
+    manager fills later; a step writes garbage at their slot 0); `pos` (B, context) the absolute
+    position each row stored in each slot (-1 empty); `offset` (B,) each row's next absolute
+    position (an mx array, so compiled steps don't retrace) and `steps` its host-side mirror.
+    Memory is fixed at creation: positions keep growing (RoPE stays absolute), slots are reused
+    modulo `context`.
     """
 
     keys: list
     values: list
     pos: mx.array
     offset: mx.array
-    step: int = 0
+    steps: np.ndarray
 
     @property
     def batch_size(self) -> int:
-        return self.keys[0].shape[0]
+        return self.pos.shape[0]
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @property
+    def uniform(self) -> bool:
+        """Every row at the same position (a B=1 conversation always is)."""
+        return bool((self.steps == self.steps[0]).all())
+
+    @property
+    def step(self) -> int:
+        """The rows' common position (calls so far); an error when the rows differ."""
+        if not self.uniform:
+            raise ConfigError(f"the rows of this cache are at different positions {self.steps.tolist()}")
+        return int(self.steps[0])
+
     def copy(self) -> "LmCache":
         # mx arrays are immutable values: sharing them is a snapshot.
-        return LmCache(list(self.keys), list(self.values), self.pos, self.offset, self.step)
+        return LmCache(list(self.keys), list(self.values), self.pos, self.offset, self.steps.copy())
 
     def arrays(self) -> list:
         return [*self.keys, *self.values, self.pos, self.offset]
@@ -513,7 +527,8 @@ class LM(nn.Module):
         shape = (batch_size, c.num_heads, c.context, c.head_dim)
         keys = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
         values = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
-        return LmCache(keys, values, mx.full((c.context,), -1, mx.int32), mx.array(0, mx.int32))
+        return LmCache(keys, values, mx.full((batch_size, c.context), -1, mx.int32),
+                       mx.zeros((batch_size,), mx.int32), np.zeros(batch_size, np.int64))
 
     def make_depformer_cache(self) -> DepformerCache:
         """A fresh per-frame depformer KV (its arrays take their batch size from the first step)."""
@@ -537,94 +552,140 @@ class LM(nn.Module):
     def temporal(self, x: mx.array, cache: LmCache, compiled: bool | None = None):
         """x (B, T, dim) -> (h (B, T, dim) after out_norm, text_logits (B, T, text_out)).
 
-        Advances `cache` by T positions. T > 1 (prefill) is exact as long as the chunk does not
-        wrap past `context` positions (the reference writes keys before attending, like here).
-        compiled=False runs the eager graph even on a compiled model (prefill chunks of varying
-        length would otherwise trace one graph per length).
+        Advances every row of `cache` by T positions; rows at different positions step with T=1.
+        T > 1 (prefill) is exact as long as the chunk does not wrap past `context` positions (the
+        reference writes keys before attending, like here). compiled=False runs the eager graph
+        even on a compiled model (prefill chunks of varying length would otherwise trace one graph
+        per length).
         """
         c = self.config
         if x.ndim != 3 or x.shape[-1] != c.dim or x.shape[0] != cache.batch_size:
             raise ConfigError(f"temporal expects x (B={cache.batch_size}, T, {c.dim}), got {tuple(x.shape)}")
-        T = x.shape[1]
+        B, T = x.shape[:2]
         if T > c.context:
             raise ConfigError(f"temporal chunk of {T} steps exceeds the context {c.context}")
-        flags = self.temporal_flags(T, cache.step)
+        if cache.uniform:
+            flags = self.temporal_flags(T, int(cache.steps[0]))
+        elif T == 1:
+            flags = self.row_flags(full=False)
+        else:
+            raise ConfigError("rows at different positions step one position at a time (T=1)")
         if self._compiled and compiled is not False:
             fn = self._compiled["temporal"].get(flags)
             if fn is None:
                 fn = self._compiled["temporal"][flags] = mx.compile(functools.partial(self._temporal, flags=flags))
         else:
             fn = functools.partial(self._temporal, flags=flags)
-        out = fn(x.astype(self.dtype), *cache.arrays())
-        return self.take_temporal_state(out, cache, T)
+        h, logits = self.take_temporal_state(fn(x.astype(self.dtype), *cache.arrays()), cache, T)
+        return h[:B * T].reshape(B, T, -1), logits.reshape(B, T, -1)
 
     def temporal_flags(self, T: int, step: int) -> tuple:
-        """Static (host-known) facts about a chunk of T positions starting at absolute `step`, which
-        pick the cheapest exact graph: (contiguous: the chunk's ring slots do not wrap, so keys go
-        in with one slice update; dense: quantized matmuls as dequantize + dense matmul). A single
-        step (T=1) always gets the same flags, so a compiled live step is traced once (no retrace
-        when the ring fills up mid-conversation)."""
+        """Static (host-known) facts about a chunk of T positions starting at absolute `step` in
+        every row, which pick the cheapest exact graph (the key of a compiled temporal graph):
+        (write, dense, width, rows, full). write "slice": the chunk's ring slots do not wrap, so
+        keys go in with one slice update, "scatter" otherwise; dense: quantized matmuls as
+        dequantize + dense matmul. A single step (T=1) always gets the same flags, so a compiled
+        live step is traced once (no retrace when the ring fills up mid-conversation)."""
         C = self.config.context
-        contiguous = (step % C) + T <= C
+        write = "slice" if (step % C) + T <= C else "scatter"
         rows = self.dense_prefill_rows
         dense = rows is not None and self.quant_plan is not None and T >= rows
-        return contiguous, dense
+        return write, dense, None, None, False
+
+    def row_flags(self, width: int | None = None, rows: int | None = None, full: bool = False) -> tuple:
+        """Flags of one step (T=1) of rows at different positions (a slot manager's batch): each
+        row writes its own ring slot. width: attend over the first `width` ring slots only (every
+        row's later slots are empty; None: all); rows: run the linear layers on this many rows
+        (zero padded, >= B; None: B); full: every row's ring is full, so no mask."""
+        return "rows", False, width, rows, full
 
     def take_temporal_state(self, out, cache: LmCache, T: int):
+        """Store a `_temporal` result's state in `cache` -> (h (R, dim), text_logits (B*T, text_out))."""
         h, logits, *state = out
         L = self.config.num_layers
         cache.keys, cache.values = list(state[:L]), list(state[L:2 * L])
         cache.pos, cache.offset = state[2 * L], state[2 * L + 1]
-        cache.step += T
+        cache.steps = cache.steps + T
         return h, logits
 
-    def _temporal(self, x, *state, flags=(False, False)):
+    def _temporal(self, x, *state, flags=("slice", False, None, None, False)):
+        """The temporal transformer as a pure function: x (B, T, dim), state = LmCache.arrays()
+        -> (h (R, dim), text_logits (B*T, text_out), *keys, *values, pos, offset + T), where
+        R = rows (flags) or B*T: activations are 2-D, so every linear layer is ONE matrix
+        product over all rows (on CUDA a (B, 1, D) input is B one-row products, each re-reading
+        the whole weight)."""
         c = self.config
         L = c.num_layers
-        contiguous, dense = flags
+        write, dense, width, rows, full = flags
         keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
-        t_abs = offset.reshape(1) if T == 1 else offset + mx.arange(T, dtype=mx.int32)   # (T,)
-        if contiguous:
-            start = (offset % C).reshape(1)
-            pos = mx.slice_update(pos, t_abs, start, axes=(0,))
+        N = B * T
+        R = keys[0].shape[0]
+        rows = N if rows is None else rows
+        if write == "rows":
+            if T != 1:
+                raise ConfigError("rows at different positions step one position at a time (T=1)")
+            slots = (offset % C)[:, None]                                   # (B, 1)
+            pos = mx.put_along_axis(pos, slots, offset[:, None], axis=1)    # as advance_rows
+            idx = mx.broadcast_to(_pad_rows(slots, R)[:, None, :, None], (R, H, 1, hd))
 
-            def write(cache_arr, new):
-                return mx.slice_update(cache_arr, new.astype(cache_arr.dtype), start, axes=(2,))
+            def put(cache_arr, new):
+                return mx.put_along_axis(cache_arr, idx, _pad_rows(new, R).astype(cache_arr.dtype), axis=2)
+            rope_offset = offset
         else:
-            slots = t_abs % C
-            pos = _scatter(pos, slots, t_abs, axis=0)
+            if R != B:
+                raise ConfigError(f"a cache with spare rows ({R} > {B}) steps with row_flags")
+            o = offset[:1]                                                   # every row's position
+            t_abs = o if T == 1 else o + mx.arange(T, dtype=mx.int32)        # (T,)
+            upd = mx.broadcast_to(t_abs[None], (B, T))
+            if write == "slice":
+                start = o % C
+                pos = mx.slice_update(pos, upd, start, axes=(1,))
 
-            def write(cache_arr, new):
-                return _scatter(cache_arr, slots, new, axis=2)
-        if T == 1:
-            mask = pos >= 0       # every stored position is <= t and > t - C
+                def put(cache_arr, new):
+                    return mx.slice_update(cache_arr, new.astype(cache_arr.dtype), start, axes=(2,))
+            else:
+                slots = t_abs % C
+                pos = _scatter(pos, slots, upd, axis=1)
+
+                def put(cache_arr, new):
+                    return _scatter(cache_arr, slots, new, axis=2)
+            rope_offset = o.reshape(())
+        if full:
+            mask = None                           # every slot holds one of the last C positions
+        elif T == 1:
+            mask = (pos >= 0)[:, None, None, :width]   # a stored position is <= t and > t - C
         else:
-            delta = t_abs[:, None] - pos[None, :]                           # (T, C)
-            mask = (pos[None, :] >= 0) & (delta >= 0) & (delta < C)
+            delta = t_abs[None, :, None] - pos[:, None, :]                   # (B, T, C)
+            mask = ((pos[:, None, :] >= 0) & (delta >= 0) & (delta < C))[:, None]
         scale = 1.0 / math.sqrt(hd)
         new_k, new_v = [], []
         group = max(1, len(self.transformer.layers) // 4)
+        x = _pad_rows(x.reshape(N, D), rows)
         for li, (layer, k_cache, v_cache) in enumerate(zip(self.transformer.layers, keys, values)):
-            y = layer.norm1(x)
-            # Slices, not integer indexing: qkv[0] on the leading axis is a Gather (a GPU kernel).
-            qkv = layer.self_attn.in_proj(y, dense).reshape(B, T, 3, H, hd)
-            qk = mx.fast.rope(qkv[:, :, :2].transpose(2, 0, 3, 1, 4), hd, traditional=True,
-                              base=c.max_period, scale=1.0, offset=offset)     # q and k in one call
-            q, k = (a.squeeze(0) for a in mx.split(qk, 2, axis=0))
-            v = qkv[:, :, 2].transpose(0, 2, 1, 3)
-            k_cache = write(k_cache, k)
-            v_cache = write(v_cache, v)
+            qkv = layer.self_attn.in_proj(layer.norm1(x), dense)
+            qkv = qkv[:N] if rows > N else qkv
+            # (B, 3H, T, hd): a reshape for T=1; slices below are views, not gathers (GPU kernels).
+            qkv = qkv.reshape(B, 3 * H, 1, hd) if T == 1 else qkv.reshape(B, T, 3 * H, hd).transpose(0, 2, 1, 3)
+            qk = mx.fast.rope(qkv[:, :2 * H], hd, traditional=True, base=c.max_period, scale=1.0,
+                              offset=rope_offset)                            # q and k in one call
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
+            k_cache, v_cache = put(k_cache, k), put(v_cache, v)
             new_k.append(k_cache)
             new_v.append(v_cache)
-            a = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale, mask=mask)
-            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, T, D), dense)
+            kw, vw = k_cache, v_cache
+            if R > B or (width is not None and width < C):
+                kw, vw = kw[:B, :, :width], vw[:B, :, :width]
+            a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
+            a = a.reshape(N, D) if T == 1 else a.transpose(0, 2, 1, 3).reshape(N, D)
+            x = x + layer.self_attn.out_proj(_pad_rows(a, rows), dense)
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), dense)), dense)
             if self.stats_hook is not None and (li + 1) % group == 0:
-                self.stats_hook(f"layers {li + 1 - group}-{li}", x)
+                self.stats_hook(f"layers {li + 1 - group}-{li}", x[:N].reshape(B, T, D))
         h = self.out_norm(x)
-        return (h, self.text_linear(h), *new_k, *new_v, pos, offset + T)
+        logits = self.text_linear(h)
+        return (h, logits[:N] if rows > N else logits, *new_k, *new_v, pos, offset + T)
 
     # ---- depformer
     def depformer_step(self, s: int, h: mx.array, prev: mx.array, dc: DepformerCache) -> mx.array:
@@ -654,24 +715,24 @@ class LM(nn.Module):
         return [a.squeeze(1) for a in mx.split(y.reshape(h.shape[0], n, m.out_dim), n, axis=1)]
 
     def _depformer(self, s, h, prev, *kv, x_in=None):
+        """Depformer step s as a pure function: h (R, dim) the temporal output (rows >= B: padding),
+        prev (B,) the previous token, kv this frame's depformer keys/values so far (x_in: this
+        step's `depformer_inputs`, if computed already) -> (logits (B, card), *keys, *values)."""
         c = self.config
         L = c.depformer_num_layers
         keys, values = kv[:L], kv[L:]
-        B = h.shape[0]
+        B, R = prev.shape[0], h.shape[0]
         H, D = c.depformer_num_heads, c.depformer_dim
         hd = D // H
-        x = self.depformer_in(h, s) if x_in is None else x_in
-        if s == 0:
-            x = x + self.depformer_text_emb(prev, 0, self.dtype)
-        else:
-            x = x + self.depformer_emb(prev, s - 1, self.dtype)
-        x = x[:, None, :]                                                   # (B, 1, Dd)
+        x = self.depformer_in(h.astype(self.dtype), s) if x_in is None else x_in
+        prev = _pad_rows(prev.astype(mx.int32), R)
+        x = x + (self.depformer_text_emb(prev, 0, self.dtype) if s == 0
+                 else self.depformer_emb(prev, s - 1, self.dtype))
         scale = 1.0 / math.sqrt(hd)
         new_k, new_v = [], []
         for i, layer in enumerate(self.depformer.layers):
-            y = layer.norm1(x)
-            qkv = layer.self_attn.in_proj(y, s).reshape(B, 1, 3, H, hd)
-            q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))   # views (no Gather)
+            qkv = layer.self_attn.in_proj(layer.norm1(x), s).reshape(R, 3 * H, 1, hd)
+            q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]           # views (no gather)
             if s > 0:
                 k = mx.concatenate([keys[i], k], axis=2)
                 v = mx.concatenate([values[i], v], axis=2)
@@ -680,9 +741,9 @@ class LM(nn.Module):
                 a = v   # one key: its softmax weight is exactly 1
             new_k.append(k)
             new_v.append(v)
-            x = x + layer.self_attn.out_proj(a.transpose(0, 2, 1, 3).reshape(B, 1, D), s)
+            x = x + layer.self_attn.out_proj(a.reshape(R, D), s)
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), s)), s)
-        return (self.linears(x[:, 0], s), *new_k, *new_v)
+        return (self.linears(x[:B] if R > B else x, s), *new_k, *new_v)
 
     # ---- compilation
     def compile(self) -> "LM":
@@ -705,6 +766,19 @@ class LM(nn.Module):
 def _flatten(tree):
     from mlx.utils import tree_flatten
     return tree_flatten(tree)
+
+
+def _pad_rows(x: mx.array, rows: int) -> mx.array:
+    """x with zero rows appended up to `rows` rows (x itself when it has them)."""
+    b = x.shape[0]
+    return x if rows == b else mx.concatenate([x, mx.zeros((rows - b, *x.shape[1:]), x.dtype)])
+
+
+def advance_rows(pos: mx.array, offset: mx.array, context: int) -> tuple[mx.array, mx.array]:
+    """Each row's ring bookkeeping after one step at its own position: slot offset % context now
+    holds offset -> (pos (B, context), offset + 1). `_temporal` does the same inline (rows mode);
+    the batched CUDA kernel's caller uses this."""
+    return mx.put_along_axis(pos, (offset % context)[:, None], offset[:, None], axis=1), offset + 1
 
 
 def _scatter(a, idx, upd, axis):

@@ -6,8 +6,10 @@ stacked along a batch dimension (row = slot), so one 80 ms step is ONE Mimi enco
 pass + depformer, and ONE Mimi decode for every active slot. Slots join and leave between steps.
 
 How rows that started at different times share one step:
-- Temporal transformer: per-row RoPE offsets (`mx.fast.rope` takes an offset per batch row) and a
-  per-row slot-position table for the KV ring mask; new keys are scattered at each row's own slot.
+- Temporal transformer and depformer: the model's own step (`LM._temporal` with `LM.row_flags`,
+  `LM._depformer`), the same code a single conversation runs: the LmCache layout is per row
+  (per-row RoPE offsets, a per-row slot-position table for the KV ring mask, new keys written at
+  each row's own slot), so rows that joined at different times share one forward.
 - Token ring: a joining slot's ring (from `LmGen.run_prompts`, B=1) is rotated so that its column
   for "now" matches the batch's shared phase; every row then reads and writes the same columns.
   The provided flags are kept per row (a freshly prompted row still forces the last prompt
@@ -35,7 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models.gen import GenState, SamplingParams
-from ..models.lm import _silu_gate
+from ..models.lm import _pad_rows, advance_rows
 from ..models.mimi_modules import FRESH_ROWS
 from ..models.sampling import gumbel, sample, site_key, split_keys
 
@@ -218,92 +220,6 @@ def _decode_pure(mimi, layout, c, *arrays):
 
 
 # ----------------------------------------------------------------------------------------------
-# LM step over B rows (activations 2-D: (rows, D))
-# ----------------------------------------------------------------------------------------------
-# Every linear layer sees its input as ONE (rows, D) matrix. With (B, 1, D) inputs MLX's quantized
-# matmul treats B as a batch of 1-row products: on CUDA each batch element re-reads the whole
-# weight matrix (qmm grid (m/tile, n/128, B); qmv likewise per row), so the step cost grew by one
-# full pass over the 4-bit weights per session. As (rows, D) it is one pass with M = rows.
-def _pad_rows(x: mx.array, rows: int) -> mx.array:
-    b = x.shape[0]
-    return x if rows == b else mx.concatenate([x, mx.zeros((rows - b, *x.shape[1:]), x.dtype)])
-
-
-def _temporal_pure(lm, width, rows, full, x, pos, off, *kv):
-    """x (B, D), pos (B, C) slot positions, off (B,) next positions, kv the (cap, H, C, hd) caches
-    -> (h (rows, D), text logits (B, V), pos, off + 1, *keys, *values). Rows >= B of the caches
-    are unused (they get a zero key at slot 0); the linears run on `rows` >= B rows (zero padded).
-    full: every row's ring holds `context` positions, so no mask (the mask-free attention kernel)."""
-    c = lm.config
-    L = c.num_layers
-    ks, vs = list(kv[:L]), list(kv[L:])
-    B, D = x.shape
-    cap = ks[0].shape[0]
-    H, hd, C = c.num_heads, c.head_dim, c.context
-    slots = (off % C)[:, None]                                              # (B, 1)
-    pos = mx.put_along_axis(pos, slots, off[:, None], axis=1)               # (B, C)
-    # A ring slot holds -1 or one of the last C positions (<= now): only empty slots are masked.
-    mask = None if full else (pos >= 0)[:, None, None, :width]              # (B, 1, 1, width)
-    idx = mx.broadcast_to(_pad_rows(slots, cap)[:, None, :, None], (cap, H, 1, hd))
-    scale = 1.0 / math.sqrt(hd)
-    x = _pad_rows(x.astype(lm.dtype), rows)
-    for i, layer in enumerate(lm.transformer.layers):
-        qkv = layer.self_attn.in_proj(layer.norm1(x))
-        qkv = (qkv[:B] if rows > B else qkv).reshape(B, 3 * H, 1, hd)
-        # Slices (views), not integer indexing (a gather kernel); q and k in one rope call.
-        qk = mx.fast.rope(qkv[:, :2 * H], hd, traditional=True, base=c.max_period, scale=1.0, offset=off)
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
-        ks[i] = mx.put_along_axis(ks[i], idx, _pad_rows(k, cap).astype(ks[i].dtype), axis=2)
-        vs[i] = mx.put_along_axis(vs[i], idx, _pad_rows(v, cap).astype(vs[i].dtype), axis=2)
-        kw, vw = ks[i], vs[i]
-        if cap > B or width < C:
-            kw, vw = kw[:B, :, :width], vw[:B, :, :width]
-        a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
-        x = x + layer.self_attn.out_proj(_pad_rows(a.reshape(B, D), rows))
-        x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x))))
-    h = lm.out_norm(x)
-    logits = lm.text_linear(h)
-    return (h, logits[:B] if rows > B else logits, pos, off + 1, *ks, *vs)
-
-
-def _advance_rows(pos: mx.array, off: mx.array, context: int) -> tuple[mx.array, mx.array]:
-    """Each row's ring after a step at position off: slot off % context now holds off (the
-    bookkeeping half of `_temporal_pure`, for the fused kernel) -> (pos, off + 1)."""
-    return mx.put_along_axis(pos, (off % context)[:, None], off[:, None], axis=1), off + 1
-
-
-def _depformer_pure(lm, s, h, prev, *kv):
-    """Depformer step s, as `LM._depformer` with 2-D activations: h (R, D) the temporal output
-    (rows >= B zero padding), prev (B,) the previous token, kv this frame's depformer keys/values
-    so far -> (logits (B, card), *keys, *values)."""
-    c = lm.config
-    L = c.depformer_num_layers
-    keys, values = kv[:L], kv[L:]
-    B, R = prev.shape[0], h.shape[0]
-    H, D = c.depformer_num_heads, c.depformer_dim
-    hd = D // H
-    x = lm.depformer_in(h.astype(lm.dtype), s)
-    prev = _pad_rows(prev.astype(mx.int32), R)
-    x = x + (lm.depformer_text_emb(prev, 0, lm.dtype) if s == 0 else lm.depformer_emb(prev, s - 1, lm.dtype))
-    scale = 1.0 / math.sqrt(hd)
-    new_k, new_v = [], []
-    for i, layer in enumerate(lm.depformer.layers):
-        qkv = layer.self_attn.in_proj(layer.norm1(x), s).reshape(R, 3 * H, 1, hd)
-        q, k, v = qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]
-        if s > 0:
-            k = mx.concatenate([keys[i], k], axis=2)
-            v = mx.concatenate([values[i], v], axis=2)
-            a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:
-            a = v                     # one key: its attention weight is exactly 1
-        new_k.append(k)
-        new_v.append(v)
-        x = x + layer.self_attn.out_proj(a.reshape(R, D), s)
-        x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), s)), s)
-    return (lm.linears(x[:B] if R > B else x, s), *new_k, *new_v)
-
-
-# ----------------------------------------------------------------------------------------------
 # The batch
 # ----------------------------------------------------------------------------------------------
 def _write_rows(arrays: list, r: int, rows: list) -> None:
@@ -452,7 +368,7 @@ class BatchEngine:
                 fn = self._temporal_fn(width, rows, off >= C - 1)
                 kv = self.k + self.v
                 self.k = self.v = None
-                h, logits, _, _, *kv = fn(x, pos, mx.full((b,), off, mx.int32), *kv)
+                h, logits, *kv, _, _ = fn(x[:, None], *kv, pos, mx.full((b,), off, mx.int32))
                 self.k, self.v = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
             if not self.fused_dep:
@@ -555,8 +471,7 @@ class BatchEngine:
         tokens = mx.roll(state.tokens, shift, axis=2)
         prov = np.roll(state.provided, shift, axis=1)[None]
         cache = state.cache
-        pos = cache.pos[None]
-        off = cache.offset.reshape(1)
+        pos, off = cache.pos, cache.offset                             # (1, C), (1,)
         key = state.key[None]
         B = self.size
         if B == self.cap:
@@ -677,7 +592,7 @@ class BatchEngine:
             B = x.shape[0]
             # The kernel writes each row's K/V into self.k / self.v in place; pos and offset move on here.
             h, logits, _ = self.fused.temporal_rows(x, self.pos, self.offset, self.k, self.v)
-            self.pos, self.offset = _advance_rows(self.pos, self.offset, C)
+            self.pos, self.offset = advance_rows(self.pos, self.offset, C)
             self.off_host += 1
             if not self.fused_dep:                    # the MLX depformer's traced shapes: padded rows, model dtype
                 h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
@@ -689,17 +604,18 @@ class BatchEngine:
         # arrays survives this call, so the per-row scatter updates them in place (donation).
         kv = self.k + self.v
         self.k = self.v = None
-        h, logits, self.pos, self.offset, *kv = fn(x, self.pos, self.offset, *kv)
+        h, logits, *kv, self.pos, self.offset = fn(x[:, None], *kv, self.pos, self.offset)
         L = len(kv) // 2
         self.k, self.v = list(kv[:L]), list(kv[L:])
         self.off_host += 1
         return h, logits
 
     def _temporal_fn(self, width: int, rows: int, full: bool):
-        """The temporal step for this attention width, row count and ring state (cached)."""
+        """The model's temporal step (`LM._temporal`, rows at their own positions) for this
+        attention width, row count and ring state: fn(x (B, 1, D), *keys, *values, pos, offset)."""
         fn = self._temporal_fns.get((width, rows, full))
         if fn is None:
-            fn = functools.partial(_temporal_pure, self.lm, width, rows, full)
+            fn = functools.partial(self.lm._temporal, flags=self.lm.row_flags(width, rows, full))
             fn = self._temporal_fns[(width, rows, full)] = mx.compile(fn) if self.compiled else fn
         return fn
 
@@ -711,7 +627,7 @@ class BatchEngine:
         key = (s, h.shape[0], prev.shape[0])
         fn = self._dep_fns.get(key)
         if fn is None:
-            fn = functools.partial(_depformer_pure, self.lm, s)
+            fn = functools.partial(self.lm._depformer, s)
             fn = self._dep_fns[key] = mx.compile(fn) if self.compiled else fn
         logits, *kv = fn(h, prev, *kv)
         return logits, kv
