@@ -110,7 +110,12 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         # Host vs GPU: build the whole step's graph (no evaluation), then async_eval (the host
         # encodes and launches every kernel), then wait for the GPU. Host-bound: launch >> wait.
         split = {"build": [], "launch": [], "wait": [], "build_cpu": [], "launch_cpu": []}
+        state = None
         for _ in range(min(steps, 20)):
+            # No reference to the last step's state may survive into the next: the step writes
+            # the KV rings in place only when nothing else holds them (otherwise every step would
+            # copy all rows' rings, and so would the temporal loop below).
+            del state
             t0, c0 = time.perf_counter(), time.thread_time()
             text, agent = be._lm_step(be._encode(frames))
             pcm = be._decode(agent)
@@ -122,6 +127,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t3 = time.perf_counter()
             for k, v in zip(split, (t1 - t0, t2 - t1, t3 - t2, c1 - c0, c2 - c1)):
                 split[k].append(v * 1e3)
+        del state, text, agent, pcm
         stages.update({f"split_{k}": v for k, v in split.items()})
         # inside the LM part: the temporal transformer alone, and the 1 + 8 sampling sites alone
         from engine.models.sampling import sample
