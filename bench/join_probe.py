@@ -13,7 +13,7 @@ import engine  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from bench.serve import BenchModel
-from engine.server.batch import BatchEngine, SlotParams, _concat_dicts
+from engine.server.batch import BatchEngine, SlotParams, _concat_rows
 from engine.worker import ModelWorker
 
 
@@ -68,11 +68,11 @@ def main() -> None:
                             lst[i] = x
                 mx.eval(be.k, be.v)
                 print({"part": name, "rep": rep, "ms": ms(t0)}, flush=True)
-        enc, dec = be._fresh_mimi_rows()
+        enc, dec = be._fresh_mimi_rows(1)
         for rep in range(3):
             t0 = time.perf_counter()
-            e2, d2 = _concat_dicts(be.enc, enc), _concat_dicts(be.dec, dec)
-            mx.eval(list(e2.values()) if isinstance(e2, dict) else e2, list(d2.values()) if isinstance(d2, dict) else d2)
+            e2, d2 = _concat_rows(be.enc, enc), _concat_rows(be.dec, dec)
+            mx.eval(e2, d2)
             print({"part": "mimi_concat", "rep": rep, "ms": ms(t0)}, flush=True)
         for rep in range(2):
             t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import mlx.core as mx  # noqa: E402
 from serve import BenchModel  # noqa: E402
 
 from engine.models.gen import SamplingParams  # noqa: E402
-from engine.server.batch import FUSED_CHOICES, BatchEngine, SlotParams, _dict_arrays, fused_choice  # noqa: E402
+from engine.server.batch import FUSED_CHOICES, BatchEngine, SlotParams, fused_choice  # noqa: E402
 from engine.worker import ModelWorker  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def measure(model, rows: int, fused: str) -> dict:
     r["full_ring_gb"] = now()
     r["peak_gb"] = round((mx.get_peak_memory() - base) / 1e9, 4)
     kv = sum(a.nbytes for a in be.k + be.v) / 1e9
-    mimi = sum(a.nbytes for a in _dict_arrays(be.enc) + _dict_arrays(be.dec)) / 1e9
+    mimi = sum(a.nbytes for a in be.enc + be.dec) / 1e9
     small = sum(a.nbytes for a in (be.pos, be.offset, be.tokens, be.keys)) / 1e9
     r.update(kv_gb=round(kv, 4), mimi_gb=round(mimi, 4), rings_gb=round(small, 6),
              per_session_gb=round((kv + mimi + small) / rows, 4))

@@ -72,64 +72,67 @@ def _solo(model, voice, prompt, seed, sampling, audio):
     return toks, np.stack(pcm)
 
 
-@pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, False, 1), (True, True, 1),
-                                                      (False, False, 8), (True, True, 8)],
-                         ids=["greedy", "seeded-sampling", "greedy-compiled", "seeded-padded-rows",
-                              "greedy-compiled-gpu-layout"])
-def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
+def _batched_and_solo(model, plan, greedy, compiled, min_rows, T, seed):
+    """Each planned session (voice, prompt, seed, join step, leave step) run alone (B=1) and in one
+    BatchEngine, joining and leaving between steps -> (solo, batched, steps): per session (text
+    tokens, pcm frames); steps: [(session, position)] of the rows before each batched step."""
     from engine.server.batch import BatchEngine, SlotParams
 
-    model = tiny_model
-    rng = np.random.default_rng(1)
-    T = 24
-    # (voice, prompt, seed, join step, leave step)
-    # The last session joins after the first left: it gets the freed last row, whose ring still
-    # holds the moved session's keys (a join copies only the slots its prompt wrote).
-    plan = [("NATF0", "assistant+focused", 3, 0, 14), ("NATM1", "Be brief.", 5, 3, T),
-            ("NATF2", "Talk about trains.", 7, 7, T), ("NATF0", "Be brief.", 11, 7, T),
-            ("NATM1", "Talk about trains.", 13, 15, T)]
+    rng = np.random.default_rng(seed)
     sampling = [SamplingParams(greedy=True) if greedy else
                 SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.8, top_k_audio=50 * k)
-                for k in (1, 3, 5, 7, 9)]
+                for k in range(1, 2 * len(plan), 2)]
     audio = [(0.2 * rng.standard_normal((T, FRAME))).astype(np.float32) for _ in plan]
+    solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j]) for i, (v, p, s, j, e) in enumerate(plan)]
+    be = BatchEngine(model, compiled=compiled)
+    be.min_rows = min_rows              # 8: the GPU's zero-padded linears (rows past B ignored)
+    if compiled and min_rows == 8:
+        be.width_step = None            # and, as compiled on a GPU, attention over the whole ring
+    got, steps = [([], []) for _ in plan], []
+    for t in range(T):
+        for i, (v, p, s, j, e) in enumerate(plan):
+            if t == e:
+                be.leave(i)
+            if t == j:
+                be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
+        steps.append(list(zip(be.slots, be.off_host.tolist())))
+        pcm, text = be.step(np.stack([audio[i][t - plan[i][3]] for i in be.slots]))
+        for r, i in enumerate(be.slots):
+            got[i][0].append(int(text[r]))
+            got[i][1].append(pcm[r])
+    return solo, got, steps
 
-    def run():
-        solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j])
-                for i, (v, p, s, j, e) in enumerate(plan)]
-        be = BatchEngine(model, compiled=compiled)
-        be.min_rows = min_rows          # 8: the GPU's zero-padded linears (rows past B ignored)
-        if compiled and min_rows == 8:
-            be.width_step = None        # and, as compiled on a GPU, attention over the whole ring
-        got = [([], []) for _ in plan]
-        sizes = []
-        for t in range(T):
-            for i, (v, p, s, j, e) in enumerate(plan):
-                if t == e:
-                    be.leave(i)
-                if t == j:
-                    be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
-            frames = np.stack([audio[i][t - plan[i][3]] for i in be.slots])
-            pcm, text = be.step(frames)
-            sizes.append(be.size)
-            for r, i in enumerate(be.slots):
-                got[i][0].append(int(text[r]))
-                got[i][1].append(pcm[r])
-        return solo, got, sizes
 
-    solo, got, sizes = model.worker.call(run)
-    assert max(sizes) == 4 and sizes[0] == 1
-    for i in range(len(plan)):
+def _assert_batched_equals_solo(solo, got):
+    for i in range(len(solo)):
         assert len(set(solo[i][0])) > 3, "degenerate tiny model: text tokens do not vary"
         assert got[i][0] == solo[i][0], f"session {i}: batched text tokens differ from B=1"
         np.testing.assert_allclose(np.stack(got[i][1]), solo[i][1], atol=1e-4)
         assert np.abs(solo[i][1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, False, 1), (True, True, 1),
+                                                      (False, False, 8), (True, True, 8)],
+                         ids=["greedy", "seeded-sampling", "greedy-compiled", "seeded-padded-rows",
+                              "greedy-compiled-gpu-layout"])
+def test_batched_equals_solo(tiny_model, greedy, compiled, min_rows):
+    # The last session joins after the first left: it gets the freed last row, whose ring still
+    # holds the moved session's keys (a join copies only the slots its prompt wrote).
+    T = 24
+    plan = [("NATF0", "assistant+focused", 3, 0, 14), ("NATM1", "Be brief.", 5, 3, T),
+            ("NATF2", "Talk about trains.", 7, 7, T), ("NATF0", "Be brief.", 11, 7, T),
+            ("NATM1", "Talk about trains.", 13, 15, T)]
+    solo, got, steps = tiny_model.worker.call(_batched_and_solo, tiny_model, plan, greedy, compiled, min_rows, T, 1)
+    sizes = [len(s) for s in steps]
+    assert max(sizes) == 4 and sizes[0] == 1
+    _assert_batched_equals_solo(solo, got)
+
+
 @pytest.mark.parametrize("greedy,compiled,min_rows", [(True, False, 1), (False, True, 8)],
                          ids=["greedy", "seeded-compiled-gpu-layout"])
 def test_batched_equals_solo_when_rings_wrap(tiny_model, greedy, compiled, min_rows):
     """The tiny model with a 40-position KV ring: every row's ring wraps (during its prompt or live),
-    rows sit at different positions and ring phases in one forward, sessions join and leave between
+    rows sit at different positions and ring slots in one forward, sessions join and leave between
     ticks, and each row still gets exactly what the same conversation gets alone (B=1)."""
     import dataclasses
 
@@ -137,49 +140,26 @@ def test_batched_equals_solo_when_rings_wrap(tiny_model, greedy, compiled, min_r
 
     from engine.api import PersonaPlex
     from engine.models.lm import LM
-    from engine.server.batch import BatchEngine, SlotParams
 
     base = tiny_model
-    rng = np.random.default_rng(4)
     T = 56
     plan = [(None, "Be brief.", 3, 0, 30), ("NATM1", "", 5, 2, T), (None, "Talk about trains.", 7, 9, T),
             (None, "", 11, 18, T)]
-    sampling = [SamplingParams(greedy=True) if greedy else
-                SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.8, top_k_audio=50 * k)
-                for k in (1, 3, 5, 7)]
-    audio = [(0.2 * rng.standard_normal((T, FRAME))).astype(np.float32) for _ in plan]
 
     def run():
         lm = LM(dataclasses.replace(base.lm.config, context=40), base.lm.dtype)
         lm.load_weights(tree_flatten(base.lm.parameters()), strict=True)
         gen = LmGen(lm, base.gen.sampling, depformer_mode=base.gen.depformer_mode)
         model = PersonaPlex(base.files, base.mimi, lm, gen, base.sp, base.worker)
-        solo = [_solo(model, v, p, s, sampling[i], audio[i][:e - j]) for i, (v, p, s, j, e) in enumerate(plan)]
-        be = BatchEngine(model, compiled=compiled)
-        be.min_rows = min_rows
-        got, offsets, last = [([], []) for _ in plan], set(), {}
-        for t in range(T):
-            for i, (v, p, s, j, e) in enumerate(plan):
-                if t == e:
-                    be.leave(i)
-                if t == j:
-                    be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
-            offsets.add(tuple(be.off_host.tolist()))
-            last.update(zip(be.slots, be.off_host.tolist()))
-            pcm, text = be.step(np.stack([audio[i][t - plan[i][3]] for i in be.slots]))
-            for r, i in enumerate(be.slots):
-                got[i][0].append(int(text[r]))
-                got[i][1].append(pcm[r])
-        return solo, got, offsets, last
+        return _batched_and_solo(model, plan, greedy, compiled, min_rows, T, 4)
 
-    solo, got, offsets, last = base.worker.call(run)
+    solo, got, steps = base.worker.call(run)
+    last = dict(row for step in steps for row in step)
     assert min(last.values()) > 40, f"every row's ring wraps: last positions {last}"
-    assert any(len(set(o)) == len(o) > 2 for o in offsets), "rows at different positions in one step"
-    assert any(len(set(np.array(o) % 40)) == len(o) > 2 for o in offsets), "and at different ring slots"
-    for i in range(len(plan)):
-        assert len(set(solo[i][0])) > 3, "degenerate tiny model: text tokens do not vary"
-        assert got[i][0] == solo[i][0], f"session {i}: batched text tokens differ from B=1"
-        np.testing.assert_allclose(np.stack(got[i][1]), solo[i][1], atol=1e-4)
+    positions = [[p for _, p in step] for step in steps]
+    assert any(len(set(p)) == len(p) > 2 for p in positions), "rows at different positions in one step"
+    assert any(len({x % 40 for x in p}) == len(p) > 2 for p in positions), "and at different ring slots"
+    _assert_batched_equals_solo(solo, got)
 
 
 def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
@@ -234,19 +214,37 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
     dummy pre-runs nor the rehearsal leave a trace in the sessions' output."""
     from engine.server.batch import BatchEngine, SlotParams
 
+    mimi = tiny_model.mimi
+    traces = []             # (enc / dec, rows): each is one trace of the compiled Mimi step
+
+    def counted(fn, tag):
+        def step(x, st):
+            traces.append((tag, x.shape[0]))
+            return fn(x, st)
+        return step
+
     def run():
+        mimi._clear_compiled()                 # trace the codec's steps afresh, through the counters
+        mimi._enc_fn, mimi._dec_fn = counted(mimi._enc_fn, "enc"), counted(mimi._dec_fn, "dec")
+        try:
+            return runs()
+        finally:
+            del mimi._enc_fn, mimi._dec_fn
+            mimi._clear_compiled()
+
+    def runs():
         out = []
         for warm in (True, False):
             be = BatchEngine(tiny_model, compiled=True, capacity=3)
             if warm:
                 be.reserve()
-                fns = (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns))
+                assert sorted(traces) == sorted((t, b) for t in ("enc", "dec") for b in (1, 2, 3))
+                fns = (set(be._temporal_fns), set(be._dep_fns), len(traces))
                 # fresh and full ring, and on the CPU every narrower attention width (width_step)
                 C, step = tiny_model.lm.config.context, be.width_step
                 widths = len(range(step, C, step)) if step else 0
                 assert len(fns[0]) == (2 + widths) * len({be._rows(b) for b in (1, 2, 3)})
                 assert len(fns[1]) == 3 * tiny_model.lm.config.dep_q
-                assert {k[0] for k in fns[2]} == {"enc", "dec"} and len(fns[2]) == 2   # batched Mimi
                 # Rehearsal: real steps of 1..3 dummy sessions, gone afterwards.
                 n = be.rehearse(lambda: tiny_model.prompts.state("NATF0", None, 0))
                 assert n == 9 and be.size == 0 and be.enc is None and be.dec is None
@@ -257,14 +255,14 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 pcm, text = be.step(np.full((be.size, FRAME), 0.01 * t, np.float32))
                 texts.append((text.tolist(), pcm))
             if warm:
-                assert (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns)) == fns
+                assert (set(be._temporal_fns), set(be._dep_fns), len(traces)) == fns
                 # Long sessions: crossing the ring-fill point (masked -> mask-free) adds no graph.
                 C = tiny_model.lm.config.context
                 be.set_offsets(np.array([C - 3, C - 2, C + 40]))
                 assert be.pos.tolist()[2].count(-1) == 0 and be.pos.tolist()[0].count(-1) == 3
                 for _ in range(4):
                     be.step(np.zeros((be.size, FRAME), np.float32))
-                assert be.off_host.min() > C and (set(be._temporal_fns), set(be._dep_fns), set(be._mimi_fns)) == fns
+                assert be.off_host.min() > C and (set(be._temporal_fns), set(be._dep_fns), len(traces)) == fns
             out.append(texts)
         return out
 

@@ -385,7 +385,7 @@ class FusedMimiEncoder:
                 tails.append(arr)
             by.setdefault(kind, []).append(arr)
         first = float(np.array(flat[0]).reshape(-1)[0])
-        off = int(np.array(by["offset"][0]))
+        off = int(np.array(by["offset"][0]).reshape(-1)[0])
         buf = np.zeros(self.S.size, np.float32)
         buf[:1] = np.array([off], np.int32).view(np.float32)
         buf[1] = first
@@ -435,7 +435,7 @@ class FusedMimiEncoder:
                     out.append(mx.array(buf[o:o + self.ds_tail * self.D].reshape(1, self.ds_tail, self.D)))
                 ti += 1
             elif kind == "offset":
-                out.append(mx.array(off, mx.int32))
+                out.append(mx.array([off], mx.int32))
             elif kind in ("k", "v"):
                 j = 0 if kind == "k" else 1
                 rows = kv[li, j, slots].copy()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -793,12 +794,19 @@ class PromptCache:
     hashable name for the pair, `inputs()` returns (VoicePrompt | None, text prompt token ids) and
     is called only for a pair not cached yet. `state`, `job` and `warm` run MLX (worker thread);
     `ready` does not.
+
+    At most `max_states` states are kept (each holds a whole KV ring: 1.57 GB at the 7B shapes);
+    past that the least recently used one is dropped (`evictions` counts them) and built again
+    when asked for. A conversation's copy never depends on the cache keeping its state.
     """
 
-    def __init__(self, gen: LmGen, resolve: Callable):
-        self.gen, self.resolve = gen, resolve
-        self._states: dict = {}
+    def __init__(self, gen: LmGen, resolve: Callable, max_states: int = 8):
+        if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 1:
+            raise ConfigError(f"max_states={max_states!r} must be an int >= 1")
+        self.gen, self.resolve, self.max_states = gen, resolve, max_states
+        self._states: OrderedDict = OrderedDict()
         self._warmed: set = set()
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._states)
@@ -831,12 +839,19 @@ class PromptCache:
             yield from self.gen.prompt_steps(state, voice=voice_prompt, text_tokens=tokens, max_chunk=max_chunk)
             mx.eval(state.tokens)
             self._states[key] = state
+            while len(self._states) > self.max_states:
+                old, _ = self._states.popitem(last=False)
+                self._warmed.discard(old)
+                self.evictions += 1
+        self._states.move_to_end(key)
+        entry = self._states[key]          # kept here: another job may evict it while this one waits
         if warm and key not in self._warmed:
             yield
             # Trace/JIT the live step now (on a copy), not during the conversation's first frames:
             # on MLX CUDA a kernel's first use can cost seconds.
-            self.gen.warmup(self._states[key])
-            self._warmed.add(key)
-        state = self._states[key].copy()
+            self.gen.warmup(entry)
+            if key in self._states:
+                self._warmed.add(key)
+        state = entry.copy()
         state.key = mx.random.key(secrets.randbits(32) if seed is None else int(seed))
         return state

@@ -126,9 +126,11 @@ class MimiState:
 
     `mode` picks the step implementation (`Mimi.make_state`):
     - "eager": dicts keyed by layer name, KV windows growing to context-1 keys (the reference's
-      layout; `engine/server/batch.py` builds on it).
-    - "fixed": flat lists of fixed-shape arrays (full-width KV windows + an offset array, conv
-      tails, a first-frame flag), so every step runs the same graph.
+      layout).
+    - "fixed": flat lists of fixed-shape arrays (full-width KV windows, a position per row, conv
+      tails, a first-frame flag per row), so every step runs the same graph; every array has the
+      rows on axis 0, so streams that started at different times stack into one batch (the
+      server's `BatchEngine` runs this step for all its rows).
     - "compiled": "fixed" with each step one `mx.compile`d graph (the default; few host-side
       ops per frame matters on MLX CUDA, which is host-bound).
     In the fixed modes `encoder` / `decoder` are read-only views in the eager layout.

@@ -62,11 +62,6 @@ class ELU(nn.Module):
         return elu(x), []
 
 
-# Eager-cache key of a (B, 1, 1) bool array: rows at their first frame (the server's batched
-# Mimi, whose rows join at different times, all start from a zero state; see Conv1d).
-FRESH_ROWS = "__fresh_rows__"
-
-
 class Conv1d(nn.Module):
     """Causal conv with the reference's streaming padding.
 
@@ -102,10 +97,6 @@ class Conv1d(nn.Module):
                     prev = mx.repeat(x[:, :1], tp, axis=1)
                 else:
                     prev = mx.zeros((x.shape[0], tp, x.shape[2]), dtype=x.dtype)
-            elif self._pad_mode == "replicate" and FRESH_ROWS in cache:
-                # a batch whose rows started at different times: rows at their first frame
-                # replicate their first sample instead of using the (zero) tail they hold
-                prev = mx.where(cache[FRESH_ROWS], x[:, :1], prev)
             x = mx.concatenate([prev, x], axis=1)
             cache[self._name] = x[:, -tp:]
         return self._conv(x)
@@ -346,17 +337,18 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
 
     def step(self, x: mx.array, offset: mx.array, mask: mx.array, kc: mx.array, vc: mx.array):
-        """Fixed-window attention: `kc`/`vc` (B, H, context-1, hd) hold the last context-1 keys
-        right-aligned (zeros before the stream has that many; `mask` hides them). Returns
-        (y, new kc, new vc) of the same shapes, so every step has the same graph."""
+        """Fixed-window attention: `kc`/`vc` (B, H, context-1, hd) hold each row's last context-1
+        keys right-aligned (zeros before the row's stream has that many; `mask` hides them);
+        `offset` (B,) each row's position. Returns (y, new kc, new vc) of the same shapes, so every
+        step has the same graph, for one stream or rows that started at different times."""
         b, t, d = x.shape
         h = self._heads
-        qkv = self.in_proj(x).reshape(b, t, 3, h, d // h).transpose(2, 0, 3, 1, 4)
-        qk = mx.fast.rope(qkv[:2], d // h, traditional=True, base=self._base, scale=1.0,
-                          offset=offset)
-        k = mx.concatenate([kc, qk[1]], axis=2)
-        v = mx.concatenate([vc, qkv[2]], axis=2)
-        y = mx.fast.scaled_dot_product_attention(qk[0], k, v, scale=1.0 / math.sqrt(d // h),
+        qkv = self.in_proj(x).reshape(b, t, 3 * h, d // h).transpose(0, 2, 1, 3)    # (B, 3H, t, hd)
+        qk = mx.fast.rope(qkv[:, :2 * h], d // h, traditional=True, base=self._base, scale=1.0,
+                          offset=offset)                          # q and k of every row in one call
+        k = mx.concatenate([kc, qk[:, h:]], axis=2)
+        v = mx.concatenate([vc, qkv[:, 2 * h:]], axis=2)
+        y = mx.fast.scaled_dot_product_attention(qk[:, :h], k, v, scale=1.0 / math.sqrt(d // h),
                                                  mask=mask)
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d)), k[:, :, t:], v[:, :, t:]
 
@@ -425,8 +417,9 @@ class Transformer(nn.Module):
         cache[self._name] = offset + x.shape[1]
         return x
 
-    # -- fixed-shape streaming: state = [offset int32 (), K0, V0, K1, V1, ...], K/V (B, H, W, hd)
-    # with W = context - 1, the newest key last.
+    # -- fixed-shape streaming: state = [offset int32 (B,), K0, V0, K1, V1, ...], K/V (B, H, W, hd)
+    # with W = context - 1, the newest key last. Every array has the rows on axis 0, so rows that
+    # started at different times stack into one batch (and leave it) by concatenate / take.
     def state_spec(self) -> list:
         out = [(self._name, "offset")]
         for layer in self.layers:
@@ -438,7 +431,7 @@ class Transformer(nn.Module):
         d = att.in_proj.weight.shape[1]
         shape = (batch, att._heads, att._context - 1, d // att._heads)
         dt = self.layers[0].linear1.weight.dtype
-        return [mx.array(0, mx.int32)] + [mx.zeros(shape, dt) for _ in range(2 * len(self.layers))]
+        return [mx.zeros((batch,), mx.int32)] + [mx.zeros(shape, dt) for _ in range(2 * len(self.layers))]
 
     def step(self, x, st):
         dt = self.layers[0].linear1.weight.dtype
@@ -447,12 +440,13 @@ class Transformer(nn.Module):
         offset, t = st[0], x.shape[1]
         ctx = self.layers[0].self_attn._context
         w = ctx - 1
-        # Key j sits at position offset-w+j (the t new ones last), query i at offset+i:
-        # visible iff the key exists (j >= w - offset) and 0 <= i+w-j < context.
+        # In row b, key j sits at position offset[b]-w+j (the t new ones last), query i at
+        # offset[b]+i: visible iff the key exists (j >= w - offset[b]) and 0 <= i+w-j < context.
         # The static parts are numpy constants: no arange/compare kernels in the step graph.
         j = np.arange(w + t)
         delta = np.arange(t)[:, None] + w - j[None, :]
-        mask = (mx.array(j[None, :]) >= w - offset) & mx.array((delta >= 0) & (delta < ctx))
+        exists = mx.array(j[None, :]) >= (w - offset)[:, None]                 # (B, w+t)
+        mask = exists[:, None, None, :] & mx.array((delta >= 0) & (delta < ctx))
         new = [offset + t]
         for i, layer in enumerate(self.layers):
             x, kc, vc = layer.step(x, offset, mask, st[1 + 2 * i], st[2 + 2 * i])

@@ -17,10 +17,10 @@ How rows that started at different times share one step:
 - Sampling: the generator's sampler (engine/models/sampling.py) with per-row temperature / top-k /
   greedy and a key per row, split exactly the way `LmGen.step` splits its key, so a seeded slot
   samples the same tokens in a batch as alone.
-- Mimi: a joining slot adds a zero row to the batched state (a first call pads with zeros too),
-  with a per-row "fresh" flag for the one replicate-padded conv (the downsampler), whose first
-  call pads with the row's own first sample. Transformer KV windows are kept at their full width
-  (context - 1) per row with a per-row count of valid keys, and per-row offsets.
+- Mimi: the codec's own fixed-shape streaming step (`Mimi._enc_fn` / `_dec_fn`), the one a solo
+  conversation runs: its state keeps a position and a first-frame flag per row (the replicate-
+  padded downsampler pads a row's first frame with its own first sample), so a joining slot adds
+  a fresh row (`Mimi._init_flat`) and a leaving one is taken out, with no special case.
 
 Worker thread only (every method runs MLX).
 """
@@ -38,7 +38,6 @@ import numpy as np
 from ..errors import ConfigError
 from ..models.gen import GenState, SamplingParams
 from ..models.lm import _pad_rows, advance_rows
-from ..models.mimi_modules import FRESH_ROWS
 from ..models.sampling import gumbel, sample, site_key, split_keys
 
 log = logging.getLogger(__name__)
@@ -79,149 +78,13 @@ class SlotParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# Mimi transformer with per-row offsets
-# ----------------------------------------------------------------------------------------------
-def _mimi_attention(att, x, cache: dict, off: mx.array) -> mx.array:
-    b, t, d = x.shape
-    h = att._heads
-    hd = d // h
-    qkv = att.in_proj(x).reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)
-    q = mx.fast.rope(qkv[0], hd, traditional=True, base=att._base, scale=1.0, offset=off)
-    k = mx.fast.rope(qkv[1], hd, traditional=True, base=att._base, scale=1.0, offset=off)
-    kc, vc, n = cache[att._name]
-    w = kc.shape[2]
-    k_all = mx.concatenate([kc, k], axis=2)
-    v_all = mx.concatenate([vc, qkv[2]], axis=2)
-    j = mx.arange(w + t)
-    delta = mx.arange(t)[:, None] + w - j[None, :]                         # (t, w+t)
-    window = (delta >= 0) & (delta < att._context)
-    valid = j[None, :] >= (w - n)[:, None]                                   # (B, w+t)
-    mask = valid[:, None, None, :] & window[None, None]
-    y = mx.fast.scaled_dot_product_attention(q, k_all, v_all, scale=1.0 / math.sqrt(hd), mask=mask)
-    cache[att._name] = (k_all[:, :, -w:], v_all[:, :, -w:], mx.minimum(n + t, w))
-    return att.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
-
-
-def _mimi_transformer(tr, x, cache: dict) -> mx.array:
-    # Same computation as mimi_modules.Transformer.__call__, with per-row offsets and windows.
-    dt = tr.layers[0].linear1.weight.dtype
-    if x.dtype != dt:
-        x = x.astype(dt)
-    off = cache[tr._name]
-    for layer in tr.layers:
-        x = x + layer.layer_scale_1(_mimi_attention(layer.self_attn, layer.norm1(x), cache, off))
-        x = x + layer.layer_scale_2(layer.linear2(nn.gelu(layer.linear1(layer.norm2(x)))))
-    cache[tr._name] = off + x.shape[1]
-    return x
-
-
-def _fresh_rows(mimi) -> tuple[dict, dict]:
-    """One row of the batched Mimi state before its first frame: (encoder, decoder) dicts.
-
-    The batched layout is the eager view of a state after one call (`_to_batched`), zeroed: conv
-    tails and transposed-conv overlaps are zero (what a first call pads with, except the
-    replicate-padded downsampler, which `FRESH_ROWS` handles), transformer offsets 0, KV windows
-    with no valid key. A joining session starts from it inside the batch, at no extra step."""
-    enc, dec = mimi.make_state(1, mode="eager"), mimi.make_state(1, mode="eager")
-    codes = mimi.encode_step(np.zeros((1, 1, mimi.frame_size), np.float32), enc)
-    mimi.decode_step(codes[:, :, :1] * 0, dec)
-    out = []
-    for d in (_to_batched(enc.encoder, mimi), _to_batched(dec.decoder, mimi)):
-        z = {name: (tuple(mx.zeros_like(a) for a in v) if isinstance(v, tuple) else mx.zeros_like(v))
-             for name, v in d.items()}
-        mx.eval(_dict_arrays(z))
-        out.append(z)
-    out[0][FRESH_ROWS] = mx.ones((1, 1, 1), mx.bool_)
-    return out[0], out[1]
-
-
-def _to_batched(d: dict, mimi) -> dict:
-    """A B=1 MimiState dict (after one call) -> the batched layout (KV padded to the full window)."""
-    out = {}
-    for name, v in d.items():
-        if isinstance(v, tuple):
-            k, val = v
-            w = mimi.config.context - 1
-            n = k.shape[2]
-            if n < w:
-                pad = mx.zeros((k.shape[0], k.shape[1], w - n, k.shape[3]), k.dtype)
-                k, val = mx.concatenate([pad, k], axis=2), mx.concatenate([pad, val], axis=2)
-            out[name] = (k, val, mx.array([n], mx.int32))
-        elif isinstance(v, int):
-            out[name] = mx.array([v], mx.int32)
-        else:
-            out[name] = v
-    return out
-
-
-def _concat_dicts(a: dict | None, b: dict) -> dict:
-    if a is None:
-        return b
-    out = {}
-    for name, v in a.items():
-        w = b[name]
-        if isinstance(v, tuple):
-            out[name] = tuple(mx.concatenate([x, y], axis=0) for x, y in zip(v, w))
-        else:
-            out[name] = mx.concatenate([v, w], axis=0)
-    return out
-
-
-def _take_dict(d: dict, idx: mx.array) -> dict:
-    return {name: (tuple(mx.take(x, idx, axis=0) for x in v) if isinstance(v, tuple)
-                   else mx.take(v, idx, axis=0)) for name, v in d.items()}
-
-
-def _dict_arrays(d: dict) -> list:
-    out = []
-    for v in d.values():
-        out.extend(v if isinstance(v, tuple) else [v])
-    return out
-
-
-def _dict_layout(d: dict) -> tuple:
-    """(name, tuple length or 0) per entry: the structure `_dict_from` rebuilds a dict with."""
-    return tuple((name, len(v) if isinstance(v, tuple) else 0) for name, v in d.items())
-
-
-def _dict_from(layout: tuple, arrays) -> dict:
-    out, i = {}, 0
-    for name, n in layout:
-        if n:
-            out[name] = tuple(arrays[i:i + n])
-            i += n
-        else:
-            out[name] = arrays[i]
-            i += 1
-    return out
-
-
-# The batched Mimi steps as pure functions of (input, state arrays): with a fixed batch size every
-# array has a fixed shape, so `BatchEngine(compiled=True)` runs each as ONE mx.compile'd graph
-# (traced once per batch size) instead of dispatching ~300 ops one by one.
-def _encode_pure(mimi, layout, n_cb, x, *arrays):
-    cache = _dict_from(layout, arrays)
-    y = mimi.encoder(x.astype(mimi.dtype), cache)
-    y = _mimi_transformer(mimi.encoder_transformer, y, cache)
-    lat = mimi.downsample(y, cache).astype(mx.float32)
-    codes = mimi.quantizer.encode(lat, mimi.num_codebooks)[:, :n_cb, 0]
-    cache[FRESH_ROWS] = mx.zeros_like(cache[FRESH_ROWS])          # every row has had a frame now
-    return (codes, *_dict_arrays(cache))
-
-
-def _decode_pure(mimi, layout, c, *arrays):
-    cache = _dict_from(layout, arrays)
-    z = mimi.quantizer.decode(c).astype(mimi.dtype)
-    z = mimi.upsample(z, cache)
-    z = _mimi_transformer(mimi.decoder_transformer, z, cache)
-    pcm = mimi.decoder(z, cache).astype(mx.float32)[:, :, 0]
-    return (pcm, *_dict_arrays(cache))
-
-
-
-# ----------------------------------------------------------------------------------------------
 # The batch
 # ----------------------------------------------------------------------------------------------
+def _concat_rows(a: list | None, b: list) -> list:
+    """Two row-stacked states (lists of arrays with the rows on axis 0) as one; a: None when empty."""
+    return b if a is None else [mx.concatenate([x, y], axis=0) for x, y in zip(a, b)]
+
+
 def _write_rows(arrays: list, r: int, rows: list) -> None:
     """arrays[i][r:r+1, :, :n] = rows[i] (n = rows[i].shape[2]) for every layer, by static slices
     (see `BatchEngine.join`); each old array is dropped from `arrays` first so the update can
@@ -271,16 +134,15 @@ class BatchEngine:
         self.temp_audio = np.zeros(0, np.float32)
         self.top_k_audio = np.zeros(0, np.int32)
         self.greedy = np.zeros(0, bool)
-        # Mimi: one batched state per direction, rows in slot order; a joining slot adds a fresh
-        # row (`_fresh_rows`, built on first use).
-        self.enc: dict | None = None
-        self.dec: dict | None = None
-        self._fresh: tuple | None = None
+        # Mimi: the codec's own fixed-shape streaming state (`Mimi._init_flat`, every array with
+        # the rows on axis 0, per-row positions and first-frame flags), one list per direction,
+        # rows in slot order; a joining slot adds a fresh row.
+        self.enc: list | None = None
+        self.dec: list | None = None
         self._scale = 1.0 / math.sqrt(c.head_dim)
         self.compiled = compiled
         self._temporal_fns: dict = {}
         self._dep_fns: dict = {}
-        self._mimi_fns: dict = {}
         # Linear layers run on at least `min_rows` rows once B > 1 (zero rows padded): on CUDA a
         # quantized matmul with fewer than 8 rows is a per-row kernel (one weight pass per row),
         # from 8 rows on one tiled pass. The CPU has no such cliff.
@@ -466,7 +328,7 @@ class BatchEngine:
         if state.offset <= self.max_delay:
             raise ConfigError("join needs a state after the prompt phases (offset > max delay)")
         sp = params.sampling
-        enc, dec = self._fresh_mimi_rows()          # first use builds them: before any state changes
+        enc, dec = self._fresh_mimi_rows(1)
         shift = (self.phase - state.offset) % self.ct
         tokens = mx.roll(state.tokens, shift, axis=2)
         prov = np.roll(state.provided, shift, axis=1)[None]
@@ -502,14 +364,12 @@ class BatchEngine:
         self.top_k_audio = np.append(self.top_k_audio, np.int32(sp.top_k_audio))
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
-        self.enc, self.dec = _concat_dicts(self.enc, enc), _concat_dicts(self.dec, dec)
-        mx.eval(self.k, self.v, self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc),
-                _dict_arrays(self.dec))
+        self.enc, self.dec = _concat_rows(self.enc, enc), _concat_rows(self.dec, dec)
+        mx.eval(self.k, self.v, self.pos, self.offset, self.tokens, self.keys, self.enc, self.dec)
 
-    def _fresh_mimi_rows(self) -> tuple[dict, dict]:
-        if self._fresh is None:
-            self._fresh = _fresh_rows(self.mimi)
-        return self._fresh
+    def _fresh_mimi_rows(self, b: int) -> tuple[list, list]:
+        """Mimi state of b streams before their first frame (what a solo conversation starts from)."""
+        return self.mimi._init_flat("enc", b), self.mimi._init_flat("dec", b)
 
     def leave(self, slot) -> None:
         """Remove `slot`'s row; the other rows keep their state untouched."""
@@ -538,50 +398,35 @@ class BatchEngine:
             idx = mx.array(order, mx.int32)
             self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
             self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
-            self.enc, self.dec = _take_dict(self.enc, idx), _take_dict(self.dec, idx)
-            mx.eval(self.pos, self.offset, self.tokens, self.keys, _dict_arrays(self.enc), _dict_arrays(self.dec))
+            self.enc = [mx.take(a, idx, axis=0) for a in self.enc]
+            self.dec = [mx.take(a, idx, axis=0) for a in self.dec]
+            mx.eval(self.pos, self.offset, self.tokens, self.keys, self.enc, self.dec)
         for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
             setattr(self, a, getattr(self, a)[order])
 
     # ------------------------------------------------------------------ Mimi
     def _encode(self, frames: np.ndarray) -> mx.array:
         """frames (B, 1920) float32 in row order -> user codes (B, n_cb) int32."""
-        codes, self.enc = self._mimi_call("enc", self.enc, mx.array(frames)[:, :, None])
-        return codes
+        _, codes, self.enc = self.mimi._step("enc", self._mimi_mode, mx.array(frames)[:, :, None], self.enc)
+        return codes[:, :self.n_cb, 0]
 
     def _decode(self, agent: mx.array) -> mx.array:
         """agent codes (B, n_cb) in row order -> pcm (B, 1920) float32."""
-        c = mx.clip(agent, 0, self.mimi.cardinality - 1)[:, :, None]
-        pcm, self.dec = self._mimi_call("dec", self.dec, c)
-        return pcm
+        pcm, self.dec = self.mimi._step("dec", self._mimi_mode, agent[:, :, None], self.dec)
+        return pcm[:, :, 0]
 
-    def _mimi_call(self, which: str, state: dict, x: mx.array):
-        """One batched Mimi encode ("enc") or decode ("dec") step -> (output, new state dict);
-        one compiled graph per batch size when `compiled`."""
-        layout = _dict_layout(state)
-        fn = self._mimi_fns.get((which, layout))
-        if fn is None:
-            if which == "enc":
-                fn = functools.partial(_encode_pure, self.mimi, layout, self.n_cb)
-            else:
-                fn = functools.partial(_decode_pure, self.mimi, layout)
-            if self.compiled:
-                if not self._mimi_fns:
-                    self.mimi.quantizer.prepare(self.mimi.num_codebooks)   # before tracing (RVQ.prepare)
-                fn = mx.compile(fn)
-            self._mimi_fns[(which, layout)] = fn
-        out, *arrays = fn(x, *_dict_arrays(state))
-        return out, _dict_from(layout, arrays)
+    @property
+    def _mimi_mode(self) -> str:
+        """The codec's own step, for any number of rows: one compiled graph per batch size, or
+        the same graph uncompiled."""
+        return "compiled" if self.compiled else "fixed"
 
     def _prewarm_mimi(self, b: int) -> None:
-        """Trace the compiled batched Mimi steps for b rows (fresh dummy rows; nothing is kept)."""
-        e1, d1 = self._fresh_mimi_rows()
-        eb, db = e1, d1
-        for _ in range(b - 1):
-            eb, db = _concat_dicts(eb, e1), _concat_dicts(db, d1)
-        c, e2 = self._mimi_call("enc", eb, mx.zeros((b, self.mimi.frame_size, 1), mx.float32))
-        pcm, d2 = self._mimi_call("dec", db, mx.zeros((b, self.n_cb, 1), mx.int32))
-        mx.eval(c, pcm, _dict_arrays(e2), _dict_arrays(d2))
+        """Trace the compiled Mimi steps for b rows (fresh dummy rows; nothing is kept)."""
+        enc, dec = self._fresh_mimi_rows(b)
+        _, c, e2 = self.mimi._step("enc", self._mimi_mode, mx.zeros((b, self.mimi.frame_size, 1), mx.float32), enc)
+        pcm, d2 = self.mimi._step("dec", self._mimi_mode, mx.zeros((b, self.n_cb, 1), mx.int32), dec)
+        mx.eval(c, pcm, e2, d2)
 
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
@@ -715,6 +560,6 @@ class BatchEngine:
         text, agent = self._lm_step(user)
         pcm = self._decode(agent)
         state = [pcm, text, self.tokens, self.keys, self.pos, self.offset, *self.k, *self.v]
-        state += _dict_arrays(self.enc) + _dict_arrays(self.dec)
+        state += self.enc + self.dec
         mx.eval(state)
         return np.array(pcm, dtype=np.float32), np.array(text, dtype=np.int64)

@@ -294,6 +294,37 @@ def test_prompt_cache_builds_once_per_pair_and_copies(lm, fixture):
     assert loads == [("V", "T"), (None, "")] and cache.ready(None, "", 2) and not cache.ready(None, "")
 
 
+def test_prompt_cache_keeps_at_most_max_states(lm):
+    """Each cached state holds a whole KV ring, so the cache is bounded: past `max_states` the
+    least recently used pair is dropped (counted) and rebuilt on demand, to the same state; a
+    conversation's copy outlives its entry's eviction."""
+    gen = LmGen(lm)
+    loads = []
+
+    def resolve(v, p):
+        def inputs():
+            loads.append(p)
+            return None, [5 + p, 9, 11 + p]
+        return ("prompt", p), inputs
+
+    cache = PromptCache(gen, resolve, max_states=2)
+    first = cache.state(None, 0, 1, warm=False)
+    cache.state(None, 1, 1, warm=False)
+    cache.state(None, 0, 1, warm=False)                # 0 is now the most recently used
+    cache.state(None, 2, 1, warm=False)                # evicts 1, not 0
+    assert loads == [0, 1, 2] and len(cache) == 2 and cache.evictions == 1
+    assert cache.ready(None, 0) and not cache.ready(None, 1) and cache.ready(None, 2)
+    again = cache.state(None, 1, 1, warm=False)         # rebuilt (evicts 0)
+    assert loads == [0, 1, 2, 1] and cache.evictions == 2 and not cache.ready(None, 0)
+    rebuilt = cache.state(None, 0, 1, warm=False)
+    assert again.offset == first.offset
+    assert not np.array_equal(np.array(again.cache.keys[0]), np.array(rebuilt.cache.keys[0]))
+    user = np.random.default_rng(0).integers(0, lm.config.card, (1, 6, 8)).astype(np.int32)
+    np.testing.assert_array_equal(run_live(gen, first, user), run_live(gen, rebuilt, user))
+    with pytest.raises(ConfigError):
+        PromptCache(gen, resolve, max_states=0)
+
+
 def test_probe_sees_both_stages(lm):
     gen = LmGen(lm, GREEDY)
     state = gen.new_state(1)
