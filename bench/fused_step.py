@@ -34,6 +34,7 @@ def pct(ts):
 def fill_context(gen, st):
     """Pretend the KV ring is full (every slot valid): the attention then reads all 3000 keys."""
     c = gen.config
+    gen._mlx_cache(st)                 # the fused step's own layout back to an LmCache first
     cache = st.cache
     cache.pos = mx.arange(c.context, dtype=mx.int32)[None]
     cache.offset = mx.array([c.context + 7], mx.int32)

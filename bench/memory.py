@@ -33,6 +33,7 @@ from engine.worker import ModelWorker  # noqa: E402
 def measure(model, rows: int, fused: str) -> dict:
     gc.collect()
     mx.clear_cache()
+    mx.reset_peak_memory()
     base = mx.get_active_memory()
 
     def now():

@@ -998,6 +998,42 @@ def test_joins_are_spread_over_ticks(tiny_model):
     assert all(0 <= b - a <= 2 for a, b in zip(sizes, sizes[1:])), sizes
 
 
+def test_a_waiting_join_keeps_its_prompted_state(tiny_model):
+    """A session whose prompt is cached waits for slack to join; meanwhile the prompt cache drops
+    that prompt (it keeps a few: others arrived). The session still joins with no prefill in the
+    tick: it took its prompted state when it was admitted."""
+    from engine.server.batch import BatchEngine, SlotParams
+    from engine.server.loop import Inbox, Metrics, Slot, StepLoop
+
+    metrics = Metrics()
+    loop = StepLoop(tiny_model, metrics, capacity=2, warm=[("NATF0", None)])
+    joined, prefills = [], []
+    slot = Slot("NATF0", "Be brief.", SlotParams(SamplingParams(), 1), Inbox(8, metrics), joined.append,
+                lambda pcm, text: None)
+
+    def run():
+        prompts, gen = tiny_model.prompts, tiny_model.gen
+        prompts.state("NATF0", "Be brief.", 0)
+        be, active = BatchEngine(tiny_model, capacity=2), {}
+        loop.join(slot)
+        loop._join_unit_s = 0.050                             # a join takes longer than the slack
+        loop._admit(be, active, time.perf_counter() + 0.010)
+        waiting = be.size
+        kept = dict(prompts._states)
+        prompts._states.clear()                               # the cache dropped the prompt meanwhile
+        real = gen.prompt_steps
+        gen.prompt_steps = lambda *a, **k: (prefills.append(a), real(*a, **k))[1]
+        try:
+            loop._admit(be, active, None)
+        finally:
+            del gen.prompt_steps
+            prompts._states.update(kept)
+        return waiting, be.size
+
+    waiting, size = tiny_model.worker.call(run)
+    assert waiting == 0 and size == 1 and joined == [None] and prefills == []
+
+
 def test_joins_wait_for_slack_but_not_forever(tiny_model):
     """With live sessions, a join is made only when it is expected to end before the next tick
     starts; after `join_max_wait_ticks` ticks without such slack it is made anyway (one per tick)."""

@@ -261,7 +261,8 @@ class StepLoop:
         self._prep_unit_s = 0.005          # running estimate of one unit of prompt work
         self._prep_wait = 0
         self._preparing: list = []         # [(Slot, generator)] in arrival order
-        self._join_next: Slot | None = None   # taken from the queue, waiting for slack
+        # (slot, its prompted state) taken from the queue, waiting for slack to join
+        self._join_next: tuple | None = None
         self._join_unit_s = 0.005          # running estimate of one join (max of the last and the mean)
         self._join_wait = 0
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
@@ -336,8 +337,7 @@ class StepLoop:
             self._preparing = [(s, job) for s, job in self._preparing if not s.left]
         admitted = 0
         while admitted < self.max_joins_per_step:
-            slot = self._join_next
-            if slot is None:
+            if self._join_next is None:
                 try:
                     slot = self._joins.get_nowait()
                 except queue.Empty:
@@ -348,8 +348,16 @@ class StepLoop:
                 if job is not None:
                     self._preparing.append((slot, job))     # a new prompt: prepared in the slack
                     continue
-                self._join_next = slot
-            elif slot.left:
+                # Cached: take the state now (a copy: no model work), so that the cache dropping
+                # this prompt while the slot waits for slack cannot put a whole prefill in a tick.
+                try:
+                    state = self._prompted(slot.voice, slot.text_prompt, slot.params.seed)
+                except Exception as e:  # noqa: BLE001 - reported to that client only
+                    slot.on_joined(e)
+                    continue
+                self._join_next = (slot, state)
+            slot, state = self._join_next
+            if slot.left:
                 self._join_next = None
                 continue
             if until is not None and time.perf_counter() + self._join_unit_s > until:
@@ -358,13 +366,7 @@ class StepLoop:
                     return
             self._join_next, self._join_wait = None, 0
             admitted += 1
-            t0 = time.perf_counter()
-            try:
-                state = self._prompted(slot.voice, slot.text_prompt, slot.params.seed)
-            except Exception as e:  # noqa: BLE001 - reported to that client only
-                slot.on_joined(e)
-                continue
-            self._join(be, active, slot, state, t0)
+            self._join(be, active, slot, state, time.perf_counter())
 
     def _prompted(self, voice, prompt, seed):
         """The model's prompted state, without the solo-step warm-up (the batch never runs the

@@ -550,7 +550,7 @@ def test_compiled_step_equals_eager_step(tiny):
         # After the reset the stream restarts exactly like a fresh one.
         assert rel_err(lat[:, :, 130:], lat_e[:, :, :20]) < 1e-5, md
         assert np.array_equal(codes[:, :, 130:], codes[:, :, :20]), md
-    # The fixed-shape state read in the eager layout (what engine/server/batch.py merges).
+    # The fixed-shape state read in the eager layout (`state.encoder` / `decoder` views).
     e, c = states["eager"], states["compiled"]
     for de, dc in ((e.encoder, c.encoder), (e.decoder, c.decoder)):
         assert set(de) == set(dc) and len(de) > 10
