@@ -391,7 +391,9 @@ def test_frozen_heap_nests():
         outer = gc.get_freeze_count()
         assert outer > before
         keep = [[i] for i in range(1000)]       # new objects: not frozen by the inner use
+        # Other threads may free frozen objects meanwhile (the count can only fall), but the inner
+        # use must neither freeze again (keep's 1000 lists would join) nor unfreeze (0 frozen).
         with frozen_heap():
-            assert gc.get_freeze_count() == outer
-        assert gc.get_freeze_count() == outer
+            assert 0 < gc.get_freeze_count() <= outer
+        assert 0 < gc.get_freeze_count() <= outer
     assert gc.get_freeze_count() == before and len(keep) == 1000
