@@ -24,6 +24,9 @@
 #  the servews stage (the whole websocket path, bench/serve_ws.py) needs aiohttp's cp312 wheels and libopus0's .deb)
 # .ref/moshi is NVIDIA/personaplex's moshi package (git-ignored, exported from a fetched copy) for the
 # PersonaPlex reference frame timing (.device/b/peers_gpu.py = shared/tools/peers_gpu.py).
+# The reference imports sphn (file I/O only, unused here): .device/b/stub/sphn.py is an empty module standing in.
+# The sweep of issue 16: STAGES=sweep SWEEP_SIZES=1,8,16,32,48,64 (add SWEEP_ARGS=--fresh for fresh rows), then
+# bench/plot_sweep.py on the saved rows.
 # Every stage writes JSON lines / logs under $OUT. Ours and the reference run in the same call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
