@@ -139,7 +139,7 @@ class OggOpusWriter:
     Args:
         sample_rate: 8000, 12000, 16000, 24000 or 48000.
         complexity: libopus's speed/quality knob, 0..10 (10 is libopus's default, ~1.4 ms per
-            80 ms of 24 kHz speech on one core; 5 is about half; see docs/performance_serve.md).
+            80 ms of 24 kHz speech on one core; 5 is about half; see docs/benchmarks.md).
         bitrate: bits per second, or None for libopus's choice.
         serial: the Ogg stream serial number.
     """

@@ -260,7 +260,7 @@ class Mimi(nn.Module):
         data-like codebooks, bf16 anywhere on the encoder path flips codes (all of it: 17 % of
         the 8 codes; only the 3 highest-rate SEANet layers: 1.5 %), below the 99 % agreement the
         engine needs, while the decoder's output is continuous (bf16: ~44 dB SNR vs float32).
-        Figures in docs/performance_mimi.md.
+        Figures in docs/benchmarks.md (Mimi).
         """
         return [self.decoder, self.decoder_transformer, self.upsample]
 

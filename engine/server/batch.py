@@ -46,10 +46,12 @@ __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
 FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEngine(fused=...) may use
-# The server's choice (docs/performance_serve.md, fifth pass): on an H100 with 16 sessions the
-# depformer kernel (10 ms of GPU time) gave a 5-minute soak with no miss where the MLX path missed
-# 47 steps on the same machine; the temporal kernel takes 41-46 ms of GPU time at 16 rows (its
-# matrices run on CUDA cores, 16 vectors at a time) against ~28 ms for MLX's graph, so it is opt-in.
+# The server's choice (docs/performance.md, Server): on an H100 with 16 sessions the depformer
+# kernel (10 ms of GPU time) gave a 5-minute soak with no miss where the MLX path missed 47 steps on
+# the same machine. Its cost grows ~0.5 ms per row, though: on an H200 it loses to MLX's graphs from
+# 32 rows on (64 full rows: 110 vs 78 ms a step), so past 16 rows the choice should follow the row
+# count. The temporal kernel takes 41-46 ms of GPU time at 16 rows (its matrices run on CUDA cores,
+# 16 vectors at a time) against ~23-28 ms for MLX's graph, so it is opt-in.
 DEFAULT_FUSED_PARTS = ("depformer",)
 FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "all")
 

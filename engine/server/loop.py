@@ -267,8 +267,9 @@ class StepLoop:
         self._join_wait = 0
         # OpenBLAS threads while the loop runs on the CPU (None: leave as is); see blas_threads.
         self.cpu_blas_threads: int | None = 1
-        # Seconds before each tick that the loop polls instead of sleeping (0: sleep). The step is
-        # host-bound on a GPU; see _wait_until and docs/performance_serve.md.
+        # Seconds before each tick that the loop polls instead of sleeping (0: sleep); see
+        # _wait_until. On an H200 with 16 sessions, polling 2 or 15 ms changed nothing
+        # (docs/performance.md, "The first loop of a process is slower").
         self.spin_s = 0.0
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
