@@ -166,8 +166,45 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
     return out
 
 
+class StepProfile:
+    """cProfile of the loop's steps number `first` .. `first + n - 1` (counted from the first step of
+    this soak), on the thread that runs them: `BatchEngine.step` is wrapped while it is installed."""
+
+    def __init__(self, first: int, n: int):
+        import cProfile
+        self.first, self.n, self.count = first, n, 0
+        self.prof = cProfile.Profile()
+        self._orig = BatchEngine.step
+        orig = self._orig
+
+        def step(be, frames):
+            i = self.count
+            self.count += 1
+            if not self.first <= i < self.first + self.n:
+                return orig(be, frames)
+            self.prof.enable()
+            try:
+                return orig(be, frames)
+            finally:
+                self.prof.disable()
+        BatchEngine.step = step
+
+    def report(self, top: int = 25) -> str:
+        import io
+        import pstats
+        BatchEngine.step = self._orig
+        if self.count <= self.first:
+            return f"profile: the soak ran {self.count} steps, none from step {self.first} on"
+        out = io.StringIO()
+        st = pstats.Stats(self.prof, stream=out)
+        print(f"profile of {min(self.n, max(0, self.count - self.first))} steps (ms per step = tottime / steps)",
+              file=out)
+        st.sort_stats("tottime").print_stats(top)
+        return out.getvalue()
+
+
 def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0,
-         fused=(False, DEFAULT_FUSED_PARTS), period_ms: float = 80.0) -> dict:
+         fused=(False, DEFAULT_FUSED_PARTS), period_ms: float = 80.0, profile_steps: int = 0) -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
@@ -197,6 +234,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
             if time.perf_counter() > deadline:
                 raise TimeoutError("soak: the sessions did not join within 600 s")
     print(f"soak: {sessions} joined, startup {loop.startup}", flush=True)
+    prof = StepProfile(200, profile_steps) if profile_steps else None     # steps 200.. of the live loop
     stop = threading.Event()
     frame = (0.1 * np.random.default_rng(2).standard_normal(FRAME)).astype(np.float32)
 
@@ -213,6 +251,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     # the input counters start with the feeder (the joins take a few ticks, with silence as input).
     metrics.in_underrun_frames = metrics.in_dropped_frames = 0
     host0 = host_counters()
+    mx.reset_peak_memory()                # a step that copies a KV ring instead of updating it in place shows here
     t0 = time.perf_counter()
     feeder.start()
     while (left := t0 + seconds - time.perf_counter()) > 0:     # progress every 30 s
@@ -220,10 +259,13 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
         recent = sorted(list(metrics.step_ms)[-375:]) or [0.0]
         print(f"soak: {time.perf_counter() - t0:.0f} s, {metrics.steps} steps, {metrics.misses} misses, "
               f"last 30 s p50 {recent[len(recent) // 2]:.1f} ms", flush=True)
+    active_gb, peak_gb = mx.get_active_memory() / 1e9, mx.get_peak_memory() / 1e9
     stop.set()
     steps, misses = metrics.steps, metrics.misses
     loop.stop(timeout=60)
     wall = time.perf_counter() - t0
+    if prof is not None:
+        print(prof.report(), flush=True)
     host1 = host_counters()
     ms, cpu = list(metrics.step_ms), list(metrics.step_cpu_ms)
     res = {"sessions": sessions, "spin_ms": spin_ms, "period_ms": period_ms, "seconds": round(wall, 1),
@@ -237,6 +279,8 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
            "miss_steps": list(metrics.miss_steps)[:40],
            "join_ms": [round(v, 1) for v in metrics.join_ms],
            "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 2) if cpu else 0.0,
+           # device memory in use at the end of the run (weights, every session's state) and its peak
+           "active_gb": round(active_gb, 2), "peak_gb": round(peak_gb, 2),
            "host": {k: round(host1[k] - host0.get(k, 0), 2) for k in host1},
            "loadavg": os.getloadavg()[0],
            # (step index, wall ms, loop-thread CPU ms) of the slowest steps
@@ -275,6 +319,15 @@ def main() -> None:
     ap.add_argument("--spin-ms", default="0",
                     help="the loop polls this long before each tick instead of sleeping; a comma list "
                          "runs one soak per value (default 0)")
+    ap.add_argument("--pre-engine", choices=["", "keep", "clear"], default="",
+                    help="before the first soak, build and drop an engine with the soak's KV rows (reserve()), "
+                         "keeping its buffers in MLX's cache (keep) or releasing them (clear)")
+    ap.add_argument("--prompt-first", action="store_true",
+                    help="build the sessions' prompted state before the first soak (a server's --warm prompt) "
+                         "instead of during its rehearsal, after the KV rows")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="cProfile this many steps of each soak (from its 200th step on) and print the "
+                         "functions that took the most time (the profiler slows the steps it times)")
     args = ap.parse_args()
     worker = ModelWorker("bench-serve")
     name = "depformer" if args.fused_depformer else args.fused
@@ -316,9 +369,22 @@ def main() -> None:
     ok = [r["batch"] for r in rows if r["p99_ms"] <= 80.0]
     if rows:
         print(f"sweep: largest batch with p99 <= 80 ms: {max(ok) if ok else 'none'}", flush=True)
+    if args.pre_engine:
+        def pre_engine():
+            be = BatchEngine(model, compiled=args.compiled, capacity=args.soak_sessions or 1,
+                             fused=fused[0], fused_parts=fused[1])
+            be.reserve()
+            del be
+            gc.collect()
+            if args.pre_engine == "clear":
+                mx.clear_cache()
+        worker.call(pre_engine)
+    if args.prompt_first:
+        worker.call(lambda: mx.eval(model.prompts.state(None, None, 0, warm=False).tokens))
     runs = [(float(s), float(p)) for s in args.spin_ms.split(",") for p in args.soak_period_ms.split(",")]
     for spin, period in (runs if args.soak_sessions else []):
-        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin, fused, period)
+        res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin, fused, period,
+                   args.profile_steps)
         verdict = "REAL TIME" if res["misses"] == 0 and res["p99_ms"] <= 80 else "NOT real time"
         if period < 80:
             verdict = "back to back (misses do not apply)"
