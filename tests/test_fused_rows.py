@@ -43,11 +43,14 @@ def _sampling(k):
     return SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.6 + 0.1 * k, top_k_audio=40 * k)
 
 
-def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer")):
+def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer"), dep_max_rows=None):
     """n sessions with different sampling (one greedy), joining over the first steps and one leaving
-    midway; returns per-step (slots, text, agent codes, pcm) and the engine."""
+    midway; returns per-step (slots, text, agent codes, pcm) and the engine. dep_max_rows: the
+    engine's `dep_kernel_max_rows` (fused="auto" only)."""
     from engine.server.batch import BatchEngine, SlotParams
     be = BatchEngine(model, compiled=False, fused=fused, fused_parts=parts)
+    if fused == "auto":
+        be.dep_kernel_max_rows = dep_max_rows
     rng = np.random.default_rng(5)
     frng = np.random.default_rng(force_seed) if force_seed is not None else None
     out = []
@@ -83,6 +86,19 @@ def test_rows_kernel_matches_mlx_depformer_float32():
     assert max(len(s) for s, *_ in got) > 8          # more rows than one chunk of NB = 8
     # the outputs vary (not a degenerate model) and the greedy rows differ from the sampled ones
     assert len({tuple(k[:, 1:9].reshape(-1)) for *_, k, _ in got}) > 5
+    _compare(ref, got)
+
+
+def test_auto_switches_depformer_path_by_row_count_float32():
+    """fused="auto" runs the depformer kernel on steps of up to `dep_kernel_max_rows` rows and MLX's
+    depformer above: as rows join (1 -> 11) and one leaves, the steps cross that line both ways and
+    the tokens stay those of the MLX-only engine."""
+    model = _model()
+    ref, _ = _run(model, False)
+    got, be = _run(model, "auto", parts=("depformer",), dep_max_rows=5)
+    assert be.fused_dep and be.dep_kernel(5) and not be.dep_kernel(6)
+    sizes = [len(s) for s, *_ in got]
+    assert min(sizes) <= 5 < max(sizes)
     _compare(ref, got)
 
 

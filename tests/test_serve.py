@@ -839,6 +839,29 @@ def test_fused_choice_maps_the_cli_names():
         fused_choice("mimi")
 
 
+def test_auto_fused_runs_the_depformer_kernel_on_small_steps_only(tiny_model):
+    """fused="auto" picks the depformer path per step: the kernel up to AUTO_DEP_KERNEL_MAX_ROWS rows,
+    MLX's graphs above; an explicit fused=True keeps the kernel at every row count. (Where there is
+    no kernel, the CPU here, every step runs MLX's graphs; tests/test_fused_rows.py runs the switch
+    on a GPU against the MLX-only engine.)"""
+    from engine.server.batch import AUTO_DEP_KERNEL_MAX_ROWS, BatchEngine
+
+    def run():
+        auto = BatchEngine(tiny_model, fused="auto")
+        assert auto.fused is None and not auto.dep_kernel(1)          # no CUDA here: MLX
+        auto.fused, auto.fused_parts = object(), frozenset({"depformer"})   # as if the kernel were built
+        n = AUTO_DEP_KERNEL_MAX_ROWS
+        assert [auto.dep_kernel(b) for b in (1, n, n + 1, 64)] == [True, True, False, False]
+        explicit = BatchEngine(tiny_model, fused=False)                # fused=True needs CUDA; it keeps
+        assert explicit.dep_kernel_max_rows is None                    # this limit unset, as fused=False
+        explicit.fused, explicit.fused_parts = object(), frozenset({"depformer"})
+        assert explicit.dep_kernel(64)
+        explicit.fused_parts = frozenset({"temporal"})
+        assert not explicit.dep_kernel(1)
+
+    tiny_model.worker.call(run)
+
+
 def test_loop_failure_at_startup_is_reported(tiny_model):
     """A loop that cannot start (here: the CUDA-only batched kernels asked for on the CPU) ends
     at once with `failure` set and `running` false (what /healthz reports), not silently."""

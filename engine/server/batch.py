@@ -46,13 +46,16 @@ __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
 FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEngine(fused=...) may use
-# The server's choice (docs/performance.md, Server): on an H100 with 16 sessions the depformer
-# kernel (10 ms of GPU time) gave a 5-minute soak with no miss where the MLX path missed 47 steps on
-# the same machine. Its cost grows ~0.5 ms per row, though: on an H200 it loses to MLX's graphs from
-# 32 rows on (64 full rows: 110 vs 78 ms a step), so past 16 rows the choice should follow the row
-# count. The temporal kernel takes 41-46 ms of GPU time at 16 rows (its matrices run on CUDA cores,
-# 16 vectors at a time) against ~23-28 ms for MLX's graph, so it is opt-in.
+# The server's choice (docs/performance.md, Server): the depformer kernel is one launch for all
+# rows, but its cost grows ~0.5 ms per row; MLX's depformer graphs cost more at few rows and less at
+# many. H200 sweep, step p50 in ms, kernel vs MLX: 8 rows 30.2 / 33.7 (fresh 34.1 / 35.5), 16 rows
+# 39.5 / 38.6 (fresh 46.5 / 43.8), 32 rows 63.8 / 57.9, 64 rows 110.0 / 78.3. So "auto" runs the
+# kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows (the crossovers interpolate to 11-14) and
+# MLX's graphs above; an explicit choice (True) runs the kernel at every row count. The temporal
+# kernel takes 41-46 ms of GPU time at 16 rows (its matrices run on CUDA cores, 16 vectors at a
+# time) against ~23-28 ms for MLX's graph, so it is opt-in.
 DEFAULT_FUSED_PARTS = ("depformer",)
+AUTO_DEP_KERNEL_MAX_ROWS = 12
 FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "all")
 
 
@@ -170,6 +173,8 @@ class BatchEngine:
             raise ConfigError(f"fused_parts={tuple(fused_parts)!r}: choose from {FUSED_PARTS}")
         self.fused = None
         self.fused_parts = frozenset()
+        # steps of more rows than this run MLX's depformer graphs even where the kernel is on
+        self.dep_kernel_max_rows = AUTO_DEP_KERNEL_MAX_ROWS if fused == "auto" else None
         if fused is not False:
             fe = self.gen.fused_engine() if fused == "auto" else _fused_engine_or_raise(self.gen)
             if fe is not None:
@@ -196,6 +201,10 @@ class BatchEngine:
     @property
     def fused_dep(self) -> bool:
         return self.fused is not None and "depformer" in self.fused_parts
+
+    def dep_kernel(self, b: int) -> bool:
+        """Whether a step of b rows runs the depformer kernel (else MLX's depformer graphs)."""
+        return self.fused_dep and (self.dep_kernel_max_rows is None or b <= self.dep_kernel_max_rows)
 
     def reserve(self, progress=None) -> None:
         """Allocate the KV rows of `capacity` sessions (and build their kernels) now; compiled:
@@ -235,7 +244,7 @@ class BatchEngine:
                 h, logits, *kv, _, _ = fn(x[:, None], *kv, pos, mx.full((b,), off, mx.int32))
                 self.k, self.v = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
-            if not self.fused_dep:
+            if not self.dep_kernel(b):
                 for s in range(c.dep_q):
                     _, dkv = self._depformer(s, h, prev, dkv)
             mx.eval([a for a in (logits, h) if a is not None], dkv, self.k, self.v)
@@ -441,7 +450,7 @@ class BatchEngine:
             h, logits, _ = self.fused.temporal_rows(x, self.pos, self.offset, self.k, self.v)
             self.pos, self.offset = advance_rows(self.pos, self.offset, C)
             self.off_host += 1
-            if not self.fused_dep:                    # the MLX depformer's traced shapes: padded rows, model dtype
+            if not self.dep_kernel(B):                # the MLX depformer's traced shapes: padded rows, model dtype
                 h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
             return h, logits
         step = self.width_step
@@ -511,7 +520,7 @@ class BatchEngine:
 
         prev = pick(0, text)
         new_col = [prev]
-        if self.fused_dep:
+        if self.dep_kernel(self.size):
             toks = self._fused_depformer(h, prev, prov, target, site, n_steps)
             new_col.extend(toks[:, s] for s in range(n_steps))
         else:
