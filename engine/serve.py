@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "before serving; fewer kernel launches on a GPU, ~25%% less CPU time on the tiny "
                         "model). Default on; --no-compile runs them op by op")
     p.add_argument("--fused", default="auto", choices=("auto", "off", "depformer", "temporal", "all"),
-                   help="batched CUDA kernels: auto (default) = the depformer of all sessions as one kernel "
-                        "where MLX runs on CUDA, the MLX path elsewhere; off = MLX only; depformer / "
-                        "temporal / all = those kernels (CUDA only; the temporal one is slower at 16 "
+                   help="batched CUDA kernels: auto (default) = where MLX runs on CUDA, the depformer of all "
+                        "sessions as one kernel on ticks of up to 12 sessions and MLX's graphs above (faster "
+                        "there), the MLX path elsewhere; off = MLX only; depformer / temporal / all = those "
+                        "kernels at every session count (CUDA only; the temporal one is slower at 16 "
                         "sessions, see docs/performance.md)")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
