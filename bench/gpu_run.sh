@@ -14,9 +14,10 @@
 #           the PTX cache restored in call 1, or the soak's startup alone takes ~220 s)
 #   before a GPU session: `python bench/cuda_check.py` here (nvcc, no GPU) catches compile errors and register
 #           counts that would not launch, without spending device time
-#   batched fused kernels (the depformer one is the server's default on CUDA): STAGES="rows rprobe"
+#   batched fused kernels (the depformer one is the server's default on CUDA up to 16 rows): STAGES="rows rprobe"
 #           (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py [RPROBE_ARGS=--temporal]: launch shapes and
-#           time per batch size); STAGES=soak runs --fused auto, SOAK_ARGS="--fused off" the MLX path;
+#           time per batch size); STAGES=soak runs --fused auto (above 16 sessions that is MLX's depformer too:
+#           SOAK_ARGS="--fused depformer" for the kernel at every size), SOAK_ARGS="--fused off" the MLX path;
 #           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default depformer) and without the kernels
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame

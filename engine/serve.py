@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model). Default on; --no-compile runs them op by op")
     p.add_argument("--fused", default="auto", choices=("auto", "off", "depformer", "temporal", "all"),
                    help="batched CUDA kernels: auto (default) = where MLX runs on CUDA, the depformer of all "
-                        "sessions as one kernel on ticks of up to 12 sessions and MLX's graphs above (faster "
+                        "sessions as one kernel on ticks of up to 16 sessions and MLX's graphs above (faster "
                         "there), the MLX path elsewhere; off = MLX only; depformer / temporal / all = those "
                         "kernels at every session count (CUDA only; the temporal one is slower at 16 "
                         "sessions, see docs/performance.md)")

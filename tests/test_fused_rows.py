@@ -43,10 +43,11 @@ def _sampling(k):
     return SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.6 + 0.1 * k, top_k_audio=40 * k)
 
 
-def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer"), dep_max_rows=None):
+def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer"), dep_max_rows=None,
+         leaves=None):
     """n sessions with different sampling (one greedy), joining over the first steps and one leaving
-    midway; returns per-step (slots, text, agent codes, pcm) and the engine. dep_max_rows: the
-    engine's `dep_kernel_max_rows` (fused="auto" only)."""
+    midway (`leaves`: {step: [slots]} instead); returns per-step (slots, text, agent codes, pcm) and
+    the engine. dep_max_rows: the engine's `dep_kernel_max_rows` (fused="auto" only)."""
     from engine.server.batch import BatchEngine, SlotParams
     be = BatchEngine(model, compiled=False, fused=fused, fused_parts=parts)
     if fused == "auto":
@@ -58,8 +59,8 @@ def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depforme
         for i in range(n):
             if t == i // 3:
                 be.join(i, model.prompts.state(None, None, 100 + i, warm=False), SlotParams(_sampling(i % 6), 100 + i))
-        if t == T // 2:
-            be.leave(4)
+        for slot in (leaves or {T // 2: [4]}).get(t, []):
+            be.leave(slot)
         if frng is not None:    # force random agent codebooks of random rows (both engines alike)
             col = be.phase % be.ct
             mask = frng.random((be.size, be.n_cb)) < 0.3
@@ -91,14 +92,30 @@ def test_rows_kernel_matches_mlx_depformer_float32():
 
 def test_auto_switches_depformer_path_by_row_count_float32():
     """fused="auto" runs the depformer kernel on steps of up to `dep_kernel_max_rows` rows and MLX's
-    depformer above: as rows join (1 -> 11) and one leaves, the steps cross that line both ways and
-    the tokens stay those of the MLX-only engine."""
+    depformer above. Rows: 3, 6, 9, then 11; one leaves at step 8 and eight at step 10 (2 rows
+    left), so with the line at 5 the steps cross it both ways. Exactly the steps of at most 5 rows call
+    the kernel, and the tokens stay those of the MLX-only engine."""
     model = _model()
-    ref, _ = _run(model, False)
-    got, be = _run(model, "auto", parts=("depformer",), dep_max_rows=5)
+    leaves = {8: [4], 10: [0, 1, 2, 3, 5, 6, 7, 8]}
+    ref, _ = _run(model, False, leaves=leaves)
+    from engine.models.fused import FusedLM
+    calls = {"n": 0}
+    orig = FusedLM.depformer_rows
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return orig(self, *a, **kw)
+
+    FusedLM.depformer_rows = counted
+    try:
+        got, be = _run(model, "auto", parts=("depformer",), dep_max_rows=5, leaves=leaves)
+    finally:
+        FusedLM.depformer_rows = orig
     assert be.fused_dep and be.dep_kernel(5) and not be.dep_kernel(6)
     sizes = [len(s) for s, *_ in got]
-    assert min(sizes) <= 5 < max(sizes)
+    small = [n <= 5 for n in sizes]
+    assert small[0] and not all(small) and small[-1]         # kernel, then MLX, then the kernel again
+    assert calls["n"] == sum(small)
     _compare(ref, got)
 
 

@@ -337,12 +337,11 @@ class _RowsContract:
         return mx.stack(out, axis=1), None
 
 
-def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
-    """BatchEngine with the batched fused kernels (here their contracts in MLX), each alone and both,
-    gives the tokens of the MLX path: 7 rows with different sampling (greedy, top-k), joins, a leave,
-    random agent codebooks forced, and full rings that wrap. On the CPU the real kernels are
-    unavailable: fused=True says so."""
-    from engine.errors import EngineError
+def _contract_run(tiny_model, parts, limit=None, leaves=(2,)):
+    """8 steps of 7 rows with different sampling (greedy, top-k) joining over the first 4, `leaves`
+    leaving before step 5, random agent codebooks forced, and from step 6 full rings that wrap;
+    `parts`: the kernels, as their MLX stand-in (`_RowsContract`), with the engine's
+    `dep_kernel_max_rows` = limit. Worker thread. Returns per step (slots, text, token ring), engine."""
     from engine.server.batch import BatchEngine, SlotParams
     from engine.models.gen import SamplingParams
 
@@ -350,25 +349,41 @@ def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
         return (SamplingParams(greedy=True) if i % 4 == 0 else
                 SamplingParams(temp_text=0.9, top_k_text=5, temp_audio=0.6 + 0.1 * i, top_k_audio=30 * i))
 
-    def run(parts):
-        be = BatchEngine(tiny_model)
-        if parts:
-            be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
-        rng, frng = np.random.default_rng(5), np.random.default_rng(7)
-        out = []
-        for t in range(8):
-            for i in range(7):
-                if t == i // 2:
-                    be.join(i, tiny_model.prompts.state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
-            if t == 5:
-                be.leave(2)
-            if t == 6:                   # long sessions: every ring full, the newest slot wraps around
-                be.set_offsets(2 * be.lm.config.context - 3 + np.arange(be.size))
-            col = be.phase % be.ct
-            be.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
-            pcm, text = be.step((0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32))
-            out.append((list(be.slots), text.tolist(), np.array(be.tokens)))
-        return out, be
+    be = BatchEngine(tiny_model)
+    if parts:
+        be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
+        be.dep_kernel_max_rows = limit
+    rng, frng = np.random.default_rng(5), np.random.default_rng(7)
+    out = []
+    for t in range(8):
+        for i in range(7):
+            if t == i // 2:
+                be.join(i, tiny_model.prompts.state("NATF0", None, 100 + i), SlotParams(sampling(i), 100 + i))
+        if t == 5:
+            for slot in leaves:
+                be.leave(slot)
+        if t == 6:                   # long sessions: every ring full, the newest slot wraps around
+            be.set_offsets(2 * be.lm.config.context - 3 + np.arange(be.size))
+        col = be.phase % be.ct
+        be.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
+        pcm, text = be.step((0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32))
+        out.append((list(be.slots), text.tolist(), np.array(be.tokens)))
+    return out, be
+
+
+def _same_tokens(ref, got, what):
+    for t, (a, b) in enumerate(zip(ref, got)):
+        assert a[0] == b[0] and a[1] == b[1], f"{what} step {t}: text differs"
+        np.testing.assert_array_equal(a[2], b[2], err_msg=f"{what} step {t}: token rings differ")
+
+
+def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
+    """BatchEngine with the batched fused kernels (here their contracts in MLX), each alone and both,
+    gives the tokens of the MLX path: 7 rows with different sampling (greedy, top-k), joins, a leave,
+    random agent codebooks forced, and full rings that wrap. On the CPU the real kernels are
+    unavailable: fused=True says so."""
+    from engine.errors import EngineError
+    from engine.server.batch import BatchEngine
 
     def all_runs():
         with pytest.raises(EngineError, match="CUDA"):
@@ -378,15 +393,39 @@ def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
         with pytest.raises(EngineError, match="fused_parts"):
             BatchEngine(tiny_model, fused="auto", fused_parts=("mimi",))
         assert BatchEngine(tiny_model, fused="auto").fused is None       # CPU: the MLX path
-        return [run(p) for p in ((), ("depformer",), ("temporal",), ("temporal", "depformer"))]
+        return [_contract_run(tiny_model, p) for p in ((), ("depformer",), ("temporal",), ("temporal", "depformer"))]
 
     (ref, _), *fused = tiny_model.worker.call(all_runs)
     for parts, (got, be) in zip((("depformer",), ("temporal",), ("temporal", "depformer")), fused):
         assert (be.fused.calls, be.fused.tcalls) == (8 * ("depformer" in parts), 8 * ("temporal" in parts))
         assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
-        for t, (a, b) in enumerate(zip(ref, got)):
-            assert a[0] == b[0] and a[1] == b[1], f"{parts} step {t}: text differs"
-            np.testing.assert_array_equal(a[2], b[2], err_msg=f"{parts} step {t}: token rings differ")
+        _same_tokens(ref, got, parts)
+
+
+def test_auto_fused_switches_the_depformer_path_by_row_count(tiny_model):
+    """fused="auto" runs the depformer kernel on steps of up to `dep_kernel_max_rows` rows and MLX's
+    depformer above. Rows 2, 4, 6, 7, 7, then 4 leave: 3, 3, 3, so with the line at 4 the steps
+    cross it both ways, with the temporal kernel's h (float32, unpadded) feeding either path. Every
+    step of at most 4 rows calls the kernel (its stand-in here) and no other does, and the tokens
+    are the MLX-only engine's."""
+    from engine.server.batch import AUTO_DEP_KERNEL_MAX_ROWS, BatchEngine
+    leaves = (0, 1, 2, 3)
+
+    def runs():
+        auto = BatchEngine(tiny_model, fused="auto")
+        assert auto.dep_kernel_max_rows == AUTO_DEP_KERNEL_MAX_ROWS == 16
+        assert BatchEngine(tiny_model, fused=False).dep_kernel_max_rows is None   # as fused=True
+        return (_contract_run(tiny_model, (), leaves=leaves),
+                _contract_run(tiny_model, ("temporal", "depformer"), limit=4, leaves=leaves))
+
+    (ref, _), (got, be) = tiny_model.worker.call(runs)
+    sizes = [len(slots) for slots, *_ in got]
+    assert sizes == [2, 4, 6, 7, 7, 3, 3, 3]
+    assert be.fused.calls == sum(n <= 4 for n in sizes) == 5 and be.fused.tcalls == 8
+    assert [be.dep_kernel(n) for n in (1, 4, 5, 64)] == [True, True, False, False]
+    be.dep_kernel_max_rows = None                                     # explicit fused=True: every size
+    assert be.dep_kernel(64)
+    _same_tokens(ref, got, "auto")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -837,29 +876,6 @@ def test_fused_choice_maps_the_cli_names():
     assert tuple(fused_opt.choices) == FUSED_CHOICES and fused_opt.default == "auto"
     with pytest.raises(EngineError, match="choose one of auto"):
         fused_choice("mimi")
-
-
-def test_auto_fused_runs_the_depformer_kernel_on_small_steps_only(tiny_model):
-    """fused="auto" picks the depformer path per step: the kernel up to AUTO_DEP_KERNEL_MAX_ROWS rows,
-    MLX's graphs above; an explicit fused=True keeps the kernel at every row count. (Where there is
-    no kernel, the CPU here, every step runs MLX's graphs; tests/test_fused_rows.py runs the switch
-    on a GPU against the MLX-only engine.)"""
-    from engine.server.batch import AUTO_DEP_KERNEL_MAX_ROWS, BatchEngine
-
-    def run():
-        auto = BatchEngine(tiny_model, fused="auto")
-        assert auto.fused is None and not auto.dep_kernel(1)          # no CUDA here: MLX
-        auto.fused, auto.fused_parts = object(), frozenset({"depformer"})   # as if the kernel were built
-        n = AUTO_DEP_KERNEL_MAX_ROWS
-        assert [auto.dep_kernel(b) for b in (1, n, n + 1, 64)] == [True, True, False, False]
-        explicit = BatchEngine(tiny_model, fused=False)                # fused=True needs CUDA; it keeps
-        assert explicit.dep_kernel_max_rows is None                    # this limit unset, as fused=False
-        explicit.fused, explicit.fused_parts = object(), frozenset({"depformer"})
-        assert explicit.dep_kernel(64)
-        explicit.fused_parts = frozenset({"temporal"})
-        assert not explicit.dep_kernel(1)
-
-    tiny_model.worker.call(run)
 
 
 def test_loop_failure_at_startup_is_reported(tiny_model):

@@ -49,20 +49,24 @@ FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEng
 # The server's choice (docs/performance.md, Server): the depformer kernel is one launch for all
 # rows, but its cost grows ~0.5 ms per row; MLX's depformer graphs cost more at few rows and less at
 # many. H200 sweep, step p50 in ms, kernel vs MLX: 8 rows 30.2 / 33.7 (fresh 34.1 / 35.5), 16 rows
-# 39.5 / 38.6 (fresh 46.5 / 43.8), 32 rows 63.8 / 57.9, 64 rows 110.0 / 78.3. So "auto" runs the
-# kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows (the crossovers interpolate to 11-14) and
-# MLX's graphs above; an explicit choice (True) runs the kernel at every row count. The temporal
-# kernel takes 41-46 ms of GPU time at 16 rows (its matrices run on CUDA cores, 16 vectors at a
-# time) against ~23-28 ms for MLX's graph, so it is opt-in.
+# 39.5 / 38.6 (fresh 46.5 / 43.8), 32 rows 63.8 / 57.9, 64 rows 110.0 / 78.3; paced, 32 fresh
+# sessions missed 726 of 752 ticks with the kernel and 1 with MLX. At 16 the sweep ties, and the one
+# paced comparison there (H100, 5 minutes) favoured the kernel: 0 misses against MLX's 47, in a few
+# slow seconds of the host (GPU time does not grow when the host slows down). So "auto" runs the
+# kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows and MLX's graphs above; an explicit choice
+# (True) runs the kernel at every row count. The temporal kernel takes 41-46 ms of GPU time at 16
+# rows (its matrices run on CUDA cores, 16 vectors at a time) against ~23-28 ms for MLX's graph, so
+# it is opt-in.
 DEFAULT_FUSED_PARTS = ("depformer",)
-AUTO_DEP_KERNEL_MAX_ROWS = 12
+AUTO_DEP_KERNEL_MAX_ROWS = 16
 FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "all")
 
 
 def fused_choice(name: str) -> tuple:
     """`engine.serve --fused NAME` -> (BatchEngine fused=, fused_parts=). auto: the default kernels
-    where MLX runs on CUDA, the MLX path elsewhere; off: MLX; depformer / temporal / all: those
-    kernels, an error where they cannot run."""
+    where MLX runs on CUDA (the depformer kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows),
+    the MLX path elsewhere; off: MLX; depformer / temporal / all: those kernels at every row count,
+    an error where they cannot run."""
     if name == "off":
         return False, DEFAULT_FUSED_PARTS
     if name == "auto":
