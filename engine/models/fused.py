@@ -202,10 +202,16 @@ class FusedLM:
         s = mx.stack([m.scales for m in mods]) if q else self._dummy
         b = mx.stack([m.biases for m in mods]) if q else self._dummy
         mx.eval(w, s, b)
+        views = []
         for i, m in enumerate(mods):
             m.weight = w[i]
             if q:
                 m.scales, m.biases = s[i], b[i]
+            views += [m.weight, m.scales, m.biases] if q else [m.weight]
+        # Evaluated here, once: a view left lazy keeps its slice op, and every MLX graph that reads
+        # the module (compiled or not) would run that slice again on every call. At 32 rows of the
+        # server's MLX depformer that cost 20 ms of host time per tick (docs/performance.md).
+        mx.eval(views)
         return w, s, b
 
     @staticmethod

@@ -269,7 +269,7 @@ class StepLoop:
         self.cpu_blas_threads: int | None = 1
         # Seconds before each tick that the loop polls instead of sleeping (0: sleep); see
         # _wait_until. On an H200 with 16 sessions, polling 2 or 15 ms changed nothing
-        # (docs/performance.md, "The first loop of a process is slower").
+        # (docs/gpu/2026-12-04c-h200-soak-order.txt).
         self.spin_s = 0.0
         self.metrics = metrics or Metrics()
         self.frame_seconds = frame_seconds
