@@ -53,6 +53,9 @@ KERNELS = {
                          ("bi_", T), ("wd", U), ("sd", T), ("bd", T), ("n1", T), ("n2", T), ("onorm", T),
                          ("wt", T), ("st", T), ("bt", T), ("fp", F)],
                       [("h", F), ("logits", F), ("scratch", F)]),
+    "ring_attn_part": (dict(H=32, HD=128, C=3000, CH=256, NT=256),
+                       [("q", T), ("k", T), ("v", T), ("pos", I), ("sc", F)], [("part", F)]),
+    "ring_attn_combine": (dict(HD=128, NCK=12), [("part", F)], [("o", T)]),
 }
 
 

@@ -19,6 +19,7 @@
 #           time per batch size); STAGES=soak runs --fused auto (above 16 sessions that is MLX's depformer too:
 #           SOAK_ARGS="--fused depformer" for the kernel at every size), SOAK_ARGS="--fused off" the MLX path;
 #           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default depformer) and without the kernels
+#   ring attention kernels against MLX's attention, one layer: STAGES=rattn (bench/ring_attn.py [RATTN_ARGS])
 #   fused Mimi encoder: STAGES="fmimi" (tests/test_fused_mimi.py + bench/fused_mimi.py)
 #   fused LM step: STAGES="fused" (tests/test_fused.py on the GPU + bench/fused_step.py); "ref duplex" for the frame
 # (libspeexdsp1's .deb from `apt-get download libspeexdsp1` goes into .whl too: the duplex stage unpacks it;
@@ -54,6 +55,7 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
     duplex)  dpkg -x .whl/libspeexdsp1_*.deb /tmp/spx && export LD_LIBRARY_PATH=/tmp/spx/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
              timeout $T python3 bench/duplex.py --model random:personaplex --quantize 4 --device gpu --seconds ${DUPLEX_S:-600} ${DUPLEX_ARGS:-} --json "$OUT/duplex.jsonl" ;;
     rprobe)  timeout 280 python3 bench/rows_probe.py --device gpu --config personaplex --quantize 4 ${RPROBE_ARGS:-} ;;
+    rattn)   timeout 200 python3 bench/ring_attn.py ${RATTN_ARGS:-} --json "$OUT/ring_attn.jsonl" ;;
     rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
     sweep)   for f in "--fused ${SWEEP_FUSED:-depformer}" "--fused off"; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;

@@ -1,8 +1,9 @@
 """Tick time against rows: a markdown table and an SVG plot from `bench/serve.py` sweep output.
 
-    python bench/plot_sweep.py docs/gpu/2026-12-04b-h200-solo-sweep.txt --svg docs/sweep-h200.svg
+    python bench/plot_sweep.py docs/gpu/2026-12-04b-h200-solo-sweep.txt docs/gpu/2026-12-04f-h200-ring-attention.txt \
+        --svg docs/sweep-h200.svg
 
-The input is a text file holding sweep rows (the JSON lines `bench/serve.py` prints, one per batch
+Each input is a text file holding sweep rows (the JSON lines `bench/serve.py` prints, one per batch
 size), each series introduced by a line `## sweep: LABEL`; other lines are ignored. The plot draws
 every series' p50 (p99 as a thin band), the 80 ms deadline, and vllm-omni's published lockstep figures
 for comparison (its issue #7389: B=8 32.6 ms, B=16 45.0 ms, B=32 70.2 ms; GPU not stated there).
@@ -107,11 +108,15 @@ def svg(series, title: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="text file with '## sweep: LABEL' lines and bench/serve.py JSON rows")
+    ap.add_argument("paths", nargs="+", help="text files with '## sweep: LABEL' lines and bench/serve.py JSON rows "
+                                             "(series in file order)")
     ap.add_argument("--svg", help="write the plot here")
     ap.add_argument("--title", default="Batched tick on one H200, 7B shapes, 4-bit (bench/serve.py)")
     args = ap.parse_args()
-    series = read_series(args.path)
+    series = {}
+    for path in args.paths:
+        for label, rows in read_series(path).items():
+            series.setdefault(label, {}).update(rows)
     print(table(series))
     if args.svg:
         with open(args.svg, "w") as f:

@@ -305,8 +305,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="mx.compile the temporal and depformer steps")
     ap.add_argument("--fused", default="auto", choices=FUSED_CHOICES,
                     help="batched CUDA kernels, as engine.serve --fused: auto (default: on CUDA the depformer "
-                         "kernel on steps of up to 16 rows, MLX's depformer above; MLX elsewhere), off (MLX "
-                         "only), depformer, temporal, all (those kernels at every row count)")
+                         "kernel on steps of up to 16 rows, MLX's depformer above, and the ring attention "
+                         "kernels; MLX elsewhere), off (MLX only), depformer, temporal, attention, all (those "
+                         "kernels at every row count)")
     ap.add_argument("--fused-depformer", action="store_true", help="the same as --fused depformer")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")

@@ -70,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mx.compile the batched steps (one graph per batch size, traced and rehearsed "
                         "before serving; fewer kernel launches on a GPU, ~25%% less CPU time on the tiny "
                         "model). Default on; --no-compile runs them op by op")
-    p.add_argument("--fused", default="auto", choices=("auto", "off", "depformer", "temporal", "all"),
+    p.add_argument("--fused", default="auto",
+                   choices=("auto", "off", "depformer", "temporal", "attention", "all"),
                    help="batched CUDA kernels: auto (default) = where MLX runs on CUDA, the depformer of all "
                         "sessions as one kernel on ticks of up to 16 sessions and MLX's graphs above (faster "
-                        "there), the MLX path elsewhere; off = MLX only; depformer / temporal / all = those "
-                        "kernels at every session count (CUDA only; the temporal one is slower at 16 "
-                        "sessions, see docs/performance.md)")
+                        "there), and the attention over each session's KV ring as kernels that read its "
+                        "stored slots only; the MLX path elsewhere; off = MLX only; depformer / temporal / "
+                        "attention / all = those kernels at every session count (CUDA only; the temporal one "
+                        "is slower at 16 sessions, see docs/performance.md)")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")

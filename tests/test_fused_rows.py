@@ -1,6 +1,6 @@
 """The batched server's fused kernels (FusedLM.temporal_rows / depformer_rows, cuda/temporal_rows.cu and
-depformer_rows.cu) against the MLX temporal step and depformer loop they replace in
-engine.server.batch.BatchEngine.
+depformer_rows.cu; the ring attention kernels, engine/models/ring_attn.py) against the MLX temporal
+step, depformer loop and attention they replace in engine.server.batch.BatchEngine.
 
 GPU only (MLX CUDA backend): `python -m pytest -m gpu tests/test_fused_rows.py`, or
 `python3 tests/test_fused_rows.py` on the device where pytest is missing. In float32 both paths
@@ -261,6 +261,72 @@ def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
     assert not fz.FusedLM.barrier_error(scr)
     assert h.shape == (3, c.dim) and lg.shape == (3, c.text_out) and np.isfinite(np.array(lg)).all()
 
+
+def test_ring_attention_kernels_match_mlx_attention_float32():
+    """engine/models/ring_attn.py against MLX's attention masked to the stored slots: rows filled to
+    different depths (1 slot, a chunk's edges, all but one, full), one ring with holes anywhere (a
+    wrapped ring whose slots were written out of order), spare rows past B that must not be read;
+    the tiny model's head_dim (32) and the 7B's (128), chunks of 64 and 256 slots; eager and inside
+    mx.compile."""
+    from engine.models.ring_attn import chunk_slots, ring_attention
+    rng = np.random.default_rng(0)
+    C = 3000
+    for hd, H in ((32, 3), (128, 24)):          # chunks of 64 and of 256 slots
+        fills = [1, 5, 63, 64, 65, 255, 256, 257, 1000, C - 1, C]
+        B = len(fills)
+        assert chunk_slots(B, H) == (64 if H == 3 else 256)
+        k, v = (mx.array(rng.standard_normal((B + 2, H, C, hd)).astype(np.float32)) for _ in range(2))
+        q = mx.array(rng.standard_normal((B, H, 1, hd)).astype(np.float32))
+        pos = np.full((B, C), -1, np.int32)
+        for b, n in enumerate(fills):
+            pos[b, :n] = np.arange(n)
+        pos[2] = -1
+        pos[2, rng.choice(C, C // 3, replace=False)] = 9
+        pos = mx.array(pos)
+        scale = hd ** -0.5
+        ref = mx.fast.scaled_dot_product_attention(q, k[:B], v[:B], scale=scale, mask=(pos >= 0)[:, None, None, :])
+        got = ring_attention(q, k, v, pos, scale)
+        comp = mx.compile(lambda *a: ring_attention(*a, scale))(q, k, v, pos)
+        assert got.shape == ref.shape and got.dtype == mx.float32
+        for out in (got, comp):
+            np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
+        # a row attending to one slot returns that slot's value exactly
+        np.testing.assert_allclose(np.array(got[0, :, 0]), np.array(v[0, :, 0]), rtol=1e-6, atol=1e-6)
+
+
+def test_ring_attention_engine_matches_mlx_float32():
+    """The server's step with the ring attention kernels (fused_parts=("attention",)) against MLX's
+    masked attention: the same tokens and PCM for 11 sessions joining and one leaving; then, from one
+    state, rows whose rings wrap (positions near 2 x context): the same h and text logits."""
+    import engine.models.lm as lm_mod
+    model = _model()
+    ref, _ = _run(model, False)
+    calls = {"n": 0}
+    orig = lm_mod.ring_attention
+
+    def counted(*a):
+        calls["n"] += 1
+        return orig(*a)
+
+    lm_mod.ring_attention = counted
+    try:
+        got, be = _run(model, True, parts=("attention",))
+    finally:
+        lm_mod.ring_attention = orig
+    assert be.ring_attn and be.fused is None
+    assert calls["n"] == len(got) * model.lm.config.num_layers      # every step, every layer
+    _compare(ref, got)
+    c = model.lm.config
+    B = be.size
+    be.set_offsets(2 * c.context - 3 + np.arange(B))
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
+        kv = [a[:B] * 1 for a in be.k + be.v]
+        h_ref, lg_ref, *_ = model.lm._temporal(x[:, None], *kv, be.pos, be.offset, flags=model.lm.row_flags())
+        h, lg = be._temporal(x)
+        np.testing.assert_allclose(np.array(h[:B]), np.array(h_ref[:B]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=1e-4, atol=1e-3)
 
 if __name__ == "__main__":
     mx.set_default_device(mx.gpu)

@@ -337,11 +337,11 @@ class _RowsContract:
         return mx.stack(out, axis=1), None
 
 
-def _contract_run(tiny_model, parts, limit=None, leaves=(2,)):
+def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False):
     """8 steps of 7 rows with different sampling (greedy, top-k) joining over the first 4, `leaves`
     leaving before step 5, random agent codebooks forced, and from step 6 full rings that wrap;
     `parts`: the kernels, as their MLX stand-in (`_RowsContract`), with the engine's
-    `dep_kernel_max_rows` = limit. Worker thread. Returns per step (slots, text, token ring), engine."""
+    `dep_kernel_max_rows` = limit; `ring`: the ring attention path. Worker thread. Returns per step (slots, text, token ring), engine."""
     from engine.server.batch import BatchEngine, SlotParams
     from engine.models.gen import SamplingParams
 
@@ -353,6 +353,7 @@ def _contract_run(tiny_model, parts, limit=None, leaves=(2,)):
     if parts:
         be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
         be.dep_kernel_max_rows = limit
+    be.ring_attn = ring            # ring: the attention kernels' path (the caller stands in for them)
     rng, frng = np.random.default_rng(5), np.random.default_rng(7)
     out = []
     for t in range(8):
@@ -375,6 +376,40 @@ def _same_tokens(ref, got, what):
     for t, (a, b) in enumerate(zip(ref, got)):
         assert a[0] == b[0] and a[1] == b[1], f"{what} step {t}: text differs"
         np.testing.assert_array_equal(a[2], b[2], err_msg=f"{what} step {t}: token rings differ")
+
+
+def test_ring_attention_path_gives_the_mlx_paths_tokens(tiny_model, monkeypatch):
+    """The server's step with the ring attention kernels (engine/models/ring_attn.py, CUDA only; here
+    an MLX stand-in of their contract: attend to the slots whose position is stored) gives the MLX
+    path's tokens: rows joining fresh (their only stored slot is this step's, so the kernels must get
+    the positions after this step's write), a leave, forced codebooks, full rings that wrap. One
+    graph serves fresh and full rings (no width buckets, no full-ring variant). On the CPU the
+    kernels are unavailable: asking for them says so, and "auto" runs MLX's attention."""
+    import mlx.core as mx
+    import engine.models.lm as lm_mod
+    from engine.errors import EngineError
+    from engine.server.batch import BatchEngine
+    calls = []
+
+    def stand_in(q, k, v, pos, scale):
+        calls.append(q.shape[0])
+        B = q.shape[0]
+        return mx.fast.scaled_dot_product_attention(q, k[:B], v[:B], scale=scale, mask=(pos >= 0)[:, None, None, :])
+
+    monkeypatch.setattr(lm_mod, "ring_attention", stand_in)
+
+    def runs():
+        with pytest.raises(EngineError, match="CUDA"):
+            BatchEngine(tiny_model, fused=True, fused_parts=("attention",))
+        assert not BatchEngine(tiny_model, fused="auto").ring_attn
+        return _contract_run(tiny_model, ()), _contract_run(tiny_model, (), ring=True)
+
+    (ref, be_ref), (got, be) = tiny_model.worker.call(runs)
+    _same_tokens(ref, got, "ring attention")
+    assert len(calls) == 8 * tiny_model.lm.config.num_layers
+    assert {k[0] for k in be._temporal_fns} == {tiny_model.lm.config.context}     # one width
+    assert {k[2] for k in be._temporal_fns} == {False}                            # no full-ring variant
+    assert len({k[0] for k in be_ref._temporal_fns}) > 1 or len({k[2] for k in be_ref._temporal_fns}) > 1
 
 
 def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import ConfigError, CorruptCheckpoint, ModelNotFound
 from . import quant
+from .ring_attn import ring_attention
 
 _PERSONAPLEX_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
 
@@ -582,22 +583,28 @@ class LM(nn.Module):
     def temporal_flags(self, T: int, step: int) -> tuple:
         """Static (host-known) facts about a chunk of T positions starting at absolute `step` in
         every row, which pick the cheapest exact graph (the key of a compiled temporal graph):
-        (write, dense, width, rows, full). write "slice": the chunk's ring slots do not wrap, so
-        keys go in with one slice update, "scatter" otherwise; dense: quantized matmuls as
-        dequantize + dense matmul. A single step (T=1) always gets the same flags, so a compiled
+        (write, dense, width, rows, full, attn). write "slice": the chunk's ring slots do not wrap,
+        so keys go in with one slice update, "scatter" otherwise; dense: quantized matmuls as
+        dequantize + dense matmul; attn "mlx" (see `row_flags`). A single step (T=1) always gets the same flags, so a compiled
         live step is traced once (no retrace when the ring fills up mid-conversation)."""
         C = self.config.context
         write = "slice" if (step % C) + T <= C else "scatter"
         rows = self.dense_prefill_rows
         dense = rows is not None and self.quant_plan is not None and T >= rows
-        return write, dense, None, None, False
+        return write, dense, None, None, False, "mlx"
 
-    def row_flags(self, width: int | None = None, rows: int | None = None, full: bool = False) -> tuple:
+    def row_flags(self, width: int | None = None, rows: int | None = None, full: bool = False,
+                  attn: str = "mlx") -> tuple:
         """Flags of one step (T=1) of rows at different positions (a slot manager's batch): each
         row writes its own ring slot. width: attend over the first `width` ring slots only (every
         row's later slots are empty; None: all); rows: run the linear layers on this many rows
-        (zero padded, >= B; None: B); full: every row's ring is full, so no mask."""
-        return "rows", False, width, rows, full
+        (zero padded, >= B; None: B); full: every row's ring is full, so no mask. attn "mlx":
+        MLX's attention over the ring (masked unless full); "ring": the CUDA kernels of
+        engine/models/ring_attn.py, which read each row's stored slots only (width and full
+        change nothing there: pass None / False, so one graph serves every ring state)."""
+        if attn not in ("mlx", "ring"):
+            raise ConfigError(f"attn={attn!r}: choose 'mlx' or 'ring'")
+        return "rows", False, width, rows, full, attn
 
     def take_temporal_state(self, out, cache: LmCache, T: int):
         """Store a `_temporal` result's state in `cache` -> (h (R, dim), text_logits (B*T, text_out))."""
@@ -608,7 +615,7 @@ class LM(nn.Module):
         cache.steps = cache.steps + T
         return h, logits
 
-    def _temporal(self, x, *state, flags=("slice", False, None, None, False)):
+    def _temporal(self, x, *state, flags=("slice", False, None, None, False, "mlx")):
         """The temporal transformer as a pure function: x (B, T, dim), state = LmCache.arrays()
         -> (h (R, dim), text_logits (B*T, text_out), *keys, *values, pos, offset + T), where
         R = rows (flags) or B*T: activations are 2-D, so every linear layer is ONE matrix
@@ -616,7 +623,7 @@ class LM(nn.Module):
         the whole weight)."""
         c = self.config
         L = c.num_layers
-        write, dense, width, rows, full = flags
+        write, dense, width, rows, full, attn = flags
         keys, values, pos, offset = state[:L], state[L:2 * L], state[2 * L], state[2 * L + 1]
         B, T, D = x.shape
         H, hd, C = c.num_heads, c.head_dim, c.context
@@ -652,7 +659,9 @@ class LM(nn.Module):
                 def put(cache_arr, new):
                     return _scatter(cache_arr, slots, new, axis=2)
             rope_offset = o.reshape(())
-        if full:
+        if attn == "ring" and T != 1:
+            raise ConfigError("the ring attention kernels take one query per row (T=1)")
+        if full or attn == "ring":
             mask = None                           # every slot holds one of the last C positions
         elif T == 1:
             mask = (pos >= 0)[:, None, None, :width]   # a stored position is <= t and > t - C
@@ -674,10 +683,13 @@ class LM(nn.Module):
             k_cache, v_cache = put(k_cache, k), put(v_cache, v)
             new_k.append(k_cache)
             new_v.append(v_cache)
-            kw, vw = k_cache, v_cache
-            if R > B or (width is not None and width < C):
-                kw, vw = kw[:B, :, :width], vw[:B, :, :width]
-            a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
+            if attn == "ring":            # reads rows < B, stored slots only (pos is this step's)
+                a = ring_attention(q, k_cache, v_cache, pos, scale)
+            else:
+                kw, vw = k_cache, v_cache
+                if R > B or (width is not None and width < C):
+                    kw, vw = kw[:B, :, :width], vw[:B, :, :width]
+                a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
             a = a.reshape(N, D) if T == 1 else a.transpose(0, 2, 1, 3).reshape(N, D)
             x = x + layer.self_attn.out_proj(_pad_rows(a, rows), dense)
             x = x + layer.gating.linear_out(_silu_gate(layer.gating.linear_in(layer.norm2(x), dense)), dense)

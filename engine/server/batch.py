@@ -9,7 +9,9 @@ How rows that started at different times share one step:
 - Temporal transformer and depformer: the model's own step (`LM._temporal` with `LM.row_flags`,
   `LM._depformer`), the same code a single conversation runs: the LmCache layout is per row
   (per-row RoPE offsets, a per-row slot-position table for the KV ring mask, new keys written at
-  each row's own slot), so rows that joined at different times share one forward.
+  each row's own slot), so rows that joined at different times share one forward. On CUDA its
+  attention runs as the ring kernels (`row_flags(attn="ring")`), which read that table and skip the
+  empty slots, so one graph serves fresh and full rings.
 - Token ring: a joining slot's ring (from `LmGen.run_prompts`, B=1) is rotated so that its column
   for "now" matches the batch's shared phase; every row then reads and writes the same columns.
   The provided flags are kept per row (a freshly prompted row still forces the last prompt
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
-FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEngine(fused=...) may use
+FUSED_PARTS = ("temporal", "depformer", "attention")   # the CUDA kernels BatchEngine(fused=...) may use
 # The server's choice (docs/performance.md, Server): the depformer kernel is one launch for all
 # rows, but its cost grows ~0.5 ms per row; MLX's depformer graphs cost more at few rows and less at
 # many. H200 sweep, step p50 in ms, kernel vs MLX: 8 rows 30.2 / 33.7 (fresh 34.1 / 35.5), 16 rows
@@ -56,17 +58,21 @@ FUSED_PARTS = ("temporal", "depformer")      # the batched CUDA kernels BatchEng
 # kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows and MLX's graphs above; an explicit choice
 # (True) runs the kernel at every row count. The temporal kernel takes 41-46 ms of GPU time at 16
 # rows (its matrices run on CUDA cores, 16 vectors at a time) against ~23-28 ms for MLX's graph, so
-# it is opt-in.
-DEFAULT_FUSED_PARTS = ("depformer",)
+# it is opt-in. The ring attention kernels (engine/models/ring_attn.py) read each row's stored slots
+# only, at ~3.8-3.9 TB/s on full rings against MLX's ~2.75 (one layer, 32-64 rows): with them the
+# H200 step at 32 / 64 full rows took 52.6-54.9 / 69.6-73.4 ms against 58.6 / 82.7, at 32 / 64
+# fresh rows 40.9-45.4 / 50.2-59.1 against 66.5 / 97.8 (two machines; docs/performance.md), so
+# "auto" runs them at every row count.
+DEFAULT_FUSED_PARTS = ("depformer", "attention")
 AUTO_DEP_KERNEL_MAX_ROWS = 16
-FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "all")
+FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "attention", "all")
 
 
 def fused_choice(name: str) -> tuple:
     """`engine.serve --fused NAME` -> (BatchEngine fused=, fused_parts=). auto: the default kernels
-    where MLX runs on CUDA (the depformer kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows),
-    the MLX path elsewhere; off: MLX; depformer / temporal / all: those kernels at every row count,
-    an error where they cannot run."""
+    where MLX runs on CUDA (the depformer kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows, the
+    ring attention kernels at every row count), the MLX path elsewhere; off: MLX; depformer /
+    temporal / attention / all: those kernels at every row count, an error where they cannot run."""
     if name == "off":
         return False, DEFAULT_FUSED_PARTS
     if name == "auto":
@@ -177,9 +183,22 @@ class BatchEngine:
             raise ConfigError(f"fused_parts={tuple(fused_parts)!r}: choose from {FUSED_PARTS}")
         self.fused = None
         self.fused_parts = frozenset()
+        # The temporal step's attention as the ring kernels (engine/models/ring_attn.py: each row's
+        # stored slots only, one graph for fresh and full rings) instead of MLX's masked attention.
+        self.ring_attn = False
+        if fused is not False and "attention" in fused_parts:
+            from ..models import ring_attn
+            import os
+            why = ring_attn.unsupported(c.head_dim, self.lm.dtype)
+            if why is None and fused == "auto" and os.environ.get("PERSONAPLEX_FUSED", "1") == "0":
+                why = "the fused kernels are turned off (PERSONAPLEX_FUSED=0)"
+            if why is not None and fused is True:
+                from ..models.fused import FusedUnavailable
+                raise FusedUnavailable(why)
+            self.ring_attn = why is None
         # steps of more rows than this run MLX's depformer graphs even where the kernel is on
         self.dep_kernel_max_rows = AUTO_DEP_KERNEL_MAX_ROWS if fused == "auto" else None
-        if fused is not False:
+        if fused is not False and set(fused_parts) & {"depformer", "temporal"}:
             fe = self.gen.fused_engine() if fused == "auto" else _fused_engine_or_raise(self.gen)
             if fe is not None:
                 from ..models.fused import FusedUnavailable
@@ -188,7 +207,7 @@ class BatchEngine:
                         fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
                     if "temporal" in fused_parts:
                         fe.prepare_temporal_rows()
-                    self.fused, self.fused_parts = fe, frozenset(fused_parts)
+                    self.fused, self.fused_parts = fe, frozenset(fused_parts) - {"attention"}
                 except FusedUnavailable as e:
                     if fused is True:
                         raise
@@ -232,7 +251,9 @@ class BatchEngine:
         x = mx.zeros((b, c.dim), self.lm.dtype)
         rows = self._rows(b)
         variants = [(C, 0), (C, C)]                       # (width, offset): fresh and full rings
-        if self.width_step:
+        if self.ring_attn:                                # one graph for both
+            variants = [(C, 0)]
+        elif self.width_step:
             variants += [(w, 0) for w in range(self.width_step, C, self.width_step)]
         if self.fused_temporal:                           # one kernel, nothing to trace
             variants = [None]
@@ -458,8 +479,11 @@ class BatchEngine:
                 h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
             return h, logits
         step = self.width_step
-        width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
-        fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
+        if self.ring_attn:
+            fn = self._temporal_fn(C, self._rows(x.shape[0]), False)
+        else:
+            width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
+            fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
         # The caches are passed in and replaced by the outputs: no other reference to the old
         # arrays survives this call, so the per-row scatter updates them in place (donation).
         kv = self.k + self.v
@@ -475,7 +499,8 @@ class BatchEngine:
         attention width, row count and ring state: fn(x (B, 1, D), *keys, *values, pos, offset)."""
         fn = self._temporal_fns.get((width, rows, full))
         if fn is None:
-            fn = functools.partial(self.lm._temporal, flags=self.lm.row_flags(width, rows, full))
+            flags = self.lm.row_flags(width, rows, full, "ring" if self.ring_attn else "mlx")
+            fn = functools.partial(self.lm._temporal, flags=flags)
             fn = self._temporal_fns[(width, rows, full)] = mx.compile(fn) if self.compiled else fn
         return fn
 

@@ -255,7 +255,7 @@ def test_temporal_graph_variants_agree():
     assert lm.temporal_flags(3, 2)[0] == "slice" and lm.temporal_flags(1, 6)[0] == "slice"
     cache = lm.make_cache(1)
     lm.temporal(x[:, :2], cache)
-    outs = [lm._temporal(x[:, 2:5], *cache.arrays(), flags=(f, False, None, None, False)) for f in ("slice", "scatter")]
+    outs = [lm._temporal(x[:, 2:5], *cache.arrays(), flags=(f, False, None, None, False, "mlx")) for f in ("slice", "scatter")]
     for a, b in zip(outs[0], outs[1]):
         assert np.array_equal(np.array(a), np.array(b))
 
