@@ -45,7 +45,7 @@ SILENCE_FRAMES = 6       # int(0.5 s * 12.5 Hz), as the reference server/offline
 _PREFILL_CHUNK = 64      # temporal prefill chunk (steps)
 _CHUNK_SLOW_S = 0.05     # a prefill chunk faster than this is never judged slow (timer noise)
 
-__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen", "PromptCache",
+__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen", "PromptCache", "frame_walk",
            "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
 
 
@@ -171,6 +171,51 @@ def _as_codes(x, name: str, batch: int, n: int, card: int) -> mx.array:
     if a.size and (a.min() < 0 or a.max() >= card):
         raise ConfigError(f"{name} has values outside 0..{card - 1} (min {a.min()}, max {a.max()})")
     return mx.array(a.astype(np.int32))
+
+
+def frame_walk(h: mx.array, text_logits: mx.array, target: mx.array, prov: np.ndarray, n_steps: int,
+               sites: mx.array, sp, depformer=None, depformer_all=None, after_text=None) -> list:
+    """The tokens of one frame after the temporal step: the text token, then the depformer's walk
+    over the codebooks, each step conditioned on the previous stream's token (the provided one
+    where the caller forced it). The one eager spelling of the walk: `LmGen._step` (a state's rows)
+    and the server's `BatchEngine` (rows at their own positions, each with its own parameters and
+    key) both run it; `_step_graph` and `_fused_graph` are its compiled and fused batch-1 forms.
+
+    h (R, dim) temporal output (R >= B: padding rows), text_logits (B, text_out), target (B,
+    streams) the target column as it stands (forced tokens where provided), prov (streams,) for
+    every row or (B, streams) per row, host bool; n_steps depformer steps; sites the sub-keys of
+    `split_keys` ((1 + dep_q, 2) shared or (B, 1 + dep_q, 2) per row); sp the sampling parameters
+    (`SamplingParams`, or anything with its fields as per-row arrays). depformer(s, h, prev) ->
+    logits (B, card), the caller keeping the step's KV; or depformer_all(text) -> tokens (B,
+    n_steps) with the forced tokens in place (a kernel that walks every step at once).
+    after_text(h, text): called once the text token is sampled (a probe). -> the new target
+    column: one (B,) token array per stream."""
+    B, S = target.shape
+    prov = np.broadcast_to(prov, (B, S))
+
+    def pick(k, sampled):
+        if prov[:, k].all():
+            return target[:, k]
+        if not prov[:, k].any():
+            return sampled
+        return mx.where(mx.array(prov[:, k]), target[:, k], sampled)
+
+    text = sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy, site_key(sites, 0)).astype(mx.int32)
+    if after_text is not None:
+        after_text(h, text)
+    prev = pick(0, text)
+    col = [prev]
+    if depformer_all is not None:
+        toks = depformer_all(prev)
+        col.extend(toks[:, s] for s in range(n_steps))
+    else:
+        for s in range(n_steps):
+            logits = depformer(s, h, prev)
+            tok = sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, site_key(sites, 1 + s)).astype(mx.int32)
+            prev = pick(s + 1, tok)
+            col.append(prev)
+    col.extend(target[:, k] for k in range(n_steps + 1, S))
+    return col
 
 
 def _step_graph(lm, sp: SamplingParams, prov: tuple, n_steps: int, flags: tuple, emit: bool,
@@ -439,25 +484,20 @@ class LmGen:
             self.stats_hook("text_logits", text_logits)
 
         state.key, keys = split_keys(state.key, 1 + c.dep_q)
-        sp = self.sampling
-        sampled_text = sample(text_logits, sp.temp_text, sp.top_k_text, sp.greedy,
-                              site_key(keys, 0)).astype(mx.int32)
-        if probe is not None:
-            mx.eval(h, sampled_text)
-            probe("temporal")
-
-        n_steps = self._live_steps(prov)
-        prev = target[:, 0] if prov[0] else sampled_text
         dc = self.lm.make_depformer_cache()
-        new_col = [target[:, 0] if prov[0] else sampled_text]
-        for s in range(n_steps):
+
+        def depformer(s, h, prev):
             logits = self.lm.depformer_step(s, h, prev, dc)
             if self.stats_hook is not None and s < self.n_cb:
                 self.stats_hook("audio_logits", logits)
-            tok = sample(logits, sp.temp_audio, sp.top_k_audio, sp.greedy, site_key(keys, 1 + s)).astype(mx.int32)
-            prev = target[:, s + 1] if prov[s + 1] else tok
-            new_col.append(prev)
-        new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
+            return logits
+
+        def after_text(h, text):
+            mx.eval(h, text)
+            probe("temporal")
+
+        new_col = frame_walk(h, text_logits, target, prov, self._live_steps(prov), keys, self.sampling,
+                             depformer, after_text=None if probe is None else after_text)
         if probe is not None:
             mx.eval(new_col)
             probe("depformer")
@@ -469,20 +509,27 @@ class LmGen:
             state.offset += 1
             mx.async_eval(state.tokens, state.key)
             return None
-        idx = [(o - self.max_delay + d) % ct for d in self.delays]
-        out = state.tokens[:, mx.arange(self.num_streams), mx.array(idx)]  # (B, streams)
+        out = self.delayed(state.tokens, o)                                 # (B, streams)
         state.offset += 1
         res = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
         mx.async_eval(state.tokens, state.key, res.text, res.agent_codes, res.user_codes)
         return res
 
     def _live_steps(self, prov) -> int:
+        """Depformer steps of a frame whose provided target streams are `prov` ((streams,), or
+        (B, streams) per row: a step is skipped only where every row provides its stream)."""
         n_steps = self.config.dep_q
         if self.depformer_mode == "live":
             # Steps that predict provided streams beyond the agent's codebooks cannot affect anything.
-            while n_steps > self.n_cb and prov[n_steps]:
+            while n_steps > self.n_cb and np.asarray(prov)[..., n_steps].all():
                 n_steps -= 1
         return n_steps
+
+    def delayed(self, tokens: mx.array, offset: int) -> mx.array:
+        """The undelayed frame of call `offset` from the ring: stream k read at column
+        (offset - max_delay + delay_k) % CT -> (B, streams)."""
+        idx = [(offset - self.max_delay + d) % self.ct for d in self.delays]
+        return tokens[:, mx.arange(self.num_streams), mx.array(idx)]
 
     def _compiled_step(self, state: GenState, prov: np.ndarray, in_col: int) -> StepOutput | None:
         """`_step` after `_prepare` as one compiled graph. Static (part of the trace key): the

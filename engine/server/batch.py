@@ -38,7 +38,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
-from ..models.gen import GenState, SamplingParams
+from ..models.gen import GenState, SamplingParams, frame_walk
 from ..models.lm import _pad_rows, advance_rows
 from ..models.sampling import gumbel, sample, site_key, split_keys
 
@@ -82,6 +82,17 @@ def fused_choice(name: str) -> tuple:
     if name in FUSED_PARTS:
         return True, (name,)
     raise ConfigError(f"fused={name!r}: choose one of {', '.join(FUSED_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class _RowSampling:
+    """`SamplingParams`' fields as per-row arrays (B,), in row order."""
+
+    temp_text: np.ndarray
+    top_k_text: np.ndarray
+    temp_audio: np.ndarray
+    top_k_audio: np.ndarray
+    greedy: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -533,41 +544,30 @@ class BatchEngine:
         h, text_logits = self._temporal(x)
 
         self.keys, site = split_keys(self.keys, 1 + c.dep_q)                # site (B, 1+dep_q, 2)
-        text = sample(text_logits, self.temp_text, self.top_k_text, self.greedy,
-                      site_key(site, 0)).astype(mx.int32)
-        n_steps = c.dep_q
-        if gen.depformer_mode == "live":
-            while n_steps > self.n_cb and prov[:, n_steps].all():
-                n_steps -= 1
+        n_steps = gen._live_steps(prov)
+        kv: list = []
 
-        def pick(k, sampled):
-            if prov[:, k].all():
-                return target[:, k]
-            if not prov[:, k].any():
-                return sampled
-            return mx.where(mx.array(prov[:, k]), target[:, k], sampled)
+        def depformer(s, h, prev):
+            nonlocal kv
+            logits, kv = self._depformer(s, h, prev, kv)
+            return logits
 
-        prev = pick(0, text)
-        new_col = [prev]
-        if self.dep_kernel(self.size):
-            toks = self._fused_depformer(h, prev, prov, target, site, n_steps)
-            new_col.extend(toks[:, s] for s in range(n_steps))
-        else:
-            kv: list = []
-            for s in range(n_steps):
-                logits, kv = self._depformer(s, h, prev, kv)
-                tok = sample(logits, self.temp_audio, self.top_k_audio, self.greedy,
-                             site_key(site, 1 + s)).astype(mx.int32)
-                prev = pick(s + 1, tok)
-                new_col.append(prev)
-        new_col.extend(target[:, k] for k in range(n_steps + 1, self.num_streams))
+        def depformer_all(text):
+            return self._fused_depformer(h, text, prov, target, site, n_steps)
+
+        kernel = self.dep_kernel(self.size)
+        new_col = frame_walk(h, text_logits, target, prov, n_steps, site, self._sampling(),
+                             None if kernel else depformer, depformer_all if kernel else None)
         self.provided[:, :, in_col] = False
         tokens = gen._put(tokens, mx.stack(new_col, axis=1), 0, tgt_col)
-        idx = [(P - self.max_delay + d) % ct for d in gen.delays]
-        out = tokens[:, mx.arange(self.num_streams), mx.array(idx)]
+        out = gen.delayed(tokens, P)
         self.tokens = tokens
         self.phase += 1
         return out[:, 0], out[:, 1:1 + self.n_cb]
+
+    def _sampling(self) -> "_RowSampling":
+        """The rows' sampling parameters, each field a (B,) array (what `frame_walk` reads)."""
+        return _RowSampling(self.temp_text, self.top_k_text, self.temp_audio, self.top_k_audio, self.greedy)
 
     def _fused_depformer(self, h: mx.array, text: mx.array, prov: np.ndarray, target: mx.array,
                          site: mx.array, n_steps: int) -> mx.array:
