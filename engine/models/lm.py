@@ -585,8 +585,9 @@ class LM(nn.Module):
         every row, which pick the cheapest exact graph (the key of a compiled temporal graph):
         (write, dense, width, rows, full, attn). write "slice": the chunk's ring slots do not wrap,
         so keys go in with one slice update, "scatter" otherwise; dense: quantized matmuls as
-        dequantize + dense matmul; attn "mlx" (see `row_flags`). A single step (T=1) always gets the same flags, so a compiled
-        live step is traced once (no retrace when the ring fills up mid-conversation)."""
+        dequantize + dense matmul; attn "mlx" (see `row_flags`). A single step (T=1) always gets
+        the same flags, so a compiled live step is traced once (no retrace when the ring fills up
+        mid-conversation)."""
         C = self.config.context
         write = "slice" if (step % C) + T <= C else "scatter"
         rows = self.dense_prefill_rows

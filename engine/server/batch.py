@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -199,7 +200,6 @@ class BatchEngine:
         self.ring_attn = False
         if fused is not False and "attention" in fused_parts:
             from ..models import ring_attn
-            import os
             why = ring_attn.unsupported(c.head_dim, self.lm.dtype)
             if why is None and fused == "auto" and os.environ.get("PERSONAPLEX_FUSED", "1") == "0":
                 why = "the fused kernels are turned off (PERSONAPLEX_FUSED=0)"
@@ -489,10 +489,10 @@ class BatchEngine:
             if not self.dep_kernel(B):                # the MLX depformer's traced shapes: padded rows, model dtype
                 h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
             return h, logits
-        step = self.width_step
         if self.ring_attn:
             fn = self._temporal_fn(C, self._rows(x.shape[0]), False)
         else:
+            step = self.width_step
             width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
             fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
         # The caches are passed in and replaced by the outputs: no other reference to the old
