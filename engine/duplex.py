@@ -13,7 +13,8 @@ what the user said, one `  you: ...` line per utterance (cut where the VAD hears
 the health line is the status line below them; piped or redirected, a health line `-- ...` is
 printed every 5 s instead. It reads: audio time | step time p50/p99 | mic and speaker buffer fill
 | the counters that are not zero: miss (deadline misses), underrun (samples of silence played),
-overflow (mic samples lost), drop (input frames dropped by the deadline policy). A summary follows
+overflow (mic samples lost), drop (input frames dropped by the deadline policy), restart (audio
+device streams that died on a host API error and were reopened). A summary follows
 on stderr when the run ends (Ctrl-C, --seconds, or the end of --in-wav).
 
 Input files may have any sample rate and channel count: they are downmixed and resampled to

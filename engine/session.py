@@ -483,6 +483,7 @@ class SessionStats:
     playback_fill: int = 0
     capture_overflow: int = 0
     playback_underrun: int = 0
+    device_restarts: int = 0   # audio device streams that died (host API error) and were reopened
     samples_in: int = 0
     samples_out: int = 0
     clipped_samples: int = 0
@@ -498,10 +499,11 @@ class SessionStats:
     def health_line(self) -> str:
         """One short line: step time p50/p99, mic and speaker buffer fill, then the counters that are
         not zero: deadline misses, playback underrun samples, capture overflow samples, dropped input
-        frames ("no misses, no losses" when all are zero)."""
+        frames, audio streams reopened ("no misses, no losses" when all are zero)."""
         issues = [f"{name} {n}" for name, n in (
             ("miss", self.deadline_misses), ("underrun", self.playback_underrun),
-            ("overflow", self.capture_overflow), ("drop", self.dropped_input_frames)) if n]
+            ("overflow", self.capture_overflow), ("drop", self.dropped_input_frames),
+            ("restart", self.device_restarts)) if n]
         return (f"step {self.step_ms_p50:.1f}/{self.step_ms_p99:.1f} ms | mic "
                 f"{self.capture_fill / SAMPLE_RATE * 1e3:.0f} out {self.playback_fill / SAMPLE_RATE * 1e3:.0f} ms"
                 f" | {' '.join(issues) or 'no misses, no losses'}")
@@ -681,6 +683,7 @@ class DuplexSession:
         if self.device is not None:
             s.playback_fill = self.device.play_ring.available_read
             s.playback_underrun = self.device.play_ring.underrun_count
+            s.device_restarts = int(self.device.stream.counters.get("stream_restarts", 0))
         s.events_dropped = self._events_dropped
         proc = getattr(self, "processor", None)
         if proc is not None:

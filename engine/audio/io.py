@@ -13,8 +13,16 @@ locks, no logging, no MLX. PortAudio status flags are ORed into `counters["statu
 counted per flag.
 
 Devices that cannot run at 24 kHz are opened at their own rate: the callbacks then talk to
-device-rate rings, and a pump thread (outside the callback) resamples between those and the
+device-rate rings, and the service thread (outside the callback) resamples between those and the
 caller's 24 kHz rings.
+
+A stream can die under a running conversation: the host API's callback thread gives up on an error
+(seen with PortAudio's ALSA host API over PulseAudio: `PaAlsaStream_WaitForFrames` fails and the
+stream goes inactive; also a device unplugged). The service thread notices a started stream that
+is no longer active, closes it and opens it again on the same device and rings, and counts it
+(`counters["stream_restarts"]`, failed attempts in `restart_failures`, the last reason in
+`last_error`); the audio of the gap is not captured (the mic) or played late (the playback ring
+keeps its samples).
 """
 from __future__ import annotations
 
@@ -207,10 +215,12 @@ class AudioStreams:
         self.blocksize, self.sample_rate = int(blocksize), int(sample_rate)
         self.capture_ring, self.playback_ring = capture_ring, playback_ring
         self._pa = _new_pyaudio()
-        self._streams = []
-        self._pump = None
+        self._streams = []           # [(want_in, want_out, stream)]
+        self._service = None
+        self._control = _threading.Lock()   # start / stop / close against the service thread's reopen
         self._running = False
         self._closed = False
+        self.restart_backoff = 0.05  # seconds between tries to reopen a dead stream (doubles to 2 s)
         try:
             devices = _devices(self._pa)
             self.input_device = _pick(devices, input_device, "input") if capture_ring is not None else None
@@ -276,6 +286,9 @@ class AudioStreams:
         return native
 
     def _reset_counters(self) -> None:
+        self._restarts = 0
+        self._restart_failures = 0
+        self.last_error = None
         self._callbacks = 0
         self._frames_in = 0
         self._frames_out = 0
@@ -337,7 +350,6 @@ class AudioStreams:
         return callback
 
     def _open(self) -> None:
-        pa = self._pyaudio
         ind, outd = self.input_device, self.output_device
         # One duplex stream when both directions share a host API: one clock, a fixed in/out offset.
         if ind is not None and outd is not None and ind.host_api == outd.host_api:
@@ -345,57 +357,69 @@ class AudioStreams:
         else:
             plan = [p for p in ((ind is not None, False), (False, outd is not None)) if any(p)]
         for want_in, want_out in plan:
-            dev = ind if want_in else outd
-            # Keep a reference to the callback on self: PyAudio holds it, but we call nothing else.
-            cb = self._make_callback(want_in, want_out)
             try:
-                with _quiet_stderr():
-                    s = self._pa.open(format=pa.paFloat32, channels=1, rate=self.device_rate,
-                                      input=want_in, output=want_out,
-                                      input_device_index=ind.index if want_in else None,
-                                      output_device_index=outd.index if want_out else None,
-                                      frames_per_buffer=self.device_blocksize, stream_callback=cb,
-                                      start=False)
-            except (OSError, ValueError) as e:
-                for s in self._streams:
+                s = self._open_one(want_in, want_out)
+            except AudioDeviceError:
+                for *_, s in self._streams:
                     s.close()
                 self._streams = []
-                raise self._err("could not open the audio stream", dev, self.device_rate, str(e)) from e
-            self._streams.append(s)
+                raise
+            self._streams.append((want_in, want_out, s))
+
+    def _open_one(self, want_in: bool, want_out: bool):
+        """One PortAudio stream (not started) for these directions, on this object's devices, rate,
+        blocksize and rings."""
+        pa = self._pyaudio
+        ind, outd = self.input_device, self.output_device
+        # PyAudio keeps the callback alive; nothing else is called on it.
+        cb = self._make_callback(want_in, want_out)
+        try:
+            with _quiet_stderr():
+                return self._pa.open(format=pa.paFloat32, channels=1, rate=self.device_rate,
+                                     input=want_in, output=want_out,
+                                     input_device_index=ind.index if want_in else None,
+                                     output_device_index=outd.index if want_out else None,
+                                     frames_per_buffer=self.device_blocksize, stream_callback=cb,
+                                     start=False)
+        except (OSError, ValueError) as e:
+            raise self._err("could not open the audio stream", ind if want_in else outd, self.device_rate,
+                            str(e)) from e
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._closed:
-            raise AudioDeviceError("the audio streams are closed")
-        if self._running:
-            return
-        self._running = True
-        if self.resampling:
-            self._pump = _threading.Thread(target=self._pump_loop, name="audio-resample-pump", daemon=True)
-            self._pump.start()
-        for s in self._streams:
-            s.start_stream()
+        with self._control:
+            if self._closed:
+                raise AudioDeviceError("the audio streams are closed")
+            if self._running:
+                return
+            self._running = True
+            for *_, s in self._streams:
+                s.start_stream()
+        self._service = _threading.Thread(target=self._service_loop, name="audio-service", daemon=True)
+        self._service.start()
 
     def stop(self) -> None:
-        if not self._running:
-            return
-        self._running = False
-        for s in self._streams:
-            if s.is_active():
-                s.stop_stream()
-        if self._pump is not None:
-            self._pump.join()
-            self._pump = None
+        with self._control:
+            if not self._running:
+                return
+            self._running = False
+            for *_, s in self._streams:
+                if s.is_active():
+                    s.stop_stream()
+        if self._service is not None:
+            self._service.join()
+            self._service = None
 
     def close(self) -> None:
         if self._closed:
             return
         self.stop()
-        for s in self._streams:
-            s.close()
-        self._streams = []
-        self._pa.terminate()
-        self._closed = True
+        with self._control:
+            for *_, s in self._streams:
+                s.close()
+            self._streams = []
+            self._pa.terminate()
+            self._closed = True
 
     def __enter__(self):
         self.start()
@@ -412,9 +436,42 @@ class AudioStreams:
 
     @property
     def active(self) -> bool:
-        return self._running and any(s.is_active() for s in self._streams)
+        return self._running and any(s.is_active() for *_, s in self._streams)
 
-    # -- resampling pump (only when the device runs at another rate) ----------------------------
+    # -- the service thread: resampling pump, dead-stream watchdog ------------------------------
+    def reopen_dead_streams(self) -> int:
+        """Close and reopen (started) every stream that should run but is no longer active ->
+        how many were reopened. Called by the service thread; on failure the reason is kept in
+        `last_error`, counted in `restart_failures`, and the next call tries again."""
+        done = 0
+        with self._control:
+            if not self._running:
+                return 0
+            for i, (want_in, want_out, s) in enumerate(self._streams):
+                with _contextlib.suppress(OSError):
+                    if s.is_active():
+                        continue
+                with _contextlib.suppress(Exception):     # a stream the host API already tore down
+                    s.close()
+                try:
+                    s = self._open_one(want_in, want_out)
+                    try:
+                        s.start_stream()
+                    except OSError:
+                        s.close()
+                        raise
+                except (AudioDeviceError, OSError) as e:
+                    self._restart_failures += 1
+                    self.last_error = str(e)
+                    # Keep a placeholder that reads as dead so the next pass retries.
+                    self._streams[i] = (want_in, want_out, _DeadStream())
+                    continue
+                self._streams[i] = (want_in, want_out, s)
+                self._restarts += 1
+                self.last_error = "a stream stopped on its own (host API error) and was reopened"
+                done += 1
+        return done
+
     def pump(self) -> None:
         """Move and resample whatever is pending between the device-rate and 24 kHz rings."""
         if not self.resampling:
@@ -432,10 +489,21 @@ class AudioStreams:
                 if take:
                     self._dev_playback.write(self._rs_out.process(self.playback_ring.read(take)))
 
-    def _pump_loop(self) -> None:
-        period = max(0.002, self.device_blocksize / self.device_rate / 4)
+    def _service_loop(self) -> None:
+        period = max(0.002, self.device_blocksize / self.device_rate / 4) if self.resampling else 0.02
+        check_every = max(1, round(0.02 / period))     # look for dead streams about every 20 ms
+        wait, n = 0.0, 0
         while self._running:
             self.pump()
+            n += 1
+            if n % check_every == 0 and _time.monotonic() >= wait:
+                failures = self._restart_failures
+                self.reopen_dead_streams()
+                if self._restart_failures > failures:     # back off while the device is gone
+                    self.restart_backoff = min(2.0, self.restart_backoff * 2)
+                    wait = _time.monotonic() + self.restart_backoff
+                else:
+                    self.restart_backoff = 0.05
             _time.sleep(period)
 
     # -- reporting -----------------------------------------------------------------------------
@@ -446,7 +514,7 @@ class AudioStreams:
         if self.resampling:
             extra = self._rs_in.half_width / self.device_rate + self._rs_out.half_width / self.sample_rate
         lat = {"input": 0.0, "output": 0.0}
-        for s in self._streams:
+        for *_, s in self._streams:
             with _contextlib.suppress(Exception):
                 lat["input"] = max(lat["input"], s.get_input_latency())
             with _contextlib.suppress(Exception):
@@ -457,10 +525,12 @@ class AudioStreams:
 
     @property
     def counters(self) -> dict:
-        """callbacks, device frames in/out, per-flag PortAudio status counts, ORed status_flags, and
-        the rings' capture overflow / playback underrun in samples (device-rate rings when resampling)."""
+        """callbacks, device frames in/out, per-flag PortAudio status counts, ORed status_flags,
+        stream_restarts / restart_failures (dead streams reopened / failed tries), and the rings'
+        capture overflow / playback underrun in samples (device-rate rings when resampling)."""
         c = {"callbacks": self._callbacks, "frames_in": self._frames_in, "frames_out": self._frames_out,
-             "status_flags": self._status_flags, **self._flag_counts}
+             "status_flags": self._status_flags, **self._flag_counts,
+             "stream_restarts": self._restarts, "restart_failures": self._restart_failures}
         c["capture_overflow_samples"] = self._dev_capture.overflow_count if self._dev_capture is not None else 0
         c["playback_underrun_samples"] = (self._dev_playback.underrun_count
                                           if self._dev_playback is not None else 0)
@@ -471,6 +541,25 @@ class AudioStreams:
                                                                     ("out", self.output_device)) if d)
         return (f"AudioStreams({devs}, {self.sample_rate} Hz, device {self.device_rate} Hz, "
                 f"blocksize={self.blocksize}, running={self._running})")
+
+
+class _DeadStream:
+    """Stands in for a stream that could not be reopened: inactive, so the watchdog tries again."""
+
+    def is_active(self) -> bool:
+        return False
+
+    def stop_stream(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_input_latency(self) -> float:
+        return 0.0
+
+    def get_output_latency(self) -> float:
+        return 0.0
 
 
 def open_duplex(capture_ring, playback_ring, input_device=None, output_device=None, blocksize: int = 480,

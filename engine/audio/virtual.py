@@ -100,6 +100,6 @@ class VirtualStream:
     @property
     def counters(self) -> dict:
         return {"callbacks": self.callbacks, "frames_in": self.frames_in, "frames_out": self.frames_out,
-                "status_flags": 0,
+                "status_flags": 0, "stream_restarts": 0, "restart_failures": 0,
                 "capture_overflow_samples": self.capture_ring.overflow_count,
                 "playback_underrun_samples": self.playback_ring.underrun_count}

@@ -101,10 +101,55 @@ def test_device_at_other_rate_is_resampled(pulse_server):
     rec = cap.read(cap.available_read)
     assert 0.9 * c["frames_in"] / 2 - 2000 <= rec.size <= c["frames_in"] / 2  # 48k -> 24k (minus filter delay)
     loud = np.flatnonzero(np.abs(rec) > 0.1)
-    assert loud.size > SR // 2
+    assert loud.size > SR // 2, c
     seg = rec[loud[0] + 2400: loud[0] + 2400 + SR // 2]
     assert abs(tone_freq(seg, SR) - 440) < 1, c
     assert abs(np.sqrt(np.mean(seg ** 2)) - 0.5 / np.sqrt(2)) < 0.03
+
+
+@pytest.mark.quiet  # the real audio path in real time
+def test_stream_that_dies_is_reopened_and_counted(pulse_server, monkeypatch):
+    """A stream that goes inactive under a running conversation (PortAudio's ALSA host API ends its
+    callback thread when `PaAlsaStream_WaitForFrames` fails) is reopened by the service thread on
+    the same rings; tries that fail are counted and retried; the conversation's audio goes on."""
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(3 * SR) / SR)).astype(np.float32)
+    cap, play = RingBuffer(1 << 17), RingBuffer(1 << 17)
+    play.write(tone)
+
+    def wait_for(cond, what, timeout=3.0):
+        t = time.monotonic()
+        while not cond():
+            assert time.monotonic() - t < timeout, f"{what}: {s.counters}"
+            time.sleep(0.01)
+
+    real_open = io.AudioStreams._open_one
+    tries = []
+
+    def flaky_open(self, want_in, want_out):        # the device refuses twice, then opens again
+        tries.append(time.monotonic())
+        if len(tries) <= 2:
+            raise AudioDeviceError("could not open the audio stream", pa_error="Device unavailable")
+        return real_open(self, want_in, want_out)
+
+    with io.open_duplex(cap, play, blocksize=480) as s:
+        time.sleep(0.3)
+        assert s.counters["stream_restarts"] == 0
+        monkeypatch.setattr(io.AudioStreams, "_open_one", flaky_open)
+        s._streams[0][2].stop_stream()              # what the host API does: the stream goes inactive
+        wait_for(lambda: s.counters["stream_restarts"] == 1, "the dead stream was not reopened")
+        c = s.counters
+        assert c["restart_failures"] == 2 and len(tries) == 3 and "reopened" in s.last_error
+        assert tries[2] - tries[1] >= tries[1] - tries[0] >= 0.05     # backing off between tries
+        n = c["callbacks"]
+        wait_for(lambda: s.counters["callbacks"] >= n + 25, "no callbacks after the reopen")
+        assert s.active
+        time.sleep(1.5)
+        s.stop()
+    assert s.counters["stream_restarts"] == 1 and s.counters["frames_in"] == 480 * s.counters["callbacks"]
+    rec = cap.read(cap.available_read)
+    loud = np.flatnonzero(np.abs(rec) > 0.1)
+    assert loud.size > SR            # the tone went on through the reopened stream and came back
+    assert abs(tone_freq(rec[loud[-1] - SR // 2: loud[-1] - 2400], SR) - 440) < 1
 
 
 def test_input_only_and_output_only(pulse_server):
