@@ -50,14 +50,14 @@ def main() -> None:
             print({"join": i, "prompted_ms": tp, "join_ms": tj, "step_ms": ms(t0)}, flush=True)
         st = model.prompts.state(None, None, 99, warm=False)
         mx.eval(st.cache.keys, st.cache.values)
-        r, L = args.capacity - 1, len(be.k)
+        r, L = args.capacity - 1, len(be.cache.keys)
         used = int(st.cache.step)
         for name in ("kv_dynamic_row", "kv_static_row", "kv_dynamic_used_slots", "kv_static_used_slots"):
             for rep in range(3):
                 t0 = time.perf_counter()
                 at = mx.array([r, 0, 0, 0], mx.int32)
                 for i in range(L):
-                    for lst, src in ((be.k, st.cache.keys[i]), (be.v, st.cache.values[i])):
+                    for lst, src in ((be.cache.keys, st.cache.keys[i]), (be.cache.values, st.cache.values[i])):
                         if name.endswith("used_slots"):
                             src = src[:, :, :used]
                         if name.startswith("kv_dynamic"):
@@ -66,7 +66,7 @@ def main() -> None:
                             x = lst[i]
                             x[r:r + 1, :, :src.shape[2]] = src
                             lst[i] = x
-                mx.eval(be.k, be.v)
+                mx.eval(be.cache.keys, be.cache.values)
                 print({"part": name, "rep": rep, "ms": ms(t0)}, flush=True)
         enc, dec = be._fresh_mimi_rows(1)
         for rep in range(3):

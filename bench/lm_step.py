@@ -198,8 +198,12 @@ def quality_main(args):
         sd = {k: mx.array(v) for k, v in random_state_dict(config, seed).items()}
         ref = LM.from_weights(sd, config, mx.float32)
         for p in plans:
-            q = LM.from_weights(sd, config, mx.float32, p)
-            r = measure_damage(ref, q, steps=args.steps, seed=seed, batch=2)
+            # "kv8": the KV rings in fp8 (e4m3); "PLAN+kv8": weight plan PLAN and fp8 rings
+            parts = p.split("+")
+            kv = "fp8" if "kv8" in parts else "model"
+            wplan = [x for x in parts if x != "kv8"]
+            q = LM.from_weights(sd, config, mx.float32, wplan[0]) if wplan else ref
+            r = measure_damage(ref, q, steps=args.steps, seed=seed, batch=2, kv_dtype=kv)
             print(f"| {p} (seed {seed}) | {q.nbytes / 2**20:.1f} | {r['kl_text']:.5f} | {r['kl_audio']:.5f} | "
                   f"{r['tf_top1_text']:.3f} | {r['tf_top1_audio']:.3f} | {r['agree_text']:.3f} | "
                   f"{r['agree_audio']:.3f} | {r['first_divergence']} |", flush=True)
@@ -221,7 +225,9 @@ def main():
     ap.add_argument("--ref", choices=("auto", "on", "off", "only"), default="auto",
                     help="torch reference LMGen (auto: on a GPU when torch+moshi import)")
     ap.add_argument("--quality", action="store_true", help="quantization damage table (tiny, CPU)")
-    ap.add_argument("--plans", default="t8,t4,d8,d4,e8,e4,h8,h4,t8d8,t8d4,t4d4,t8d8e8h8,t4d4e4h4")
+    ap.add_argument("--plans", default="t8,t4,d8,d4,e8,e4,h8,h4,t8d8,t8d4,t4d4,t8d8e8h8,t4d4e4h4,kv8,t4d4e4h4+kv8",
+                    help="weight plans of the quality table; kv8 = float weights with fp8 KV rings, "
+                         "PLAN+kv8 = both")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -30,7 +30,7 @@ from engine.server.batch import FUSED_CHOICES, BatchEngine, SlotParams, fused_ch
 from engine.worker import ModelWorker  # noqa: E402
 
 
-def measure(model, rows: int, fused: str) -> dict:
+def measure(model, rows: int, fused: str, kv_dtype: str = "model") -> dict:
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -40,13 +40,13 @@ def measure(model, rows: int, fused: str) -> dict:
         gc.collect()
         return round((mx.get_active_memory() - base) / 1e9, 4)
 
-    r = {"rows": rows, "fused": fused}
+    r = {"rows": rows, "fused": fused, "kv": kv_dtype}
     st = model.prompts.state(None, None, 0, warm=False)
     mx.eval(st.cache.arrays())
     r["prompt_state_gb"] = now()
     del st
     f, parts = fused_choice(fused)
-    be = BatchEngine(model, compiled=True, capacity=rows, fused=f, fused_parts=parts)
+    be = BatchEngine(model, compiled=True, capacity=rows, fused=f, fused_parts=parts, kv_dtype=kv_dtype)
     r["engine_gb"] = now()
     be.reserve()
     r["reserved_gb"] = now()
@@ -62,9 +62,9 @@ def measure(model, rows: int, fused: str) -> dict:
         be.step(frames)
     r["full_ring_gb"] = now()
     r["peak_gb"] = round((mx.get_peak_memory() - base) / 1e9, 4)
-    kv = sum(a.nbytes for a in be.k + be.v) / 1e9
+    kv = sum(a.nbytes for a in be.cache.keys + be.cache.values) / 1e9
     mimi = sum(a.nbytes for a in be.enc + be.dec) / 1e9
-    small = sum(a.nbytes for a in (be.pos, be.offset, be.tokens, be.keys)) / 1e9
+    small = sum(a.nbytes for a in (be.cache.pos, be.cache.offset, be.state.tokens, be.state.key)) / 1e9
     r.update(kv_gb=round(kv, 4), mimi_gb=round(mimi, 4), rings_gb=round(small, 6),
              per_session_gb=round((kv + mimi + small) / rows, 4))
     return r
@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, help="4, 8 or none (default: 4 for personaplex, none for tiny)")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--fused", default="off", choices=FUSED_CHOICES)
+    ap.add_argument("--kv", default="model", choices=("model", "fp8"), dest="kv_dtype",
+                    help="the sessions' KV rings: the model's dtype or fp8 e4m3 (engine.serve --kv)")
     args = ap.parse_args()
     quant = args.quantize or ("4" if args.config == "personaplex" else None)
     quant = int(quant) if quant and quant.isdigit() else (None if quant == "none" else quant)
@@ -87,7 +89,7 @@ def main() -> None:
             mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
             model = BenchModel(args.config, dtype, quant, 60, worker)
             model.lm.compile()
-            return measure(model, args.rows, args.fused)
+            return measure(model, args.rows, args.fused, args.kv_dtype)
         print(json.dumps(worker.call(run)), flush=True)
     finally:
         worker.shutdown()

@@ -1,20 +1,21 @@
 """Quantization damage: how far a quantized LM's distributions and greedy tokens drift from the
-same weights in float. Used by bench/lm_step.py (--quality) and the quantization tests; its table is in
-docs/benchmarks.md (Quantization damage)."""
+same weights in float, with its KV rings in the model's dtype or in fp8 (`kv_dtype`). Used by
+bench/lm_step.py (--quality) and the quantization tests; its table is in docs/benchmarks.md
+(Quantization damage)."""
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
 
-def _greedy_run(lm, user, forced=None):
+def _greedy_run(lm, user, forced=None, kv_dtype="model"):
     """Minimal greedy loop (no delays, live mode: agent codebooks only). user (B, 8, T) codes.
     Returns tokens (T, B, 1+A) and log-probs [(text (B, V), audio (B, A, card))] per step; with
     `forced` the fed-back tokens come from `forced` (teacher forcing) instead of the argmax."""
     c = lm.config
     B, _, T = user.shape
     A = min(8, c.dep_q)
-    cache = lm.make_cache(B)
+    cache = lm.make_cache(B, kv_dtype)
     inp = mx.array([[c.text_card] + [c.card] * c.n_q] * B, dtype=mx.int32)[:, :, None]
     toks, logps = [], []
     for t in range(T):
@@ -39,16 +40,17 @@ def _greedy_run(lm, user, forced=None):
     return mx.stack(toks), logps
 
 
-def measure_damage(ref, lm, steps: int = 50, seed: int = 0, batch: int = 2) -> dict:
-    """Quantization damage of `lm` against `ref` (same weights in float): mean KL(ref || lm) of the
-    text and agent-audio distributions under teacher forcing by ref's greedy tokens, the share of
-    equal argmax under that teacher forcing (tf_top1_*), and the share
-    of identical tokens when both run greedily on their own for `steps` frames."""
+def measure_damage(ref, lm, steps: int = 50, seed: int = 0, batch: int = 2, kv_dtype: str = "model") -> dict:
+    """Quantization damage of `lm` (its KV rings in `kv_dtype`) against `ref` (same weights in
+    float, KV in the model's dtype; `lm` may be `ref` itself, to measure the KV alone): mean
+    KL(ref || lm) of the text and agent-audio distributions under teacher forcing by ref's greedy
+    tokens, the share of equal argmax under that teacher forcing (tf_top1_*), and the share of
+    identical tokens when both run greedily on their own for `steps` frames."""
     user = np.random.default_rng(seed).integers(0, ref.config.card, (batch, 8, steps))
     ref_toks, ref_lp = _greedy_run(ref, user)
     forced = [ref_toks[t] for t in range(steps)]
-    _, q_lp = _greedy_run(lm, user, forced)
-    free_toks, _ = _greedy_run(lm, user)
+    _, q_lp = _greedy_run(lm, user, forced, kv_dtype)
+    free_toks, _ = _greedy_run(lm, user, kv_dtype=kv_dtype)
 
     def kl(a, b):
         return float(mx.mean(mx.sum(mx.exp(a) * (a - b), -1)))

@@ -3,11 +3,14 @@ MLX's `scaled_dot_product_attention`, one layer at the 7B shapes (32 heads x 128
 
     PYTHONPATH=. python bench/ring_attn.py                      # check, then time 1-64 rows
     PYTHONPATH=. python bench/ring_attn.py --rows 32,64 --fills 3000,750
+    PYTHONPATH=. python bench/ring_attn.py --rows 32,64 --kv fp8      # also the kernels on fp8 rings
 
 Check: the kernels against MLX (mask = stored slots) on rows at different fills, wrapped rings and
 holes, float32 and bfloat16, eager and inside mx.compile; prints the largest difference. Time: a
 call queued `--calls` times, then one evaluation; ms per call and the KV bytes of the stored slots
-read per second. "fill" is the stored slots per row (3000: full rings, no mask for MLX).
+read per second. "fill" is the stored slots per row (3000: full rings, no mask for MLX). With
+`--kv fp8` each row also times the kernels on the same rings stored as fp8 e4m3 (`fp8_ms`, half the
+bytes; their largest difference from the bf16 kernels' result in `fp8_diff`).
 """
 from __future__ import annotations
 
@@ -76,6 +79,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--fills", default="3000,750,256")
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--kv", choices=("bf16", "fp8"), default="bf16",
+                    help="fp8: also time the kernels on the rings stored as fp8 e4m3")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     H, C, hd = 32, 3000, 128
@@ -94,6 +99,15 @@ def main() -> None:
             row = {"rows": B, "fill": fill, "mlx_ms": round(mlx_ms, 4), "kernel_ms": round(ker_ms, 4),
                    "mlx_gbs": round(gb / mlx_ms * 1e3), "kernel_gbs": round(gb / ker_ms * 1e3),
                    "speedup": round(mlx_ms / ker_ms, 2)}
+            if args.kv == "fp8":
+                k8, v8 = mx.to_fp8(k), mx.to_fp8(v)
+                mx.eval(k8, v8)
+                f8_ms = timed(lambda: ring_attention(q, k8, v8, pos, scale), args.calls)
+                diff = mx.abs(ring_attention(q, k8, v8, pos, scale).astype(mx.float32)
+                              - ring_attention(q, k, v, pos, scale).astype(mx.float32)).max()
+                row.update(fp8_ms=round(f8_ms, 4), fp8_gbs=round(gb / 2 / f8_ms * 1e3),
+                           fp8_speedup=round(ker_ms / f8_ms, 2), fp8_diff=round(float(diff), 4))
+                del k8, v8
             print(json.dumps(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:

@@ -72,7 +72,7 @@ def fill_context(be: BatchEngine) -> None:
 
 
 def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = True,
-          fused=(False, DEFAULT_FUSED_PARTS)) -> list[dict]:
+          fused=(False, DEFAULT_FUSED_PARTS), kv_dtype: str = "model") -> list[dict]:
     rng = np.random.default_rng(1)
     out = []
     for b in sizes:
@@ -80,7 +80,8 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused[0], fused_parts=fused[1])
+        be = BatchEngine(model, compiled=compiled, capacity=b, fused=fused[0], fused_parts=fused[1],
+                         kv_dtype=kv_dtype)
         for i in range(b):
             be.join(i, model.prompts.state(None, None, i, warm=False), SlotParams(SamplingParams(), i))
         if full:
@@ -119,7 +120,8 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             t0, c0 = time.perf_counter(), time.thread_time()
             text, agent = be._lm_step(be._encode(frames))
             pcm = be._decode(agent)
-            state = [pcm, text, be.tokens, be.keys, be.pos, be.offset, *be.k, *be.v]
+            cache = be.cache
+            state = [pcm, text, be.state.tokens, be.state.key, cache.pos, cache.offset, *cache.keys, *cache.values]
             t1, c1 = time.perf_counter(), time.thread_time()
             mx.async_eval(state)
             t2, c2 = time.perf_counter(), time.thread_time()
@@ -132,7 +134,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         # inside the LM part: the temporal transformer alone, and the 1 + 8 sampling sites alone
         from engine.models.sampling import sample
         sp, c = SamplingParams(), be.lm.config
-        x = mx.zeros((b, c.dim), be.lm.dtype)
+        x = mx.zeros((b, 1, c.dim), be.lm.dtype)
         lt = mx.random.normal((b, c.text_out)).astype(be.lm.dtype)
         la = mx.random.normal((b, c.card)).astype(be.lm.dtype)
         keys = mx.random.split(mx.random.key(0), b)
@@ -204,7 +206,8 @@ class StepProfile:
 
 
 def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = False, spin_ms: float = 0.0,
-         fused=(False, DEFAULT_FUSED_PARTS), period_ms: float = 80.0, profile_steps: int = 0) -> dict:
+         fused=(False, DEFAULT_FUSED_PARTS), period_ms: float = 80.0, profile_steps: int = 0,
+         kv_dtype: str = "model") -> dict:
     from engine.server.loop import Inbox, Metrics, Slot, StepLoop
 
     metrics = Metrics(window=100000)
@@ -212,6 +215,7 @@ def soak(model: BenchModel, sessions: int, seconds: float, compiled: bool = Fals
     # times the same steps as the paced loop without the idle gaps between them.
     loop = StepLoop(model, metrics, frame_seconds=period_ms / 1e3, compiled=compiled, capacity=sessions)
     loop.fused, loop.fused_parts = fused
+    loop.kv_dtype = kv_dtype
     loop.spin_s = spin_ms / 1e3
     joined = threading.Semaphore(0)
     received = [0] * sessions
@@ -309,6 +313,8 @@ def main() -> None:
                          "kernels; MLX elsewhere), off (MLX only), depformer, temporal, attention, all (those "
                          "kernels at every row count)")
     ap.add_argument("--fused-depformer", action="store_true", help="the same as --fused depformer")
+    ap.add_argument("--kv", default="model", choices=("model", "fp8"), dest="kv_dtype",
+                    help="the sessions' KV rings, as engine.serve --kv: the model's dtype or fp8 (e4m3)")
     ap.add_argument("--fresh", action="store_true",
                     help="sweep with fresh sessions (short history) instead of full 3000-step contexts")
     ap.add_argument("--blas-threads", type=int, default=1,
@@ -347,12 +353,12 @@ def main() -> None:
         if args.compiled:
             model.lm.compile()              # the depformer steps (BatchEngine compiles the temporal)
         print(f"device={args.device} config={args.config} dtype={dtype} quantize={quant} "
-              f"compiled={args.compiled} load {time.perf_counter() - t0:.1f} s", flush=True)
+              f"compiled={args.compiled} kv={args.kv_dtype} load {time.perf_counter() - t0:.1f} s", flush=True)
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         rows = []
         if sizes:
             try:
-                rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh, fused)
+                rows += sweep(model, sizes, args.steps, args.compiled, not args.fresh, fused, args.kv_dtype)
             except RuntimeError as e:       # e.g. out of memory: report it, go on
                 print(json.dumps({"error": str(e)[:300]}), flush=True)
                 gc.collect()
@@ -374,7 +380,7 @@ def main() -> None:
     if args.pre_engine:
         def pre_engine():
             be = BatchEngine(model, compiled=args.compiled, capacity=args.soak_sessions or 1,
-                             fused=fused[0], fused_parts=fused[1])
+                             fused=fused[0], fused_parts=fused[1], kv_dtype=args.kv_dtype)
             be.reserve()
             del be
             gc.collect()
@@ -386,7 +392,7 @@ def main() -> None:
     runs = [(float(s), float(p)) for s in args.spin_ms.split(",") for p in args.soak_period_ms.split(",")]
     for spin, period in (runs if args.soak_sessions else []):
         res = soak(model, args.soak_sessions, args.soak_seconds, args.compiled, spin, fused, period,
-                   args.profile_steps)
+                   args.profile_steps, args.kv_dtype)
         verdict = "REAL TIME" if res["misses"] == 0 and res["p99_ms"] <= 80 else "NOT real time"
         if period < 80:
             verdict = "back to back (misses do not apply)"

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mx.compile the batched steps (one graph per batch size, traced and rehearsed "
                         "before serving; fewer kernel launches on a GPU, ~25%% less CPU time on the tiny "
                         "model). Default on; --no-compile runs them op by op")
+    p.add_argument("--kv", default="model", choices=("model", "fp8"), dest="kv_dtype",
+                   help="how the sessions' KV rings are stored: model = the model's dtype (default, bf16); "
+                        "fp8 = e4m3 bytes, half the memory and half the attention's reads, with some damage "
+                        "to the attention (docs/performance.md says what was measured)")
     p.add_argument("--fused", default="auto",
                    choices=("auto", "off", "depformer", "temporal", "attention", "all"),
                    help="batched CUDA kernels: auto (default) = where MLX runs on CUDA, the depformer of all "
@@ -163,6 +167,7 @@ def main(argv=None) -> int:
     cfg = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                        silence_timeout=args.silence_timeout, static_dir=args.static,
                        compiled=args.compile, opus_complexity=args.opus_complexity, fused=args.fused,
+                       kv_dtype=args.kv_dtype,
                        auth_token=args.auth_token, allowed_origins=tuple(args.allow_origin),
                        max_sessions_per_client=args.max_sessions_per_client, drain_seconds=args.drain_seconds)
     if args.warm:

@@ -62,12 +62,12 @@ def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depforme
         for slot in (leaves or {T // 2: [4]}).get(t, []):
             be.leave(slot)
         if frng is not None:    # force random agent codebooks of random rows (both engines alike)
-            col = be.phase % be.ct
+            col = be.state.offset % be.ct
             mask = frng.random((be.size, be.n_cb)) < 0.3
-            be.provided[:, 1:1 + be.n_cb, col] |= mask
+            be.state.provided[:, 1:1 + be.n_cb, col] |= mask
         frames = (0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32)
         pcm, text = be.step(frames)
-        out.append((list(be.slots), text.tolist(), np.array(be.tokens), pcm))
+        out.append((list(be.slots), text.tolist(), np.array(be.state.tokens), pcm))
     return out, be
 
 
@@ -147,15 +147,16 @@ def _temporal_rows_vs_mlx(shape):
             be.set_offsets(2 * c.context - 3 + np.arange(B))
         for _ in range(3):
             x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
-            kv = [a[:B] * 1 for a in be.k + be.v]
-            h_ref, lg_ref, *kv_ref, pos_ref, off_ref = model.lm._temporal(x[:, None], *kv, be.pos, be.offset,
+            kv = [a[:B] * 1 for a in be.cache.keys + be.cache.values]
+            h_ref, lg_ref, *kv_ref, pos_ref, off_ref = model.lm._temporal(x[:, None], *kv, be.cache.pos,
+                                                                          be.cache.offset,
                                                                           flags=model.lm.row_flags())
-            h, lg = be._temporal(x)
+            h, lg = be._temporal(x[:, None])
             np.testing.assert_allclose(np.array(h), np.array(h_ref), rtol=tol, atol=tol)
             np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=tol, atol=10 * tol)
-            np.testing.assert_array_equal(np.array(be.pos), np.array(pos_ref))
-            np.testing.assert_array_equal(np.array(be.offset), np.array(off_ref))
-            for a, b in zip(be.k + be.v, kv_ref):
+            np.testing.assert_array_equal(np.array(be.cache.pos), np.array(pos_ref))
+            np.testing.assert_array_equal(np.array(be.cache.offset), np.array(off_ref))
+            for a, b in zip(be.cache.keys + be.cache.values, kv_ref):
                 np.testing.assert_allclose(np.array(a[:B]), np.array(b), rtol=tol, atol=tol)
 
 
@@ -255,7 +256,9 @@ def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
     assert not fz.FusedLM.barrier_error(scr)
     t = np.array(toks)
     assert t.shape == (3, 8) and (t >= 0).all() and (t < c.card).all()
-    h, lg, scr = be.fused.temporal_rows(mx.random.normal((3, c.dim)), be.pos, be.offset, be.k, be.v)
+    cache = be.cache
+    h, lg, scr = be.fused.temporal_rows(mx.random.normal((3, c.dim)), cache.pos, cache.offset, cache.keys,
+                                        cache.values)
     mx.eval(h, lg)
     assert launches == {"depformer": 1, "temporal": 1}
     assert not fz.FusedLM.barrier_error(scr)
@@ -294,6 +297,40 @@ def test_ring_attention_kernels_match_mlx_attention_float32():
         np.testing.assert_allclose(np.array(got[0, :, 0]), np.array(v[0, :, 0]), rtol=1e-6, atol=1e-6)
 
 
+def test_ring_attention_kernels_read_fp8_rings_float32():
+    """The ring kernels over fp8 e4m3 rings (uint8, `lm.to_cache`) against MLX's masked attention
+    over the decoded rings: every byte value the rings may hold (subnormals, the saturated +-448,
+    zero; mx.to_fp8 never writes the two NaN codes), rows filled to different depths and one with
+    holes, head_dim 32 and 128, eager and compiled; a float32 query gives a float32 result."""
+    from engine.models.ring_attn import ring_attention
+    rng = np.random.default_rng(1)
+    C = 3000
+    codes = np.setdiff1d(np.arange(256), [0x7F, 0xFF]).astype(np.uint8)
+    values = np.array(mx.from_fp8(mx.array(codes), dtype=mx.float32))
+    small = codes[np.abs(values) <= 16]          # the softmax sums stay well inside float32 here
+    for hd, H in ((32, 3), (128, 24)):
+        fills = [1, 63, 64, 257, 1000, C]
+        B = len(fills)
+        k, v = (rng.choice(small, (B + 1, H, C, hd)) for _ in range(2))
+        v[0, :, 0] = np.resize(codes, (H, hd))   # row 0 attends to its one slot: every code decoded
+        k, v = mx.array(k), mx.array(v)
+        q = mx.array(rng.standard_normal((B, H, 1, hd)).astype(np.float32) * 0.05)
+        pos = np.full((B, C), -1, np.int32)
+        for b, n in enumerate(fills):
+            pos[b, :n] = np.arange(n)
+        pos[1, rng.choice(C, 700, replace=False)] = 4
+        pos = mx.array(pos)
+        scale = hd ** -0.5
+        kd, vd = mx.from_fp8(k[:B], dtype=mx.float32), mx.from_fp8(v[:B], dtype=mx.float32)
+        ref = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=scale, mask=(pos >= 0)[:, None, None, :])
+        got = ring_attention(q, k, v, pos, scale)
+        comp = mx.compile(lambda *a: ring_attention(*a, scale))(q, k, v, pos)
+        assert got.dtype == mx.float32
+        for out in (got, comp):
+            np.testing.assert_allclose(np.array(out[1:]), np.array(ref[1:]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.array(got[0, :, 0]), np.array(vd[0, :, 0]))
+
+
 def test_ring_attention_engine_matches_mlx_float32():
     """The server's step with the ring attention kernels (fused_parts=("attention",)) against MLX's
     masked attention: the same tokens and PCM for 11 sessions joining and one leaving; then, from one
@@ -322,9 +359,10 @@ def test_ring_attention_engine_matches_mlx_float32():
     rng = np.random.default_rng(2)
     for _ in range(3):
         x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
-        kv = [a[:B] * 1 for a in be.k + be.v]
-        h_ref, lg_ref, *_ = model.lm._temporal(x[:, None], *kv, be.pos, be.offset, flags=model.lm.row_flags())
-        h, lg = be._temporal(x)
+        kv = [a[:B] * 1 for a in be.cache.keys + be.cache.values]
+        h_ref, lg_ref, *_ = model.lm._temporal(x[:, None], *kv, be.cache.pos, be.cache.offset,
+                                               flags=model.lm.row_flags())
+        h, lg = be._temporal(x[:, None])
         np.testing.assert_allclose(np.array(h[:B]), np.array(h_ref[:B]), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=1e-4, atol=1e-3)
 

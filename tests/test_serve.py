@@ -95,7 +95,7 @@ def _batched_and_solo(model, plan, greedy, compiled, min_rows, T, seed):
                 be.leave(i)
             if t == j:
                 be.join(i, model.prompts.state(v, p, s), SlotParams(sampling[i], s))
-        steps.append(list(zip(be.slots, be.off_host.tolist())))
+        steps.append(list(zip(be.slots, be.cache.steps.tolist())))
         pcm, text = be.step(np.stack([audio[i][t - plan[i][3]] for i in be.slots]))
         for r, i in enumerate(be.slots):
             got[i][0].append(int(text[r]))
@@ -183,7 +183,7 @@ def test_full_ring_attention_is_mask_free_and_exact(tiny_model):
         pos = mx.array((o[:, None] - 1 - ((o[:, None] - 1 - j[None, :]) % C)).astype(np.int32))
         off = mx.array(o.astype(np.int32))
         rng = np.random.default_rng(0)
-        kv = [mx.array(rng.standard_normal(a.shape).astype(np.float32)) for a in be.k + be.v]
+        kv = [mx.array(rng.standard_normal(a.shape).astype(np.float32)) for a in be.cache.keys + be.cache.values]
         x = mx.array(rng.standard_normal((3, tiny_model.lm.config.dim)).astype(np.float32))
         lm = tiny_model.lm
         outs = [lm._temporal(x[:, None], *kv, pos, off, flags=lm.row_flags(C, rows, full))
@@ -259,10 +259,10 @@ def test_compiled_reserve_prewarms_every_size(tiny_model):
                 # Long sessions: crossing the ring-fill point (masked -> mask-free) adds no graph.
                 C = tiny_model.lm.config.context
                 be.set_offsets(np.array([C - 3, C - 2, C + 40]))
-                assert be.pos.tolist()[2].count(-1) == 0 and be.pos.tolist()[0].count(-1) == 3
+                assert be.cache.pos.tolist()[2].count(-1) == 0 and be.cache.pos.tolist()[0].count(-1) == 3
                 for _ in range(4):
                     be.step(np.zeros((be.size, FRAME), np.float32))
-                assert be.off_host.min() > C and (set(be._temporal_fns), set(be._dep_fns), len(traces)) == fns
+                assert be.cache.steps.min() > C and (set(be._temporal_fns), set(be._dep_fns), len(traces)) == fns
             out.append(texts)
         return out
 
@@ -337,7 +337,7 @@ class _RowsContract:
         return mx.stack(out, axis=1), None
 
 
-def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False):
+def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False, kv_dtype="model"):
     """8 steps of 7 rows with different sampling (greedy, top-k) joining over the first 4, `leaves`
     leaving before step 5, random agent codebooks forced, and from step 6 full rings that wrap;
     `parts`: the kernels, as their MLX stand-in (`_RowsContract`), with the engine's
@@ -349,7 +349,7 @@ def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False):
         return (SamplingParams(greedy=True) if i % 4 == 0 else
                 SamplingParams(temp_text=0.9, top_k_text=5, temp_audio=0.6 + 0.1 * i, top_k_audio=30 * i))
 
-    be = BatchEngine(tiny_model)
+    be = BatchEngine(tiny_model, kv_dtype=kv_dtype)
     if parts:
         be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
         be.dep_kernel_max_rows = limit
@@ -365,10 +365,10 @@ def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False):
                 be.leave(slot)
         if t == 6:                   # long sessions: every ring full, the newest slot wraps around
             be.set_offsets(2 * be.lm.config.context - 3 + np.arange(be.size))
-        col = be.phase % be.ct
-        be.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
+        col = be.state.offset % be.ct
+        be.state.provided[:, 1:1 + be.n_cb, col] |= frng.random((be.size, be.n_cb)) < 0.3
         pcm, text = be.step((0.2 * rng.standard_normal((be.size, FRAME))).astype(np.float32))
-        out.append((list(be.slots), text.tolist(), np.array(be.tokens)))
+        out.append((list(be.slots), text.tolist(), np.array(be.state.tokens)))
     return out, be
 
 
@@ -410,6 +410,47 @@ def test_ring_attention_path_gives_the_mlx_paths_tokens(tiny_model, monkeypatch)
     assert {k[0] for k in be._temporal_fns} == {tiny_model.lm.config.context}     # one width
     assert {k[2] for k in be._temporal_fns} == {False}                            # no full-ring variant
     assert len({k[0] for k in be_ref._temporal_fns}) > 1 or len({k[2] for k in be_ref._temporal_fns}) > 1
+
+
+def test_fp8_kv_rows_step_on_their_decoded_values(tiny_model, monkeypatch):
+    """BatchEngine(kv_dtype="fp8") keeps the rows' KV rings as e4m3 bytes and attends over their
+    decoded values, on MLX's attention and on the ring kernels' path (their MLX stand-in, which
+    decodes): through joins (the prompted state's keys converted), a leave, forced codebooks and
+    full rings that wrap, its tokens and decoded rings equal those of the model-dtype engine whose
+    every KV write rounds through fp8. A bad kv_dtype names the choices."""
+    import mlx.core as mx
+    import engine.models.lm as lm_mod
+    import engine.server.batch as batch_mod
+    from engine.errors import EngineError
+    from engine.server.batch import BatchEngine
+    real = lm_mod.to_cache
+
+    def stand_in(q, k, v, pos, scale):
+        B = q.shape[0]
+        k, v = lm_mod.from_cache(k[:B], q.dtype), lm_mod.from_cache(v[:B], q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=(pos >= 0)[:, None, None, :])
+
+    def rounded(x, dtype):
+        return real(x, dtype) if dtype == mx.uint8 else mx.from_fp8(mx.to_fp8(x), dtype=dtype)
+
+    monkeypatch.setattr(lm_mod, "ring_attention", stand_in)
+
+    def runs():
+        with pytest.raises(EngineError, match="fp8"):
+            BatchEngine(tiny_model, kv_dtype="int4")
+        got = [_contract_run(tiny_model, (), kv_dtype="fp8"),
+               _contract_run(tiny_model, (), ring=True, kv_dtype="fp8")]
+        monkeypatch.setattr(lm_mod, "to_cache", rounded)
+        monkeypatch.setattr(batch_mod, "to_cache", rounded)
+        return got, _contract_run(tiny_model, ())
+
+    got, (ref, be_ref) = tiny_model.worker.call(runs)
+    B = be_ref.size
+    for what, (out, be) in zip(("fp8, MLX attention", "fp8, ring attention"), got):
+        _same_tokens(ref, out, what)
+        assert be.cache.keys[0].dtype == mx.uint8
+        for a, b in zip(be.cache.keys + be.cache.values, be_ref.cache.keys + be_ref.cache.values):
+            np.testing.assert_array_equal(np.array(mx.from_fp8(a[:B], dtype=b.dtype)), np.array(b[:B]))
 
 
 def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
@@ -476,12 +517,12 @@ def test_join_step_and_leave_update_the_kv_in_place(tiny_model, compiled):
     def run():
         be = BatchEngine(tiny_model, compiled=compiled, capacity=4)
         be.reserve()
-        kv = sum(a.nbytes for a in be.k + be.v)
+        kv = sum(a.nbytes for a in be.cache.keys + be.cache.values)
         row = kv / be.cap
         over = {}
 
         def peak_over(name, fn):
-            mx.eval(be.k, be.v)
+            mx.eval(be.cache.keys, be.cache.values)
             mx.reset_peak_memory()
             a0 = mx.get_active_memory()
             fn()

@@ -83,6 +83,8 @@ class FusedCache:
     def from_lm_cache(cls, cache) -> "FusedCache":
         if cache.batch_size != 1:
             raise FusedUnavailable("the fused step runs batch 1")
+        if cache.keys[0].dtype == mx.uint8:
+            raise FusedUnavailable("the fused step keeps its KV in the model's dtype, not fp8")
         kv = mx.stack([mx.stack([k[0], v[0]]) for k, v in zip(cache.keys, cache.values)])
         return cls(kv, cache.pos[0], cache.offset.reshape(()), cache.step)
 

@@ -45,8 +45,8 @@ SILENCE_FRAMES = 6       # int(0.5 s * 12.5 Hz), as the reference server/offline
 _PREFILL_CHUNK = 64      # temporal prefill chunk (steps)
 _CHUNK_SLOW_S = 0.05     # a prefill chunk faster than this is never judged slow (timer noise)
 
-__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "GenState", "LmGen", "PromptCache", "frame_walk",
-           "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
+__all__ = ["SamplingParams", "VoicePrompt", "StepOutput", "RowStep", "GenState", "LmGen", "PromptCache",
+           "frame_walk", "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "SILENCE_FRAMES"]
 
 
 @dataclass(frozen=True)
@@ -131,13 +131,32 @@ class StepOutput:
     user_codes: mx.array
 
 
+@dataclass(frozen=True)
+class RowStep:
+    """The model parts of one frame as a slot manager runs them for its rows (`LmGen.step_rows`);
+    the frame around them (ring writes, sampling sites, the walk, the output) is `LmGen`'s.
+
+    temporal(x (B, 1, dim)) -> (h (R >= B, dim), text_logits (B, text_out)): advances every row's
+    KV ring by one position, each at its own; sampling: `SamplingParams` or its fields as per-row
+    arrays; depformer(s, h, prev, kv) -> (logits (B, card), kv): depformer step s with the frame's
+    KV so far ([] at s = 0); depformer_all(h, text, prov, target, sites, n_steps) -> tokens (B,
+    n_steps), the whole walk in one kernel, or None to walk with `depformer`."""
+
+    temporal: Callable
+    sampling: object
+    depformer: Callable | None = None
+    depformer_all: Callable | None = None
+
+
 @dataclass
 class GenState:
     """Everything that changes during one batch of conversations.
 
-    tokens: (B, streams, CT) int32 ring (device); provided: (streams, CT) bool on the host (the same for
-    every batch row: it depends only on which arguments were given); offset: calls made so far;
-    cache: the temporal KV ring; key: the RNG key (split once per model call).
+    tokens: (B, streams, CT) int32 ring (device); provided: bool on the host, (streams, CT) the same
+    for every row (it depends only on which arguments were given), or (B, streams, CT) one per row
+    (a slot manager's batch, whose rows joined at different times); offset: calls made so far (a
+    slot manager's shared ring phase); cache: the temporal KV ring (`LmCache`, rows at their own
+    positions); key: the RNG key (split once per model call), or (B, 2) one per row.
     """
 
     tokens: mx.array
@@ -177,9 +196,9 @@ def frame_walk(h: mx.array, text_logits: mx.array, target: mx.array, prov: np.nd
                sites: mx.array, sp, depformer=None, depformer_all=None, after_text=None) -> list:
     """The tokens of one frame after the temporal step: the text token, then the depformer's walk
     over the codebooks, each step conditioned on the previous stream's token (the provided one
-    where the caller forced it). The one eager spelling of the walk: `LmGen._step` (a state's rows)
-    and the server's `BatchEngine` (rows at their own positions, each with its own parameters and
-    key) both run it; `_step_graph` and `_fused_graph` are its compiled and fused batch-1 forms.
+    where the caller forced it). The one eager spelling of the walk, run by `LmGen._step` for a
+    solo state and for the server's batch (`step_rows`: rows at their own positions, each with its
+    own parameters and key); `_step_graph` and `_fused_graph` are its compiled and fused batch-1 forms.
 
     h (R, dim) temporal output (R >= B: padding rows), text_logits (B, text_out), target (B,
     streams) the target column as it stands (forced tokens where provided), prov (streams,) for
@@ -400,11 +419,11 @@ class LmGen:
             for q0, q1, d in self._runs[side]:
                 col = (o + d) % ct
                 tokens = self._put(tokens, codes[:, q0:q1], first + q0, col)
-                state.provided[first + q0:first + q1, col] = True
+                state.provided[..., first + q0:first + q1, col] = True
         if text is not None:
             col = (o + self.delays[0]) % ct
             tokens = self._put(tokens, text[:, None], 0, col)
-            state.provided[0, col] = True
+            state.provided[..., 0, col] = True
         forced = [k for k, d in enumerate(self.delays) if o <= d]
         if forced:
             col = o % ct
@@ -412,7 +431,7 @@ class LmGen:
             mask = np.zeros((self.num_streams, ct), dtype=bool)
             mask[forced, col] = True
             tokens = mx.where(mx.array(mask)[None], mx.array(init)[None, :, None], tokens)
-            state.provided[forced, col] = True
+            state.provided[..., forced, col] = True
         if o == 0:
             # Whole column 0 becomes the initial tokens (the model's BOS input); nothing runs.
             tokens = self._put(tokens, mx.broadcast_to(mx.array(self.initial)[None],
@@ -455,7 +474,18 @@ class LmGen:
         text = None if text_token is None else self._text_array(text_token, b)
         return self._step(state, user, agent, text, None, probe)
 
-    def _step(self, state: GenState, user, agent, text, embedding, probe) -> StepOutput | None:
+    def step_rows(self, state: GenState, rows: "RowStep", user_codes=None) -> StepOutput:
+        """`step` for a slot manager's batch (engine/server/batch.py): the same frame (ring writes,
+        text token, depformer walk, ring update, undelayed output) with the model parts its rows
+        need (`RowStep`): rows at their own KV positions, per-row provided flags, keys and sampling
+        parameters. `state.offset` is the batch's ring phase (past the prompt phases)."""
+        out = self._step(state, user_codes, None, None, None, None, rows)
+        if out is None:
+            raise ConfigError(f"step_rows needs a state past the prompt phases (offset {state.offset})")
+        return out
+
+    def _step(self, state: GenState, user, agent, text, embedding, probe,
+              rows: "RowStep | None" = None) -> StepOutput | None:
         if not self._prepare(state, user, agent, text):
             if embedding is None:
                 return None
@@ -463,14 +493,16 @@ class LmGen:
             self._prepare(state, user, agent, text)
         c, ct, o = self.config, self.ct, state.offset
         in_col, tgt_col = (o - 1) % ct, o % ct
-        prov = state.provided[:, tgt_col].copy()
+        prov = state.provided[..., tgt_col].copy()                         # (streams,) or (B, streams)
         self._check_known(state, in_col)
-        plain = embedding is None and probe is None and self.stats_hook is None and self.lm.stats_hook is None
+        plain = (rows is None and embedding is None and probe is None and self.stats_hook is None
+                 and self.lm.stats_hook is None)
         if plain and state.batch_size == 1 and not prov[1:1 + self._live_steps(prov)].any():
             fused = self.fused_engine()
             if fused is not None:
                 return self._fused_step(state, fused, prov, in_col)
-        self._mlx_cache(state)
+        if rows is None:
+            self._mlx_cache(state)
         if plain and self.whole_step_compile and self.lm._compiled is not None:
             return self._compiled_step(state, prov, in_col)
         target = state.tokens[:, :, tgt_col]                                # (B, streams)
@@ -478,31 +510,46 @@ class LmGen:
             x = self.lm.embed(state.tokens[:, :, in_col:in_col + 1])
         else:
             x = mx.broadcast_to(embedding.astype(self.lm.dtype)[None, None], (state.batch_size, 1, c.dim))
-        h, text_logits = self.lm.temporal(x, state.cache)
-        h, text_logits = h[:, 0], text_logits[:, 0]
+        if rows is None:
+            h, text_logits = self.lm.temporal(x, state.cache)
+            h, text_logits = h[:, 0], text_logits[:, 0]
+        else:
+            h, text_logits = rows.temporal(x)
         if self.stats_hook is not None:
             self.stats_hook("text_logits", text_logits)
 
         state.key, keys = split_keys(state.key, 1 + c.dep_q)
+        n_steps = self._live_steps(prov)
         dc = self.lm.make_depformer_cache()
+        kv: list = []
 
         def depformer(s, h, prev):
-            logits = self.lm.depformer_step(s, h, prev, dc)
+            nonlocal kv
+            if rows is not None:
+                logits, kv = rows.depformer(s, h, prev, kv)
+            else:
+                logits = self.lm.depformer_step(s, h, prev, dc)
             if self.stats_hook is not None and s < self.n_cb:
                 self.stats_hook("audio_logits", logits)
             return logits
+
+        def depformer_all(text):
+            return rows.depformer_all(h, text, prov, target, keys, n_steps)
 
         def after_text(h, text):
             mx.eval(h, text)
             probe("temporal")
 
-        new_col = frame_walk(h, text_logits, target, prov, self._live_steps(prov), keys, self.sampling,
-                             depformer, after_text=None if probe is None else after_text)
+        kernel = rows is not None and rows.depformer_all is not None
+        new_col = frame_walk(h, text_logits, target, prov, n_steps, keys,
+                             self.sampling if rows is None else rows.sampling,
+                             None if kernel else depformer, depformer_all if kernel else None,
+                             after_text=None if probe is None else after_text)
         if probe is not None:
             mx.eval(new_col)
             probe("depformer")
 
-        state.provided[:, in_col] = False
+        state.provided[..., in_col] = False
         if not prov.all():
             state.tokens = self._put(state.tokens, mx.stack(new_col, axis=1), 0, tgt_col)
         if o <= self.max_delay:
@@ -643,7 +690,7 @@ class LmGen:
     def _check_known(self, state: GenState, in_col: int) -> None:
         # With dep_q < n_q the depformer never samples streams dep_q+1.., so they must be supplied.
         c = self.config
-        if c.dep_q < c.n_q and not state.provided[c.dep_q + 1:, in_col].all() and state.offset > 1:
+        if c.dep_q < c.n_q and not state.provided[..., c.dep_q + 1:, in_col].all() and state.offset > 1:
             raise ConfigError(f"this model generates only {c.dep_q} audio streams: pass user_codes "
                               "on every step")
 

@@ -341,7 +341,9 @@ class LmCache:
     """Temporal KV rings of B conversations, each row at its own position.
 
     keys/values[l]: (R, H, context, head_dim) with R >= B (rows past B are spare capacity a slot
-    manager fills later; a step writes garbage at their slot 0); `pos` (B, context) the absolute
+    manager fills later; a step writes garbage at their slot 0), in the model's dtype or as fp8
+    e4m3 bits (uint8, `make_cache(kv_dtype="fp8")`: half the memory and bandwidth; see
+    `to_cache`); `pos` (B, context) the absolute
     position each row stored in each slot (-1 empty); `offset` (B,) each row's next absolute
     position (an mx array, so compiled steps don't retrace) and `steps` its host-side mirror.
     Memory is fixed at creation: positions keep growing (RoPE stays absolute), slots are reused
@@ -521,15 +523,24 @@ class LM(nn.Module):
         mx.eval(self.parameters())
 
     # ---- state
-    def make_cache(self, batch_size: int = 1) -> LmCache:
+    def make_cache(self, batch_size: int = 1, kv_dtype: str = "model") -> LmCache:
+        """An empty KV ring for `batch_size` conversations; kv_dtype "model" (the model's dtype) or
+        "fp8" (e4m3 bits, see `to_cache`)."""
         c = self.config
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
+        dt = self.kv_storage(kv_dtype)
         shape = (batch_size, c.num_heads, c.context, c.head_dim)
-        keys = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
-        values = [mx.zeros(shape, self.dtype) for _ in range(c.num_layers)]
+        keys = [mx.zeros(shape, dt) for _ in range(c.num_layers)]
+        values = [mx.zeros(shape, dt) for _ in range(c.num_layers)]
         return LmCache(keys, values, mx.full((batch_size, c.context), -1, mx.int32),
                        mx.zeros((batch_size,), mx.int32), np.zeros(batch_size, np.int64))
+
+    def kv_storage(self, kv_dtype: str):
+        """The mx dtype a KV ring of `kv_dtype` ("model" or "fp8") is stored in."""
+        if kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype={kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+        return mx.uint8 if kv_dtype == "fp8" else self.dtype
 
     def make_depformer_cache(self) -> DepformerCache:
         """A fresh per-frame depformer KV (its arrays take their batch size from the first step)."""
@@ -639,7 +650,7 @@ class LM(nn.Module):
             idx = mx.broadcast_to(_pad_rows(slots, R)[:, None, :, None], (R, H, 1, hd))
 
             def put(cache_arr, new):
-                return mx.put_along_axis(cache_arr, idx, _pad_rows(new, R).astype(cache_arr.dtype), axis=2)
+                return mx.put_along_axis(cache_arr, idx, to_cache(_pad_rows(new, R), cache_arr.dtype), axis=2)
             rope_offset = offset
         else:
             if R != B:
@@ -652,13 +663,13 @@ class LM(nn.Module):
                 pos = mx.slice_update(pos, upd, start, axes=(1,))
 
                 def put(cache_arr, new):
-                    return mx.slice_update(cache_arr, new.astype(cache_arr.dtype), start, axes=(2,))
+                    return mx.slice_update(cache_arr, to_cache(new, cache_arr.dtype), start, axes=(2,))
             else:
                 slots = t_abs % C
                 pos = _scatter(pos, slots, upd, axis=1)
 
                 def put(cache_arr, new):
-                    return _scatter(cache_arr, slots, new, axis=2)
+                    return _scatter(cache_arr, slots, to_cache(new, cache_arr.dtype), axis=2)
             rope_offset = o.reshape(())
         if attn == "ring" and T != 1:
             raise ConfigError("the ring attention kernels take one query per row (T=1)")
@@ -690,6 +701,7 @@ class LM(nn.Module):
                 kw, vw = k_cache, v_cache
                 if R > B or (width is not None and width < C):
                     kw, vw = kw[:B, :, :width], vw[:B, :, :width]
+                kw, vw = from_cache(kw, q.dtype), from_cache(vw, q.dtype)
                 a = mx.fast.scaled_dot_product_attention(q, kw, vw, scale=scale, mask=mask)
             a = a.reshape(N, D) if T == 1 else a.transpose(0, 2, 1, 3).reshape(N, D)
             x = x + layer.self_attn.out_proj(_pad_rows(a, rows), dense)
@@ -785,6 +797,23 @@ def _pad_rows(x: mx.array, rows: int) -> mx.array:
     """x with zero rows appended up to `rows` rows (x itself when it has them)."""
     b = x.shape[0]
     return x if rows == b else mx.concatenate([x, mx.zeros((rows - b, *x.shape[1:]), x.dtype)])
+
+
+KV_DTYPES = ("model", "fp8")
+
+
+def to_cache(x: mx.array, dtype) -> mx.array:
+    """x as a KV ring stores it: `dtype` itself, or for uint8 the fp8 e4m3 bits of x (mx.to_fp8:
+    3 mantissa bits, magnitudes saturating at 448, below 2^-9 rounding to 0); values already
+    stored that way are returned as they are."""
+    if x.dtype == dtype:
+        return x
+    return mx.to_fp8(x) if dtype == mx.uint8 else x.astype(dtype)
+
+
+def from_cache(x: mx.array, dtype) -> mx.array:
+    """A stored KV ring as `dtype` values (fp8 e4m3 decoded; other dtypes returned as they are)."""
+    return mx.from_fp8(x, dtype=dtype) if x.dtype == mx.uint8 else x
 
 
 def advance_rows(pos: mx.array, offset: mx.array, context: int) -> tuple[mx.array, mx.array]:

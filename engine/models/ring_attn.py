@@ -33,8 +33,8 @@ def unsupported(head_dim: int, dtype) -> str | None:
         return "ring attention kernels need MLX's CUDA backend with the GPU as default device"
     if head_dim % 8 or 32 % (head_dim // 8):
         return f"head_dim={head_dim}: the kernels need head_dim / 8 to divide 32"
-    if dtype not in (mx.float32, mx.bfloat16, mx.float16):
-        return f"cache dtype {dtype} (supported: float32, bfloat16, float16)"
+    if dtype not in (mx.float32, mx.bfloat16, mx.float16, mx.uint8):
+        return f"cache dtype {dtype} (supported: float32, bfloat16, float16, uint8 = fp8 e4m3)"
     return None
 
 
@@ -50,14 +50,15 @@ def _kernels():
 
 def ring_attention(q: mx.array, k: mx.array, v: mx.array, pos: mx.array, scale: float) -> mx.array:
     """q (B, H, 1, hd) one query per row, k / v (R >= B, H, C, hd) the rings (rows past B are not
-    read), pos (B, C) int32 each slot's stored position (< 0: empty) -> (B, H, 1, hd) in k's dtype.
-    Every row must have at least one stored slot (a step stores its own key before attending)."""
+    read), pos (B, C) int32 each slot's stored position (< 0: empty) -> (B, H, 1, hd) in k's dtype,
+    or in q's where the rings hold fp8 e4m3 (uint8, `lm.to_cache`). Every row must have at least
+    one stored slot (a step stores its own key before attending)."""
     B, H, _, hd = q.shape
     C = k.shape[2]
     part_k, comb_k = _kernels()
     ch = chunk_slots(B, H)
     nck = -(-C // ch)
-    t = k.dtype
+    t = q.dtype if k.dtype == mx.uint8 else k.dtype
     part = part_k(inputs=[q.reshape(B, H, hd).astype(t), k, v, pos.astype(mx.int32),
                           mx.array([scale], mx.float32)],
                   template=[("T", t), ("H", H), ("HD", hd), ("C", C), ("CH", ch), ("NT", THREADS)],

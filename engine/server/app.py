@@ -61,6 +61,7 @@ class ServerConfig:
     static_dir: Path | None = None
     compiled: bool = True             # mx.compile the batched steps (engine.serve --no-compile: off)
     fused: str = "auto"               # batched CUDA kernels (engine.serve --fused; batch.fused_choice)
+    kv_dtype: str = "model"           # the sessions' KV rings: the model's dtype or "fp8" (engine.serve --kv)
     opus_complexity: int = 5          # libopus encoder complexity 0..10 for the agent's audio
     # (voice, text prompt) pairs whose prompt phases run before serving (None = default prompt)
     warm_prompts: tuple = (("NATF0", None),)
@@ -237,6 +238,8 @@ class ChatServer:
         self.loop = StepLoop(model, self.metrics, compiled=self.config.compiled,
                              capacity=self.config.max_sessions, warm=self.config.warm_prompts)
         self.loop.fused, self.loop.fused_parts = fused_choice(self.config.fused)
+        model.lm.kv_storage(self.config.kv_dtype)     # a bad choice fails here, with the choices
+        self.loop.kv_dtype = self.config.kv_dtype
         self.conns: set[_Conn] = set()
         self.per_client: Counter = Counter()
         self.draining = False

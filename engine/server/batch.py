@@ -4,6 +4,9 @@ Each conversation (slot) has its own temporal KV cache, absolute positions, toke
 flags, RNG key, sampling parameters and Mimi streaming state. `BatchEngine` keeps all of them
 stacked along a batch dimension (row = slot), so one 80 ms step is ONE Mimi encode, ONE temporal
 pass + depformer, and ONE Mimi decode for every active slot. Slots join and leave between steps.
+The LM part of a step is the generator's own frame (`LmGen.step_rows`, the `_step` a solo
+conversation runs) on the batch's `GenState`; this module supplies the model parts for its rows
+(`RowStep`) and manages the rows.
 
 How rows that started at different times share one step:
 - Temporal transformer and depformer: the model's own step (`LM._temporal` with `LM.row_flags`,
@@ -39,8 +42,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
-from ..models.gen import GenState, SamplingParams, frame_walk
-from ..models.lm import _pad_rows, advance_rows
+from ..models.gen import GenState, RowStep, SamplingParams
+from ..models.lm import LmCache, _pad_rows, advance_rows, to_cache
 from ..models.sampling import gumbel, sample, site_key, split_keys
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,7 @@ def _write_rows(arrays: list, r: int, rows: list) -> None:
     for i, src in enumerate(rows):
         x = arrays[i]
         arrays[i] = None
-        x[r:r + 1, :, :src.shape[2]] = src.astype(x.dtype)
+        x[r:r + 1, :, :src.shape[2]] = to_cache(src, x.dtype)
         arrays[i] = x
 
 
@@ -140,22 +143,27 @@ class BatchEngine:
     """
 
     def __init__(self, model, compiled: bool = False, capacity: int | None = None,
-                 fused: bool | str = False, fused_parts=DEFAULT_FUSED_PARTS):
+                 fused: bool | str = False, fused_parts=DEFAULT_FUSED_PARTS, kv_dtype: str = "model"):
         self.model = model
         self.mimi, self.lm, self.gen = model.mimi, model.lm, model.gen
         c = self.lm.config
+        # The rows' KV rings: the model's dtype, or fp8 e4m3 ("fp8": half the memory and the
+        # attention's reads; a join converts the prompted state's keys, `lm.to_cache`).
+        self.kv_dtype = kv_dtype
+        self._kv_storage = self.lm.kv_storage(kv_dtype)
         self.n_cb, self.ct, self.max_delay = self.gen.n_cb, self.gen.ct, self.gen.max_delay
         self.num_streams = self.gen.num_streams
-        self.phase = 0
         self.slots: list = []
-        # LM state. Temporal KV: `cap` preallocated rows (active rows first), so joins and leaves
-        # copy one row, not the batch; the small per-row arrays are rebuilt (None while empty).
+        # LM state: one GenState of all rows (row = slot), stepped by the generator's own frame
+        # (`LmGen.step_rows`): token ring (its offset is the batch's ring phase, past the prompt
+        # phases), provided flags, RNG keys per row, and an LmCache whose KV arrays hold `cap`
+        # preallocated rows (active rows first), so joins and leaves copy one row, not the batch;
+        # the small per-row arrays are rebuilt (None while empty).
         self.capacity = capacity
         self.cap = 0
-        self.k: list = [None] * c.num_layers
-        self.v: list = [None] * c.num_layers
-        self.pos = self.offset = self.tokens = self.keys = None
-        self.provided = np.zeros((0, self.num_streams, self.ct), dtype=bool)
+        cache = LmCache([None] * c.num_layers, [None] * c.num_layers, None, None, np.zeros(0, np.int64))
+        self.state = GenState(None, np.zeros((0, self.num_streams, self.ct), dtype=bool), self.ct, cache,
+                              None, 0)
         self.temp_text = np.zeros(0, np.float32)
         self.top_k_text = np.zeros(0, np.int32)
         self.temp_audio = np.zeros(0, np.float32)
@@ -181,7 +189,6 @@ class BatchEngine:
         # the CPU attention cost grows with the width (the whole ring costs 4x the first 256 slots
         # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
         self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
-        self.off_host = np.zeros(0, np.int64)      # host mirror of `offset`
         # The depformer walk (and, opt-in, the temporal step) of all rows as ONE CUDA kernel launch
         # (FusedLM.depformer_rows / temporal_rows) instead of MLX graphs, sampling sites and their
         # hundreds of kernels: MLX on CUDA is host-bound, and a step whose work is on the GPU does
@@ -200,7 +207,7 @@ class BatchEngine:
         self.ring_attn = False
         if fused is not False and "attention" in fused_parts:
             from ..models import ring_attn
-            why = ring_attn.unsupported(c.head_dim, self.lm.dtype)
+            why = ring_attn.unsupported(c.head_dim, self._kv_storage)
             if why is None and fused == "auto" and os.environ.get("PERSONAPLEX_FUSED", "1") == "0":
                 why = "the fused kernels are turned off (PERSONAPLEX_FUSED=0)"
             if why is not None and fused is True:
@@ -217,6 +224,9 @@ class BatchEngine:
                     if "depformer" in fused_parts:
                         fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
                     if "temporal" in fused_parts:
+                        if kv_dtype != "model":
+                            raise FusedUnavailable(f"the batched temporal kernel keeps its KV in the "
+                                                   f"model's dtype, not {kv_dtype}")
                         fe.prepare_temporal_rows()
                     self.fused, self.fused_parts = fe, frozenset(fused_parts) - {"attention"}
                 except FusedUnavailable as e:
@@ -227,6 +237,11 @@ class BatchEngine:
     @property
     def size(self) -> int:
         return len(self.slots)
+
+    @property
+    def cache(self) -> LmCache:
+        """The rows' temporal KV rings (`self.state.cache`)."""
+        return self.state.cache
 
     @property
     def fused_temporal(self) -> bool:
@@ -275,15 +290,16 @@ class BatchEngine:
                 width, off = variant
                 pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
                 fn = self._temporal_fn(width, rows, off >= C - 1)
-                kv = self.k + self.v
-                self.k = self.v = None
+                cache = self.cache
+                kv = cache.keys + cache.values
+                cache.keys = cache.values = None
                 h, logits, *kv, _, _ = fn(x[:, None], *kv, pos, mx.full((b,), off, mx.int32))
-                self.k, self.v = list(kv[:L]), list(kv[L:])
+                cache.keys, cache.values = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
             if not self.dep_kernel(b):
                 for s in range(c.dep_q):
                     _, dkv = self._depformer(s, h, prev, dkv)
-            mx.eval([a for a in (logits, h) if a is not None], dkv, self.k, self.v)
+            mx.eval([a for a in (logits, h) if a is not None], dkv, self.cache.keys, self.cache.values)
         # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
         # shape on CUDA: seconds, which would stall every session on the first live step).
         sp = SamplingParams()
@@ -331,17 +347,18 @@ class BatchEngine:
         j = np.arange(C)
         last = o[:, None] - 1
         pos = np.where(last >= j[None], last - (last - j[None]) % C, -1)
-        self.pos, self.offset = mx.array(pos.astype(np.int32)), mx.array(o.astype(np.int32))
-        self.off_host = o.copy()
-        mx.eval(self.pos, self.offset)
+        cache = self.cache
+        cache.pos, cache.offset = mx.array(pos.astype(np.int32)), mx.array(o.astype(np.int32))
+        cache.steps = o.copy()
+        mx.eval(cache.pos, cache.offset)
 
     def _grow(self, cap: int) -> None:
         """Make room for `cap` rows of temporal KV (rows >= size are unused)."""
         c = self.lm.config
         shape = (cap - self.cap, c.num_heads, c.context, c.head_dim)
-        for lst in (self.k, self.v):
+        for lst in (self.cache.keys, self.cache.values):
             for i in range(c.num_layers):
-                z = mx.zeros(shape, self.lm.dtype)
+                z = mx.zeros(shape, self._kv_storage)
                 lst[i] = z if self.cap == 0 else mx.concatenate([lst[i], z], axis=0)
                 mx.eval(lst[i])
         self.cap = cap
@@ -376,7 +393,8 @@ class BatchEngine:
             raise ConfigError("join needs a state after the prompt phases (offset > max delay)")
         sp = params.sampling
         enc, dec = self._fresh_mimi_rows(1)
-        shift = (self.phase - state.offset) % self.ct
+        st = self.state
+        shift = (st.offset - state.offset) % self.ct
         tokens = mx.roll(state.tokens, shift, axis=2)
         prov = np.roll(state.provided, shift, axis=1)[None]
         cache = state.cache
@@ -394,17 +412,19 @@ class BatchEngine:
         # measured on an H100, `mx.slice_update` with an index array took ~55 ms for the 64 KV
         # arrays of 16 rows (bench/join_probe.py) and the same update by slice ~2 ms.
         used = min(int(cache.step), self.lm.config.context)
-        _write_rows(self.k, B, [k[:, :, :used] for k in cache.keys])
-        _write_rows(self.v, B, [v[:, :, :used] for v in cache.values])
+        rows = self.cache
+        _write_rows(rows.keys, B, [k[:, :, :used] for k in cache.keys])
+        _write_rows(rows.values, B, [v[:, :, :used] for v in cache.values])
         if B == 0:
-            self.pos, self.offset, self.tokens, self.keys = pos, off, tokens, key
+            rows.pos, rows.offset, st.tokens, st.key = pos, off, tokens, key
         else:
-            self.pos = mx.concatenate([self.pos, pos], axis=0)
-            self.offset = mx.concatenate([self.offset, off], axis=0)
-            self.tokens = mx.concatenate([self.tokens, tokens], axis=0)
-            self.keys = mx.concatenate([self.keys, key], axis=0)
-        self.provided = np.concatenate([self.provided, prov], axis=0)
-        self.off_host = np.append(self.off_host, np.int64(cache.step))
+            rows.pos = mx.concatenate([rows.pos, pos], axis=0)
+            rows.offset = mx.concatenate([rows.offset, off], axis=0)
+            st.tokens = mx.concatenate([st.tokens, tokens], axis=0)
+            st.key = mx.concatenate([st.key, key], axis=0)
+        st.provided = np.concatenate([st.provided, prov], axis=0)
+        rows.steps = np.append(rows.steps, np.int64(cache.step))
+        st.batch_size = B + 1
         self.temp_text = np.append(self.temp_text, np.float32(sp.temp_text))
         self.top_k_text = np.append(self.top_k_text, np.int32(sp.top_k_text))
         self.temp_audio = np.append(self.temp_audio, np.float32(sp.temp_audio))
@@ -412,7 +432,7 @@ class BatchEngine:
         self.greedy = np.append(self.greedy, bool(sp.greedy))
         self.slots.append(slot)
         self.enc, self.dec = _concat_rows(self.enc, enc), _concat_rows(self.dec, dec)
-        mx.eval(self.k, self.v, self.pos, self.offset, self.tokens, self.keys, self.enc, self.dec)
+        mx.eval(rows.keys, rows.values, rows.pos, rows.offset, st.tokens, st.key, self.enc, self.dec)
 
     def _fresh_mimi_rows(self, b: int) -> tuple[list, list]:
         """Mimi state of b streams before their first frame (what a solo conversation starts from)."""
@@ -430,25 +450,28 @@ class BatchEngine:
         order.pop()
         self.slots[r] = self.slots[last]
         self.slots.pop()
+        st, cache = self.state, self.cache
         if r != last:
-            zero = mx.array(0, self.k[0].dtype)
-            rk = [k[last:last + 1] + zero for k in self.k]
-            rv = [v[last:last + 1] + zero for v in self.v]
+            zero = mx.array(0, cache.keys[0].dtype)
+            rk = [k[last:last + 1] + zero for k in cache.keys]
+            rv = [v[last:last + 1] + zero for v in cache.values]
             mx.eval(rk, rv)                       # own buffers first, so the big arrays can be donated
-            _write_rows(self.k, r, rk)
-            _write_rows(self.v, r, rv)
+            _write_rows(cache.keys, r, rk)
+            _write_rows(cache.values, r, rv)
             del rk, rv
-            mx.eval(self.k, self.v)
+            mx.eval(cache.keys, cache.values)
         if not order:
-            self.pos = self.offset = self.tokens = self.keys = self.enc = self.dec = None
+            cache.pos = cache.offset = st.tokens = st.key = self.enc = self.dec = None
         else:
             idx = mx.array(order, mx.int32)
-            self.pos, self.offset = mx.take(self.pos, idx, axis=0), mx.take(self.offset, idx, axis=0)
-            self.tokens, self.keys = mx.take(self.tokens, idx, axis=0), mx.take(self.keys, idx, axis=0)
+            cache.pos, cache.offset = mx.take(cache.pos, idx, axis=0), mx.take(cache.offset, idx, axis=0)
+            st.tokens, st.key = mx.take(st.tokens, idx, axis=0), mx.take(st.key, idx, axis=0)
             self.enc = [mx.take(a, idx, axis=0) for a in self.enc]
             self.dec = [mx.take(a, idx, axis=0) for a in self.dec]
-            mx.eval(self.pos, self.offset, self.tokens, self.keys, self.enc, self.dec)
-        for a in ("provided", "off_host", "temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
+            mx.eval(cache.pos, cache.offset, st.tokens, st.key, self.enc, self.dec)
+        st.provided, cache.steps = st.provided[order], cache.steps[order]
+        st.batch_size = len(order)
+        for a in ("temp_text", "top_k_text", "temp_audio", "top_k_audio", "greedy"):
             setattr(self, a, getattr(self, a)[order])
 
     # ------------------------------------------------------------------ Mimi
@@ -477,15 +500,16 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ LM
     def _temporal(self, x: mx.array):
-        """x (B, D) -> (h (R, D) with R >= B (rows past B: padding), text_logits (B, V)); advances
-        every row by one position."""
+        """x (B, 1, D) -> (h (R, D) with R >= B (rows past B: padding), text_logits (B, V)); advances
+        every row by one position (`RowStep.temporal`)."""
         C = self.lm.config.context
+        cache = self.cache
         if self.fused_temporal:
             B = x.shape[0]
-            # The kernel writes each row's K/V into self.k / self.v in place; pos and offset move on here.
-            h, logits, _ = self.fused.temporal_rows(x, self.pos, self.offset, self.k, self.v)
-            self.pos, self.offset = advance_rows(self.pos, self.offset, C)
-            self.off_host += 1
+            # The kernel writes each row's K/V into the cache's arrays in place; pos and offset move on here.
+            h, logits, _ = self.fused.temporal_rows(x[:, 0], cache.pos, cache.offset, cache.keys, cache.values)
+            cache.pos, cache.offset = advance_rows(cache.pos, cache.offset, C)
+            cache.steps += 1
             if not self.dep_kernel(B):                # the MLX depformer's traced shapes: padded rows, model dtype
                 h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
             return h, logits
@@ -493,16 +517,16 @@ class BatchEngine:
             fn = self._temporal_fn(C, self._rows(x.shape[0]), False)
         else:
             step = self.width_step
-            width = C if step is None else min(C, -(-(int(self.off_host.max()) + 1) // step) * step)
-            fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(self.off_host.min() >= C - 1))
+            width = C if step is None else min(C, -(-(int(cache.steps.max()) + 1) // step) * step)
+            fn = self._temporal_fn(width, self._rows(x.shape[0]), bool(cache.steps.min() >= C - 1))
         # The caches are passed in and replaced by the outputs: no other reference to the old
         # arrays survives this call, so the per-row scatter updates them in place (donation).
-        kv = self.k + self.v
-        self.k = self.v = None
-        h, logits, *kv, self.pos, self.offset = fn(x[:, None], *kv, self.pos, self.offset)
+        kv = cache.keys + cache.values
+        cache.keys = cache.values = None
+        h, logits, *kv, cache.pos, cache.offset = fn(x, *kv, cache.pos, cache.offset)
         L = len(kv) // 2
-        self.k, self.v = list(kv[:L]), list(kv[L:])
-        self.off_host += 1
+        cache.keys, cache.values = list(kv[:L]), list(kv[L:])
+        cache.steps += 1
         return h, logits
 
     def _temporal_fn(self, width: int, rows: int, full: bool):
@@ -529,41 +553,13 @@ class BatchEngine:
         return logits, kv
 
     def _lm_step(self, user: mx.array):
-        """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame."""
-        gen, c, ct, P = self.gen, self.lm.config, self.ct, self.phase
-        first = 1 + self.n_cb
-        tokens = self.tokens
-        for q0, q1, d in gen._runs["user"]:
-            col = (P + d) % ct
-            tokens = gen._put(tokens, user[:, q0:q1], first + q0, col)
-            self.provided[:, first + q0:first + q1, col] = True
-        in_col, tgt_col = (P - 1) % ct, P % ct
-        prov = self.provided[:, :, tgt_col].copy()                          # (B, streams)
-        target = tokens[:, :, tgt_col]
-        x = self.lm.embed(tokens[:, :, in_col:in_col + 1])[:, 0]             # (B, D)
-        h, text_logits = self._temporal(x)
-
-        self.keys, site = split_keys(self.keys, 1 + c.dep_q)                # site (B, 1+dep_q, 2)
-        n_steps = gen._live_steps(prov)
-        kv: list = []
-
-        def depformer(s, h, prev):
-            nonlocal kv
-            logits, kv = self._depformer(s, h, prev, kv)
-            return logits
-
-        def depformer_all(text):
-            return self._fused_depformer(h, text, prov, target, site, n_steps)
-
+        """user codes (B, n_cb) -> (text (B,), agent codes (B, n_cb)) of the undelayed frame: the
+        generator's own frame (`LmGen.step_rows`) over the rows, with this batch's model parts."""
         kernel = self.dep_kernel(self.size)
-        new_col = frame_walk(h, text_logits, target, prov, n_steps, site, self._sampling(),
-                             None if kernel else depformer, depformer_all if kernel else None)
-        self.provided[:, :, in_col] = False
-        tokens = gen._put(tokens, mx.stack(new_col, axis=1), 0, tgt_col)
-        out = gen.delayed(tokens, P)
-        self.tokens = tokens
-        self.phase += 1
-        return out[:, 0], out[:, 1:1 + self.n_cb]
+        rows = RowStep(self._temporal, self._sampling(), None if kernel else self._depformer,
+                       self._fused_depformer if kernel else None)
+        out = self.gen.step_rows(self.state, rows, user)
+        return out.text, out.agent_codes
 
     def _sampling(self) -> "_RowSampling":
         """The rows' sampling parameters, each field a (B,) array (what `frame_walk` reads)."""
@@ -599,7 +595,8 @@ class BatchEngine:
         user = self._encode(frames)
         text, agent = self._lm_step(user)
         pcm = self._decode(agent)
-        state = [pcm, text, self.tokens, self.keys, self.pos, self.offset, *self.k, *self.v]
+        st, cache = self.state, self.cache
+        state = [pcm, text, st.tokens, st.key, cache.pos, cache.offset, *cache.keys, *cache.values]
         state += self.enc + self.dec
         mx.eval(state)
         return np.array(pcm, dtype=np.float32), np.array(text, dtype=np.int64)

@@ -453,7 +453,7 @@ class StepLoop:
             except Exception as e:  # noqa: BLE001 - a missing voice only matters when asked for
                 log.warning("could not warm the prompt cache for %s / %r: %s", voice, prompt, e)
         be = self.batch = BatchEngine(self.model, compiled=self.compiled, capacity=self.capacity,
-                                      fused=self.fused, fused_parts=self.fused_parts)
+                                      fused=self.fused, fused_parts=self.fused_parts, kv_dtype=self.kv_dtype)
         if self.capacity:
             t0 = time.perf_counter()
             # every session's KV rows and GPU kernels now, not mid-call
@@ -483,6 +483,7 @@ class StepLoop:
     gc_full_every = 750                  # steps (one minute of audio)
     fused: bool | str = "auto"           # BatchEngine(fused=...): the batched CUDA kernels where MLX runs on CUDA
     fused_parts = DEFAULT_FUSED_PARTS    # which of them (BatchEngine(fused_parts=...); see batch.fused_choice)
+    kv_dtype = "model"                   # BatchEngine(kv_dtype=...): "model" or "fp8"
 
     def _wait_until(self, start: float, now: float) -> None:
         """Sleep until `start` (perf_counter); the last `spin_s` of it polls instead, yielding

@@ -271,3 +271,47 @@ def test_dense_prefill_of_quantized_model(tiny_sd):
     assert lm.temporal_flags(8, 0)[1] and not lm.temporal_flags(1, 0)[1]
     t_d, _ = _our_logits(lm, tok, dep, chunk=8)
     assert np.abs(t_q - t_d).max() < 1e-3 and np.abs(t_q).max() > 1.0
+
+
+def _fp8_rounded_writes(monkeypatch):
+    """Make every KV write of a model-dtype cache round its values through fp8 e4m3 (the numbers an
+    fp8 ring holds, stored wide): the reference an fp8 ring must equal exactly."""
+    import engine.models.lm as lm_mod
+    real = lm_mod.to_cache
+
+    def rounded(x, dtype):
+        return real(x, dtype) if dtype == mx.uint8 else mx.from_fp8(mx.to_fp8(x), dtype=dtype)
+
+    monkeypatch.setattr(lm_mod, "to_cache", rounded)
+
+
+def test_fp8_kv_cache_holds_e4m3_and_attends_over_its_values(monkeypatch):
+    """make_cache(kv_dtype="fp8") stores keys and values as e4m3 bytes (a quarter of float32) and
+    attends over their decoded values: prefill chunks (slice writes), a chunk that wraps the ring
+    (scatter writes) and single steps give exactly the outputs of a model-dtype cache whose writes
+    round through fp8, and its bytes decode to that cache's values. Unrounded, the values differ."""
+    cfg = dataclasses.replace(TINY, context=8)
+    lm = LM.from_weights(_mx(random_state_dict(cfg, 3)), cfg, mx.float32)
+    tok, _ = _inputs(cfg, 2, 14, 9)
+    x = lm.embed(mx.array(tok))
+    chunks = [(0, 3), (3, 6), (6, 9), (9, 10), (10, 11), (11, 14)]     # (6, 9) and (11, 14) wrap
+
+    def run(kv_dtype):
+        cache = lm.make_cache(2, kv_dtype)
+        outs = [lm.temporal(x[:, a:b], cache) for a, b in chunks]
+        return outs, cache
+
+    with pytest.raises(ConfigError, match="fp8"):
+        lm.make_cache(1, "fp4")
+    plain_outs, plain = run("model")
+    outs, cache = run("fp8")
+    assert cache.keys[0].dtype == mx.uint8 and cache.nbytes < plain.nbytes / 3
+    _fp8_rounded_writes(monkeypatch)
+    ref_outs, ref = run("model")
+    for (h, tl), (rh, rtl) in zip(outs, ref_outs):
+        np.testing.assert_array_equal(np.array(h), np.array(rh))
+        np.testing.assert_array_equal(np.array(tl), np.array(rtl))
+    for a, b, p in zip(cache.keys + cache.values, ref.keys + ref.values, plain.keys + plain.values):
+        np.testing.assert_array_equal(np.array(mx.from_fp8(a, dtype=mx.float32)), np.array(b))
+        assert not np.array_equal(np.array(b), np.array(p))
+    assert np.abs(np.array(outs[-1][1]) - np.array(plain_outs[-1][1])).max() > 0

@@ -48,6 +48,25 @@ __device__ __forceinline__ void load8(const __half* p, float* f) {
   for (int i = 0; i < 4; ++i) { const float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
 }
 
+// One fp8 e4m3 value (the OCP "fn" format mx.to_fp8 stores: exponent bias 7, no infinities,
+// 0x7f / 0xff NaN, which mx.to_fp8 never writes: it saturates at +-448) as a float. Normal
+// numbers: the 7 exponent and mantissa bits moved to a float's positions, times 2^(127 - 7);
+// subnormals (exponent 0): mantissa * 2^-9, so a flush-to-zero build decodes them too.
+__device__ __forceinline__ float fp8e4m3_to_float(unsigned int b) {
+  const float mag = (b & 0x78u) ? __uint_as_float((b & 0x7fu) << 20) * 1.329227995784916e36f
+                                : (float)(b & 7u) * 0.001953125f;
+  return (b & 0x80u) ? -mag : mag;
+}
+// Eight consecutive fp8 e4m3 values (8-byte aligned) as floats.
+__device__ __forceinline__ void load8(const uint8_t* p, float* f) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[i] = fp8e4m3_to_float((u.x >> (8 * i)) & 0xffu);
+    f[4 + i] = fp8e4m3_to_float((u.y >> (8 * i)) & 0xffu);
+  }
+}
+
 // Round a float to the precision of T (identity for float).
 template <typename T> __device__ __forceinline__ float rt(float v) { return tof(fromf<T>(v)); }
 

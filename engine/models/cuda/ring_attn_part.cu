@@ -7,8 +7,9 @@
 // lane, one 16-byte load of a bf16 key row each) take one slot at a time, keep a running max, sum
 // and weighted value sum (online softmax), and the block merges them into one partial
 // (max, sum, HD sums) for ring_attn_combine.cu.
-// Template: T (cache dtype), H, HD, C, CH (slots per chunk), NT (threads). Grid: B * H * NCK blocks.
-// Inputs: q (B, H, HD) T (after RoPE), k / v (rows >= B, H, C, HD) T, pos (B, C) int32, sc (1) float
+// Template: T (the query's dtype), H, HD, C, CH (slots per chunk), NT (threads). Grid: B * H * NCK
+// blocks. Inputs: q (B, H, HD) T (after RoPE), k / v (rows >= B, H, C, HD) in the cache's dtype: T,
+// or uint8 holding fp8 e4m3 (8 channels per lane: one 8-byte load), pos (B, C) int32, sc (1) float
 // (the softmax scale). Output: part (B, H, NCK, HD + 2) float: [max, sum, acc...], max = -inf and
 // sum = 0 for a chunk without a stored slot.
 constexpr int G = HD / 8;                 // lanes per slot
