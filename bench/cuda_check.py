@@ -45,27 +45,18 @@ KERNELS = {
     "depformer_rows": (dict(_DEP, NB=8), [("h", F), ("meta", I), ("ttok", I), ("forced", I), ("temp", F),
                                            ("topk", I), ("noise", F)] + _DEP_W,
                        [("toks", I), ("scratch", F)]),
-    "temporal_rows": (dict(D=4096, H=32, HD=128, L=32, C=3000, HID=11264, TXT=32000, BT=4, BH=16, GS=64, NCH=1,
-                           NT=256, NB=8, KS5=2, SKIP=0),
-                      [("x", T), ("meta", I), ("pos", I), ("offs", I)] + [(f"k{i}", T) for i in range(32)]
-                      + [(f"v{i}", T) for i in range(32)]
-                      + [("wq", U), ("sq", T), ("bq", T), ("wo", U), ("so", T), ("bo", T), ("wi", U), ("si", T),
-                         ("bi_", T), ("wd", U), ("sd", T), ("bd", T), ("n1", T), ("n2", T), ("onorm", T),
-                         ("wt", T), ("st", T), ("bt", T), ("fp", F)],
-                      [("h", F), ("logits", F), ("scratch", F)]),
     "ring_attn_part": (dict(H=32, HD=128, C=3000, CH=256, NT=256),
                        [("q", T), ("k", T), ("v", T), ("pos", I), ("sc", F)], [("part", F)]),
     "ring_attn_combine": (dict(HD=128, NCK=12), [("part", F)], [("o", T)]),
+    # the same body over fp8 e4m3 rings (BatchEngine(kv_dtype="fp8")): the keys and values as bytes
+    "ring_attn_part_fp8": (dict(H=32, HD=128, C=3000, CH=256, NT=256),
+                           [("q", T), ("k", "uint8_t"), ("v", "uint8_t"), ("pos", I), ("sc", F)], [("part", F)]),
 }
 
 
 def body(name: str) -> str:
     """The kernel body as engine/models/fused.py hands it to MLX."""
-    if name == "temporal_rows":
-        sys.path.insert(0, str(SRC.parents[2]))
-        from engine.models.fused import FusedLM
-        return FusedLM.temporal_rows_source(KERNELS[name][0]["L"])
-    return (SRC / f"{name}.cu").read_text()
+    return (SRC / f"{name.removesuffix('_fp8')}.cu").read_text()
 
 
 def source(name: str, float32: bool = False) -> str:

@@ -1,8 +1,6 @@
-"""The batched fused kernels at full size: build time, one launch per batch size, barrier errors.
+"""The batched depformer kernel at full size: build time, one launch per batch size, barrier errors.
 
     PYTHONPATH=. python bench/rows_probe.py --device gpu --config personaplex --quantize 4
-    PYTHONPATH=. python bench/rows_probe.py --temporal      # the temporal kernel: fresh / full rings,
-                                                            # and with its attention or matrices skipped
 Prints as it goes (and dumps every thread's stack if a stage hangs for --hang-s seconds).
 """
 from __future__ import annotations
@@ -30,7 +28,6 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8,16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hang-s", type=float, default=120)
-    ap.add_argument("--temporal", action="store_true", help="time FusedLM.temporal_rows instead")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.hang_s, repeat=True, file=sys.stderr)
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
@@ -43,10 +40,6 @@ def main() -> None:
         print("no fused engine:", FusedLM.unsupported(model.lm))
         return
     c = model.lm.config
-    if args.temporal:
-        temporal(f, c, [int(x) for x in args.sizes.split(",")], args.reps)
-        faulthandler.cancel_dump_traceback_later()
-        return
     n = 8
     t0 = time.perf_counter()
     nt, nb = f.prepare_rows(n)
@@ -69,34 +62,6 @@ def main() -> None:
                       f"tokens {np.array(toks)[0, :4].tolist()}", flush=True)
         print(f"B={b} p50 {np.median(ts[1:]):.2f} ms max {max(ts[1:]):.2f} ms", flush=True)
     faulthandler.cancel_dump_traceback_later()
-
-
-def temporal(f, c, sizes, reps):
-    t0 = time.perf_counter()
-    nt, nb, ks = f.prepare_temporal_rows()
-    print(f"temporal: {nt} threads x {nb} vectors per chunk, linear_out in {ks} parts, {f.blocks} blocks; prepared in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
-    cap = max(sizes)
-    ring = (cap, c.num_heads, c.context, c.head_dim)
-    keys = [mx.random.normal(ring).astype(f.dtype) * 0.1 for _ in range(c.num_layers)]
-    values = [mx.random.normal(ring).astype(f.dtype) * 0.1 for _ in range(c.num_layers)]
-    mx.eval(keys, values)
-    for b in sizes:
-        x = mx.random.normal((b, c.dim)).astype(f.dtype)
-        for ring_state, used in (("fresh", 80), ("full", c.context)):
-            j = np.arange(c.context)
-            pos = mx.array(np.where(j[None] < used, j[None], -1).repeat(b, 0).astype(np.int32))
-            offs = mx.full((b,), used, mx.int32)
-            for skip, what in ((0, "whole"), (1, "no attention"), (2, "no matrices")):
-                ts = []
-                for r in range(reps):
-                    t = time.perf_counter()
-                    h, lg, scr = f.temporal_rows(x, pos, offs, keys, values, skip=skip)
-                    mx.eval(h, lg, scr)
-                    ts.append((time.perf_counter() - t) * 1e3)
-                err = f.barrier_error(scr)
-                print(f"temporal B={b} {ring_state} {what}: p50 {np.median(ts[1:]):.2f} ms "
-                      f"(first {ts[0]:.0f} ms){' BARRIER ERROR' if err else ''}", flush=True)
 
 
 if __name__ == "__main__":

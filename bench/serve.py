@@ -310,7 +310,7 @@ def main() -> None:
     ap.add_argument("--fused", default="auto", choices=FUSED_CHOICES,
                     help="batched CUDA kernels, as engine.serve --fused: auto (default: on CUDA the depformer "
                          "kernel on steps of up to 16 rows, MLX's depformer above, and the ring attention "
-                         "kernels; MLX elsewhere), off (MLX only), depformer, temporal, attention, all (those "
+                         "kernels; MLX elsewhere), off (MLX only), depformer, attention, all (those "
                          "kernels at every row count)")
     ap.add_argument("--fused-depformer", action="store_true", help="the same as --fused depformer")
     ap.add_argument("--kv", default="model", choices=("model", "fp8"), dest="kv_dtype",

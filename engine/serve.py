@@ -75,13 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp8 = e4m3 bytes, half the memory and half the attention's reads, with some damage "
                         "to the attention (docs/performance.md says what was measured)")
     p.add_argument("--fused", default="auto",
-                   choices=("auto", "off", "depformer", "temporal", "attention", "all"),
+                   choices=("auto", "off", "depformer", "attention", "all"),
                    help="batched CUDA kernels: auto (default) = where MLX runs on CUDA, the depformer of all "
                         "sessions as one kernel on ticks of up to 16 sessions and MLX's graphs above (faster "
                         "there), and the attention over each session's KV ring as kernels that read its "
-                        "stored slots only; the MLX path elsewhere; off = MLX only; depformer / temporal / "
-                        "attention / all = those kernels at every session count (CUDA only; the temporal one "
-                        "is slower at 16 sessions, see docs/performance.md)")
+                        "stored slots only; the MLX path elsewhere; off = MLX only; depformer / "
+                        "attention / all = those kernels at every session count (CUDA only)")
     p.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0..10",
                    help="libopus encoder complexity for the agent's audio (default 5: a quarter of the "
                         "CPU of 10 at about the same bitrate)")

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolk
 
 @pytest.mark.parametrize("name,threads,float32", [
     ("temporal", 512, False), ("depformer", 512, False), ("depformer_rows", 256, False),
-    ("depformer", 512, True), ("depformer_rows", 256, True)])
+    ("depformer", 512, True), ("depformer_rows", 256, True), ("ring_attn_part", 256, False),
+    ("ring_attn_part_fp8", 256, False), ("ring_attn_part_fp8", 256, True), ("ring_attn_combine", 256, False)])
 def test_kernel_compiles_and_launches(name, threads, float32):
     r = cuda_check.check(name, NVCC, float32)
     assert r["ok"], r["errors"]

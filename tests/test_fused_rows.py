@@ -1,6 +1,6 @@
-"""The batched server's fused kernels (FusedLM.temporal_rows / depformer_rows, cuda/temporal_rows.cu and
-depformer_rows.cu; the ring attention kernels, engine/models/ring_attn.py) against the MLX temporal
-step, depformer loop and attention they replace in engine.server.batch.BatchEngine.
+"""The batched server's fused kernels (FusedLM.depformer_rows, cuda/depformer_rows.cu; the ring
+attention kernels, engine/models/ring_attn.py) against the MLX depformer loop and attention they
+replace in engine.server.batch.BatchEngine.
 
 GPU only (MLX CUDA backend): `python -m pytest -m gpu tests/test_fused_rows.py`, or
 `python3 tests/test_fused_rows.py` on the device where pytest is missing. In float32 both paths
@@ -43,7 +43,7 @@ def _sampling(k):
     return SamplingParams(temp_text=0.9, top_k_text=k, temp_audio=0.6 + 0.1 * k, top_k_audio=40 * k)
 
 
-def _run(model, fused, T=16, n=11, force_seed=None, parts=("temporal", "depformer"), dep_max_rows=None,
+def _run(model, fused, T=16, n=11, force_seed=None, parts=("depformer",), dep_max_rows=None,
          leaves=None):
     """n sessions with different sampling (one greedy), joining over the first steps and one leaving
     midway (`leaves`: {step: [slots]} instead); returns per-step (slots, text, agent codes, pcm) and
@@ -83,7 +83,7 @@ def test_rows_kernel_matches_mlx_depformer_float32():
     model = _model()
     ref, be_ref = _run(model, False)
     got, be = _run(model, True, parts=("depformer",))
-    assert be_ref.fused is None and be.fused is not None and not be.fused_temporal
+    assert be_ref.fused is None and be.fused is not None and not be.ring_attn
     assert max(len(s) for s, *_ in got) > 8          # more rows than one chunk of NB = 8
     # the outputs vary (not a degenerate model) and the greedy rows differ from the sampled ones
     assert len({tuple(k[:, 1:9].reshape(-1)) for *_, k, _ in got}) > 5
@@ -116,55 +116,6 @@ def test_auto_switches_depformer_path_by_row_count_float32():
     small = [n <= 5 for n in sizes]
     assert small[0] and not all(small) and small[-1]         # kernel, then MLX, then the kernel again
     assert calls["n"] == sum(small)
-    _compare(ref, got)
-
-
-def test_temporal_rows_kernel_matches_mlx_float32():
-    """The batched temporal kernel against the model's temporal step for rows (`LM._temporal`) from the
-    same state, 11 rows (more than one chunk), fresh rings and then full rings where some rows wrap
-    around: h, text logits, the K/V rows written and the positions. At positions near 2 x context a
-    float32 RoPE angle is only good to ~5e-4 rad in either implementation: looser there."""
-    for shape in ((8, 1), (4, 2)):       # linear_out's input whole, and in two column parts
-        _temporal_rows_vs_mlx(shape)
-
-
-def _temporal_rows_vs_mlx(shape):
-    from engine.server.batch import BatchEngine, SlotParams
-    model = _model()
-    be = BatchEngine(model, fused=True, fused_parts=("temporal",))
-    assert be.fused_temporal and not be.fused_dep
-    be.fused._tkr, be.fused.temporal_rows_shape = None, shape
-    assert be.fused.prepare_temporal_rows()[1:] == shape
-    c = model.lm.config
-    for i in range(11):
-        be.join(i, model.prompts.state(None, None, 100 + i, warm=False), SlotParams(_sampling(i % 6), 100 + i))
-    assert be.size > be.fused._tnb
-    rng = np.random.default_rng(2)
-    B = be.size
-    for full in (False, True):
-        tol = 2e-3 if full else 2e-4
-        if full:     # rows 0..2 write slots C-3..C-1, the others wrap to slots 0.. (older keys there)
-            be.set_offsets(2 * c.context - 3 + np.arange(B))
-        for _ in range(3):
-            x = mx.array(rng.standard_normal((B, c.dim)).astype(np.float32))
-            kv = [a[:B] * 1 for a in be.cache.keys + be.cache.values]
-            h_ref, lg_ref, *kv_ref, pos_ref, off_ref = model.lm._temporal(x[:, None], *kv, be.cache.pos,
-                                                                          be.cache.offset,
-                                                                          flags=model.lm.row_flags())
-            h, lg = be._temporal(x[:, None])
-            np.testing.assert_allclose(np.array(h), np.array(h_ref), rtol=tol, atol=tol)
-            np.testing.assert_allclose(np.array(lg), np.array(lg_ref), rtol=tol, atol=10 * tol)
-            np.testing.assert_array_equal(np.array(be.cache.pos), np.array(pos_ref))
-            np.testing.assert_array_equal(np.array(be.cache.offset), np.array(off_ref))
-            for a, b in zip(be.cache.keys + be.cache.values, kv_ref):
-                np.testing.assert_allclose(np.array(a[:B]), np.array(b), rtol=tol, atol=tol)
-
-
-def test_both_rows_kernels_match_mlx_float32():
-    model = _model()
-    ref, _ = _run(model, False, T=14, force_seed=3)
-    got, be = _run(model, True, T=14, force_seed=3)
-    assert be.fused_temporal and be.fused_dep
     _compare(ref, got)
 
 
@@ -225,9 +176,9 @@ def test_rows_kernel_bf16_close():
     assert (a == b).mean() > 0.9, (a == b).mean()
 
 
-def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
-    """Each batched call of 3 rows invokes its `mx.fast.cuda_kernel` once (one launch, whatever the
-    number of rows), and no grid barrier timed out."""
+def test_rows_kernel_is_one_launch_and_has_no_barrier_error():
+    """A batched depformer call of 3 rows invokes its `mx.fast.cuda_kernel` once (one launch,
+    whatever the number of rows), and no grid barrier timed out."""
     model = _model()
     from engine.server.batch import BatchEngine, SlotParams
     be = BatchEngine(model, fused=True)
@@ -236,8 +187,7 @@ def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
     c = model.lm.config
     sp = SamplingParams()
     be.fused.prepare_rows(8)
-    be.fused.prepare_temporal_rows()
-    launches = {"depformer": 0, "temporal": 0}
+    launches = {"depformer": 0}
 
     def counted(name, kernel):
         def launch(**kw):
@@ -246,23 +196,15 @@ def test_rows_kernels_are_one_launch_each_and_have_no_barrier_error():
         return launch
 
     be.fused._dkr = counted("depformer", be.fused._dkr)
-    be.fused._tkr = counted("temporal", be.fused._tkr)
     h = mx.random.normal((3, c.dim))
     toks, scr = be.fused.depformer_rows(h, mx.array([1, 2, 3], mx.int32), mx.full((3, 8), -1, mx.int32),
                                         mx.array([sp.temp_audio] * 3, mx.float32), mx.array([250] * 3, mx.int32),
                                         mx.random.gumbel((3, 8, c.card)), 8)
     mx.eval(toks)
-    assert launches == {"depformer": 1, "temporal": 0}
+    assert launches == {"depformer": 1}
     assert not fz.FusedLM.barrier_error(scr)
     t = np.array(toks)
     assert t.shape == (3, 8) and (t >= 0).all() and (t < c.card).all()
-    cache = be.cache
-    h, lg, scr = be.fused.temporal_rows(mx.random.normal((3, c.dim)), cache.pos, cache.offset, cache.keys,
-                                        cache.values)
-    mx.eval(h, lg)
-    assert launches == {"depformer": 1, "temporal": 1}
-    assert not fz.FusedLM.barrier_error(scr)
-    assert h.shape == (3, c.dim) and lg.shape == (3, c.text_out) and np.isfinite(np.array(lg)).all()
 
 
 def test_ring_attention_kernels_match_mlx_attention_float32():

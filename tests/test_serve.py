@@ -299,24 +299,14 @@ def test_batch_errors(tiny_model):
 
 
 class _RowsContract:
-    """What FusedLM.depformer_rows and temporal_rows compute (cuda/depformer_rows.cu,
-    temporal_rows.cu), written with MLX ops: the CPU stand-in that checks BatchEngine's side of the
-    calls (keys -> Gumbel noise, forced codebooks, greedy rows; rings written in place, positions
-    advanced by the caller) against the MLX path. tests/test_fused_rows.py checks the kernels
-    themselves against the MLX path on a GPU."""
+    """What FusedLM.depformer_rows computes (cuda/depformer_rows.cu), written with MLX ops: the
+    CPU stand-in that checks BatchEngine's side of the call (keys -> Gumbel noise, forced
+    codebooks, greedy rows) against the MLX path. tests/test_fused_rows.py checks the kernel itself
+    against the MLX path on a GPU."""
 
     def __init__(self, lm):
         self.lm = lm
         self.calls = 0
-        self.tcalls = 0
-
-    def temporal_rows(self, x, pos, offs, keys, values):
-        import mlx.core as mx
-        self.tcalls += 1
-        L = len(keys)
-        h, logits, *kv, _, _ = self.lm._temporal(x[:, None], *keys, *values, pos, offs, flags=self.lm.row_flags())
-        keys[:], values[:] = kv[:L], kv[L:]          # the kernel writes the callers' rings in place
-        return h.astype(mx.float32), logits.astype(mx.float32), None
 
     def depformer_rows(self, h, ttok, forced, temp, top_k, noise, n):
         import mlx.core as mx
@@ -454,8 +444,8 @@ def test_fp8_kv_rows_step_on_their_decoded_values(tiny_model, monkeypatch):
 
 
 def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
-    """BatchEngine with the batched fused kernels (here their contracts in MLX), each alone and both,
-    gives the tokens of the MLX path: 7 rows with different sampling (greedy, top-k), joins, a leave,
+    """BatchEngine with the batched depformer kernel (here its contract in MLX) gives the tokens of
+    the MLX path: 7 rows with different sampling (greedy, top-k), joins, a leave,
     random agent codebooks forced, and full rings that wrap. On the CPU the real kernels are
     unavailable: fused=True says so."""
     from engine.errors import EngineError
@@ -469,20 +459,19 @@ def test_fused_kernel_calls_give_the_mlx_paths_tokens(tiny_model):
         with pytest.raises(EngineError, match="fused_parts"):
             BatchEngine(tiny_model, fused="auto", fused_parts=("mimi",))
         assert BatchEngine(tiny_model, fused="auto").fused is None       # CPU: the MLX path
-        return [_contract_run(tiny_model, p) for p in ((), ("depformer",), ("temporal",), ("temporal", "depformer"))]
+        return _contract_run(tiny_model, ()), _contract_run(tiny_model, ("depformer",))
 
-    (ref, _), *fused = tiny_model.worker.call(all_runs)
-    for parts, (got, be) in zip((("depformer",), ("temporal",), ("temporal", "depformer")), fused):
-        assert (be.fused.calls, be.fused.tcalls) == (8 * ("depformer" in parts), 8 * ("temporal" in parts))
-        assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
-        _same_tokens(ref, got, parts)
+    (ref, _), (got, be) = tiny_model.worker.call(all_runs)
+    assert be.fused.calls == 8
+    assert len({tuple(t[2][:, 1:9, 0].reshape(-1)) for t in got}) > 4      # the codes vary
+    _same_tokens(ref, got, "depformer")
 
 
 def test_auto_fused_switches_the_depformer_path_by_row_count(tiny_model):
     """fused="auto" runs the depformer kernel on steps of up to `dep_kernel_max_rows` rows and MLX's
     depformer above. Rows 2, 4, 6, 7, 7, then 4 leave: 3, 3, 3, so with the line at 4 the steps
-    cross it both ways, with the temporal kernel's h (float32, unpadded) feeding either path. Every
-    step of at most 4 rows calls the kernel (its stand-in here) and no other does, and the tokens
+    cross it both ways. Every step of at most 4 rows calls the kernel (its stand-in here) and no
+    other does, and the tokens
     are the MLX-only engine's."""
     from engine.server.batch import AUTO_DEP_KERNEL_MAX_ROWS, BatchEngine
     leaves = (0, 1, 2, 3)
@@ -492,12 +481,12 @@ def test_auto_fused_switches_the_depformer_path_by_row_count(tiny_model):
         assert auto.dep_kernel_max_rows == AUTO_DEP_KERNEL_MAX_ROWS == 16
         assert BatchEngine(tiny_model, fused=False).dep_kernel_max_rows is None   # as fused=True
         return (_contract_run(tiny_model, (), leaves=leaves),
-                _contract_run(tiny_model, ("temporal", "depformer"), limit=4, leaves=leaves))
+                _contract_run(tiny_model, ("depformer",), limit=4, leaves=leaves))
 
     (ref, _), (got, be) = tiny_model.worker.call(runs)
     sizes = [len(slots) for slots, *_ in got]
     assert sizes == [2, 4, 6, 7, 7, 3, 3, 3]
-    assert be.fused.calls == sum(n <= 4 for n in sizes) == 5 and be.fused.tcalls == 8
+    assert be.fused.calls == sum(n <= 4 for n in sizes) == 5
     assert [be.dep_kernel(n) for n in (1, 4, 5, 64)] == [True, True, False, False]
     be.dep_kernel_max_rows = None                                     # explicit fused=True: every size
     assert be.dep_kernel(64)
@@ -945,7 +934,9 @@ def test_fused_choice_maps_the_cli_names():
     assert fused_choice("auto") == ("auto", DEFAULT_FUSED_PARTS) == (StepLoop.fused, StepLoop.fused_parts)
     assert fused_choice("off")[0] is False
     assert fused_choice("all") == (True, FUSED_PARTS)
-    assert fused_choice("temporal") == (True, ("temporal",))
+    assert fused_choice("attention") == (True, ("attention",))
+    with pytest.raises(EngineError, match="choose one of"):
+        fused_choice("temporal")                  # the batched temporal kernel was removed
     assert set(FUSED_CHOICES) == {"auto", "off", "all", *FUSED_PARTS}
     from engine.serve import build_parser
     fused_opt = next(a for a in build_parser()._actions if a.dest == "fused")

@@ -15,9 +15,9 @@ cuda/common.cuh). Weights stay in MLX's formats (dense or affine-quantized); `Fu
 each kind of matrix over layers (the modules keep views of the stacked arrays, no extra memory).
 Text sampling, the token ring and the KV write stay in MLX (a few dozen ops).
 
-`temporal_rows` and `depformer_rows` are the same two walks for B conversations in one launch each
-(the batched server's fused path, engine/server/batch.py): per-row positions and KV rings, per-row
-sampling parameters and forced codebooks.
+`depformer_rows` is the depformer's walk for B conversations in one launch (the batched server's
+fused path, engine/server/batch.py): per-row sampling parameters and forced codebooks. The batched
+server's temporal step is MLX's graph with the ring attention kernels (ring_attn.py).
 """
 from __future__ import annotations
 
@@ -124,8 +124,6 @@ def _bits(mod) -> int:
 class FusedLM:
     """Packs an `engine.models.lm.LM` for the fused kernels and runs them."""
 
-    temporal_rows_shape = None     # tests: force the batched temporal step's (NB, KS5)
-
     def __init__(self, lm, blocks: int | None = None):
         reason = self.unsupported(lm)
         if reason:
@@ -156,8 +154,6 @@ class FusedLM:
         self._dfp = mx.array([c.norm_eps], mx.float32)
         self._dkr = None           # the batched depformer (`depformer_rows`), built on first use
         self._nb, self._rows_nt = 0, NT
-        self._tkr = None           # the batched temporal step (`temporal_rows`), built on first use
-        self._tnb, self._trows_nt, self._tks = 0, NT, 1
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -397,101 +393,6 @@ class FusedLM:
             output_shapes=[(B, n_steps), (scratch,)], output_dtypes=[mx.int32, mx.float32],
             init_value=0.0)
         return toks, scr
-
-    # ------------------------------------------------------------------ batched temporal
-    @staticmethod
-    def temporal_rows_source(num_layers: int) -> str:
-        """temporal_rows.cu with the tables of its per-layer K / V inputs (k0.., v0..) prepended."""
-        L = num_layers
-        tables = (f"const T* const KP[{L}] = {{{', '.join(f'k{i}' for i in range(L))}}};\n"
-                  f"const T* const VP[{L}] = {{{', '.join(f'v{i}' for i in range(L))}}};\n")
-        return tables + (_SRC / "temporal_rows.cu").read_text()
-
-    def _temporal_rows_shapes(self) -> list:
-        """(vectors per chunk NB, linear_out input parts KS5) of the batched temporal step, best
-        first: NB vectors of every stage input (the gating hidden split in KS5 parts) must fit the
-        shared memory; more vectors per chunk = fewer passes over the weights."""
-        if self.temporal_rows_shape is not None:
-            return [self.temporal_rows_shape]
-        c = self.c
-        out = []
-        for nb in (8, 4, 2, 1):
-            for ks in (1, 2):
-                part = c.hidden // ks
-                unit = max(self.group_size, 32)       # whole quantization groups and 16-byte vectors
-                if c.hidden % ks or (ks > 1 and part % unit):
-                    continue
-                if 4 * nb * _xs(max(c.dim, part)) <= _SMEM_LIMIT:
-                    out.append((nb, ks))
-                    break
-        if not out:
-            raise FusedUnavailable("the batched temporal step's vectors do not fit the kernels' shared memory")
-        return out
-
-    def prepare_temporal_rows(self) -> tuple[int, int, int]:
-        """Build the batched temporal kernel and pick its launch shape (threads per block, vectors
-        per chunk, linear_out input parts), as `prepare_rows`: each candidate runs once on a dummy
-        row. Raises FusedUnavailable when none launches."""
-        if self._tkr is not None:
-            return self._trows_nt, self._tnb, self._tks
-        c = self.c
-        L = c.num_layers
-        errors = []
-        names = ["x", "meta", "pos", "offs", *(f"k{i}" for i in range(L)), *(f"v{i}" for i in range(L)),
-                 "wq", "sq", "bq", "wo", "so", "bo", "wi", "si", "bi_", "wd", "sd", "bd", "n1", "n2", "onorm",
-                 "wt", "st", "bt", "fp"]
-        kv = mx.zeros((1, c.num_heads, c.context, c.head_dim), self.dtype)    # every layer's dummy ring
-        # More threads first: at 7B shapes 512 threads x 4 vectors took 41 ms at 16 rows (with 4 attention
-        # chunks per head), 256 x 8 46 ms (one chunk; docs/performance.md (Server)).
-        for (nb, ks), nt in [(shape, nt) for nt in (NT, NT // 2) for shape in self._temporal_rows_shapes()[:2]]:
-            self._trows_nt, self._tnb, self._tks = nt, nb, ks
-            smem = 4 * max(nb * _xs(max(c.dim, c.hidden // ks)), c.head_dim + 64 + (nt // 32) * c.head_dim)
-            self._tkr = mx.fast.cuda_kernel(
-                name=f"pp_temporal_rows_{nt}_{nb}_{ks}", source=self.temporal_rows_source(L),
-                header=(_SRC / "common.cuh").read_text(), input_names=names,
-                output_names=["h", "logits", "scratch"], shared_memory=smem)
-            try:
-                h, logits, scr = self.temporal_rows(mx.zeros((1, c.dim), self.dtype), mx.full((1, c.context), -1, mx.int32),
-                                                    mx.zeros((1,), mx.int32), [kv] * L, [kv] * L)
-                mx.eval(h, logits, scr)
-                return nt, nb, ks
-            except RuntimeError as e:
-                errors.append(f"{nt} threads x {nb} vectors: {e}")
-        self._tkr = None
-        raise FusedUnavailable("the batched temporal kernel does not launch here: " + "; ".join(errors))
-
-    def temporal_rows(self, x: mx.array, pos: mx.array, offs: mx.array, keys: list, values: list, skip: int = 0):
-        """The temporal step of B conversations in one launch (the batched server).
-
-        x (B, dim) summed input embeddings, pos (B, context) int32 each row's ring slot positions
-        before this step, offs (B,) int32 each row's position now, keys / values: per layer the
-        (cap >= B, heads, context, head_dim) rings, rows in batch order -> (h (B, dim) float32,
-        text logits (B, text_out) float32, scratch). Writes each row's K/V of this step into its
-        ring IN PLACE (slot offs % context): the caller owns those arrays, and advances pos and
-        offs itself. `skip`: bench/rows_probe.py's time split only (see temporal_rows.cu)."""
-        c = self.c
-        B = int(x.shape[0])
-        if self._tkr is None:
-            self.prepare_temporal_rows()
-        if not 1 <= B <= keys[0].shape[0]:
-            raise FusedUnavailable(f"the batched temporal step got {B} rows for rings of {keys[0].shape[0]}")
-        t, lm = self.t, self.lm
-        H, hd = c.num_heads, c.head_dim
-        nt, nch = self._trows_nt, 1         # one attention item per (row, head): no partials to combine
-        inputs = [x.astype(self.dtype), mx.array([B], mx.int32), pos.astype(mx.int32), offs.astype(mx.int32).reshape(B),
-                  *keys, *values, *t["q"], *t["o"], *t["i"], *t["d"], *self.t_norms, lm.out_norm.weight,
-                  *self._qsb(lm.text_linear), self._tfp]
-        scratch = 32 + 4 * B * c.dim + B * H * nch * (hd + 2) + B * c.hidden
-        return self._tkr(
-            inputs=inputs,
-            template=[("T", self.dtype), ("D", c.dim), ("H", H), ("HD", hd), ("L", c.num_layers),
-                      ("C", c.context), ("HID", c.hidden), ("TXT", c.text_out), ("BT", self.bt),
-                      ("BH", self.bh), ("GS", self.group_size), ("NCH", nch), ("NT", nt), ("NB", self._tnb),
-                      ("KS5", self._tks), ("SKIP", skip)],
-            grid=(self.blocks * nt, 1, 1), threadgroup=(nt, 1, 1),
-            output_shapes=[(B, c.dim), (B, c.text_out), (scratch,)],
-            output_dtypes=[mx.float32, mx.float32, mx.float32],
-            init_value=0.0)
 
     @staticmethod
     def barrier_error(scratch: mx.array) -> bool:

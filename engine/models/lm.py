@@ -646,7 +646,7 @@ class LM(nn.Module):
             if T != 1:
                 raise ConfigError("rows at different positions step one position at a time (T=1)")
             slots = (offset % C)[:, None]                                   # (B, 1)
-            pos = mx.put_along_axis(pos, slots, offset[:, None], axis=1)    # as advance_rows
+            pos = mx.put_along_axis(pos, slots, offset[:, None], axis=1)    # slot now holds offset
             idx = mx.broadcast_to(_pad_rows(slots, R)[:, None, :, None], (R, H, 1, hd))
 
             def put(cache_arr, new):
@@ -814,13 +814,6 @@ def to_cache(x: mx.array, dtype) -> mx.array:
 def from_cache(x: mx.array, dtype) -> mx.array:
     """A stored KV ring as `dtype` values (fp8 e4m3 decoded; other dtypes returned as they are)."""
     return mx.from_fp8(x, dtype=dtype) if x.dtype == mx.uint8 else x
-
-
-def advance_rows(pos: mx.array, offset: mx.array, context: int) -> tuple[mx.array, mx.array]:
-    """Each row's ring bookkeeping after one step at its own position: slot offset % context now
-    holds offset -> (pos (B, context), offset + 1). `_temporal` does the same inline (rows mode);
-    the batched CUDA kernel's caller uses this."""
-    return mx.put_along_axis(pos, (offset % context)[:, None], offset[:, None], axis=1), offset + 1
 
 
 def _scatter(a, idx, upd, axis):

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models.gen import GenState, RowStep, SamplingParams
-from ..models.lm import LmCache, _pad_rows, advance_rows, to_cache
+from ..models.lm import LmCache, to_cache
 from ..models.sampling import gumbel, sample, site_key, split_keys
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SlotParams", "BatchEngine"]
 
 _WIDTH_STEP = 256
-FUSED_PARTS = ("temporal", "depformer", "attention")   # the CUDA kernels BatchEngine(fused=...) may use
+FUSED_PARTS = ("depformer", "attention")   # the CUDA kernels BatchEngine(fused=...) may use
 # The server's choice (docs/performance.md, Server): the depformer kernel is one launch for all
 # rows, but its cost grows ~0.5 ms per row; MLX's depformer graphs cost more at few rows and less at
 # many. H200 sweep, step p50 in ms, kernel vs MLX: 8 rows 30.2 / 33.7 (fresh 34.1 / 35.5), 16 rows
@@ -60,23 +60,23 @@ FUSED_PARTS = ("temporal", "depformer", "attention")   # the CUDA kernels BatchE
 # paced comparison there (H100, 5 minutes) favoured the kernel: 0 misses against MLX's 47, in a few
 # slow seconds of the host (GPU time does not grow when the host slows down). So "auto" runs the
 # kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows and MLX's graphs above; an explicit choice
-# (True) runs the kernel at every row count. The temporal kernel takes 41-46 ms of GPU time at 16
-# rows (its matrices run on CUDA cores, 16 vectors at a time) against ~23-28 ms for MLX's graph, so
-# it is opt-in. The ring attention kernels (engine/models/ring_attn.py) read each row's stored slots
+# (True) runs the kernel at every row count. (A batched temporal kernel, its matrices on CUDA cores,
+# took 41-46 ms of GPU time at 16 rows against ~23-28 ms for MLX's graph; it was removed on 12-04.)
+# The ring attention kernels (engine/models/ring_attn.py) read each row's stored slots
 # only, at ~3.8-3.9 TB/s on full rings against MLX's ~2.75 (one layer, 32-64 rows): with them the
 # H200 step at 32 / 64 full rows took 52.6-54.9 / 69.6-73.4 ms against 58.6 / 82.7, at 32 / 64
 # fresh rows 40.9-45.4 / 50.2-59.1 against 66.5 / 97.8 (two machines; docs/performance.md), so
 # "auto" runs them at every row count.
 DEFAULT_FUSED_PARTS = ("depformer", "attention")
 AUTO_DEP_KERNEL_MAX_ROWS = 16
-FUSED_CHOICES = ("auto", "off", "depformer", "temporal", "attention", "all")
+FUSED_CHOICES = ("auto", "off", "depformer", "attention", "all")
 
 
 def fused_choice(name: str) -> tuple:
     """`engine.serve --fused NAME` -> (BatchEngine fused=, fused_parts=). auto: the default kernels
     where MLX runs on CUDA (the depformer kernel on steps of up to AUTO_DEP_KERNEL_MAX_ROWS rows, the
     ring attention kernels at every row count), the MLX path elsewhere; off: MLX; depformer /
-    temporal / attention / all: those kernels at every row count, an error where they cannot run."""
+    attention / all: those kernels at every row count, an error where they cannot run."""
     if name == "off":
         return False, DEFAULT_FUSED_PARTS
     if name == "auto":
@@ -189,8 +189,8 @@ class BatchEngine:
         # the CPU attention cost grows with the width (the whole ring costs 4x the first 256 slots
         # at 8 rows of the tiny model), so compiled steps bucket too, all widths traced at reserve().
         self.width_step = None if (compiled and mx.default_device() == mx.gpu) else _WIDTH_STEP
-        # The depformer walk (and, opt-in, the temporal step) of all rows as ONE CUDA kernel launch
-        # (FusedLM.depformer_rows / temporal_rows) instead of MLX graphs, sampling sites and their
+        # The depformer walk of all rows as ONE CUDA kernel launch (FusedLM.depformer_rows)
+        # instead of MLX graphs, sampling sites and their
         # hundreds of kernels: MLX on CUDA is host-bound, and a step whose work is on the GPU does
         # not slow down when the host does (DEFAULT_FUSED_PARTS says what was measured).
         # `fused_parts` picks the kernels. "auto": where the model's fused engine exists (MLX on
@@ -216,19 +216,13 @@ class BatchEngine:
             self.ring_attn = why is None
         # steps of more rows than this run MLX's depformer graphs even where the kernel is on
         self.dep_kernel_max_rows = AUTO_DEP_KERNEL_MAX_ROWS if fused == "auto" else None
-        if fused is not False and set(fused_parts) & {"depformer", "temporal"}:
+        if fused is not False and "depformer" in fused_parts:
             fe = self.gen.fused_engine() if fused == "auto" else _fused_engine_or_raise(self.gen)
             if fe is not None:
                 from ..models.fused import FusedUnavailable
                 try:      # builds and launches them once now (NVRTC: seconds), not on a live step
-                    if "depformer" in fused_parts:
-                        fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
-                    if "temporal" in fused_parts:
-                        if kv_dtype != "model":
-                            raise FusedUnavailable(f"the batched temporal kernel keeps its KV in the "
-                                                   f"model's dtype, not {kv_dtype}")
-                        fe.prepare_temporal_rows()
-                    self.fused, self.fused_parts = fe, frozenset(fused_parts) - {"attention"}
+                    fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
+                    self.fused, self.fused_parts = fe, frozenset({"depformer"})
                 except FusedUnavailable as e:
                     if fused is True:
                         raise
@@ -242,10 +236,6 @@ class BatchEngine:
     def cache(self) -> LmCache:
         """The rows' temporal KV rings (`self.state.cache`)."""
         return self.state.cache
-
-    @property
-    def fused_temporal(self) -> bool:
-        return self.fused is not None and "temporal" in self.fused_parts
 
     @property
     def fused_dep(self) -> bool:
@@ -281,25 +271,19 @@ class BatchEngine:
             variants = [(C, 0)]
         elif self.width_step:
             variants += [(w, 0) for w in range(self.width_step, C, self.width_step)]
-        if self.fused_temporal:                           # one kernel, nothing to trace
-            variants = [None]
-        for variant in variants:
-            if variant is None:
-                h, logits = mx.zeros((rows, c.dim), self.lm.dtype), None
-            else:
-                width, off = variant
-                pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
-                fn = self._temporal_fn(width, rows, off >= C - 1)
-                cache = self.cache
-                kv = cache.keys + cache.values
-                cache.keys = cache.values = None
-                h, logits, *kv, _, _ = fn(x[:, None], *kv, pos, mx.full((b,), off, mx.int32))
-                cache.keys, cache.values = list(kv[:L]), list(kv[L:])
+        for width, off in variants:
+            pos = mx.full((b, C), -1 if off == 0 else 0, mx.int32)
+            fn = self._temporal_fn(width, rows, off >= C - 1)
+            cache = self.cache
+            kv = cache.keys + cache.values
+            cache.keys = cache.values = None
+            h, logits, *kv, _, _ = fn(x[:, None], *kv, pos, mx.full((b,), off, mx.int32))
+            cache.keys, cache.values = list(kv[:L]), list(kv[L:])
             prev, dkv = mx.zeros((b,), mx.int32), []
             if not self.dep_kernel(b):
                 for s in range(c.dep_q):
                     _, dkv = self._depformer(s, h, prev, dkv)
-            mx.eval([a for a in (logits, h) if a is not None], dkv, self.cache.keys, self.cache.values)
+            mx.eval(logits, h, dkv, self.cache.keys, self.cache.values)
         # Sampling with the default parameters (its top-k / sort kernels are JIT-compiled per
         # shape on CUDA: seconds, which would stall every session on the first live step).
         sp = SamplingParams()
@@ -504,15 +488,6 @@ class BatchEngine:
         every row by one position (`RowStep.temporal`)."""
         C = self.lm.config.context
         cache = self.cache
-        if self.fused_temporal:
-            B = x.shape[0]
-            # The kernel writes each row's K/V into the cache's arrays in place; pos and offset move on here.
-            h, logits, _ = self.fused.temporal_rows(x[:, 0], cache.pos, cache.offset, cache.keys, cache.values)
-            cache.pos, cache.offset = advance_rows(cache.pos, cache.offset, C)
-            cache.steps += 1
-            if not self.dep_kernel(B):                # the MLX depformer's traced shapes: padded rows, model dtype
-                h = _pad_rows(h.astype(self.lm.dtype), self._rows(B))
-            return h, logits
         if self.ring_attn:
             fn = self._temporal_fn(C, self._rows(x.shape[0]), False)
         else:
