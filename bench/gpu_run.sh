@@ -15,8 +15,7 @@
 #   before a GPU session: `python bench/cuda_check.py` here (nvcc, no GPU) catches compile errors and register
 #           counts that would not launch, without spending device time
 #   batched fused kernels (the depformer one is the server's default on CUDA up to 16 rows): STAGES="rows rprobe"
-#           (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py [RPROBE_ARGS=--temporal]: launch shapes and
-#           time per batch size); STAGES=soak runs --fused auto (above 16 sessions that is MLX's depformer too:
+#           (tests/test_fused_rows.py [ROWS_K=a,b], bench/rows_probe.py: launch shapes and time per batch size); STAGES=soak runs --fused auto (above 16 sessions that is MLX's depformer too:
 #           SOAK_ARGS="--fused depformer" for the kernel at every size), SOAK_ARGS="--fused off" the MLX path;
 #           STAGES=sweep: the 16-row sweep with (SWEEP_FUSED, default depformer) and without the kernels
 #   ring attention kernels against MLX's attention, one layer: STAGES=rattn (bench/ring_attn.py [RATTN_ARGS])
@@ -29,6 +28,11 @@
 # The reference imports sphn (file I/O only, unused here): .device/b/stub/sphn.py is an empty module standing in.
 # The sweep of issue 16: STAGES=sweep SWEEP_SIZES=1,8,16,32,48,64 (add SWEEP_ARGS=--fresh for fresh rows), then
 # bench/plot_sweep.py on the saved rows.
+# A soak longer than one call (10 minutes; a call runs at most 10 minutes, startup included): STAGES=soakbg starts
+# it in its own process session (it outlives the call while the machine stays warm: make the next call within
+# ~30 s) and returns; then STAGES=soakwait (WAIT_S, default 560) as often as needed, back to back, until it says
+# "soak finished"; its log comes back as $OUT/soakbg.log. SOAK_N, SOAK_S, SOAK_ARGS as for STAGES=soak
+# (e.g. SOAK_N=64 SOAK_S=600 SOAK_ARGS="--fused auto --kv fp8").
 # Every stage writes JSON lines / logs under $OUT. Ours and the reference run in the same call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -59,6 +63,11 @@ for s in ${STAGES:-ref lm gen mimi duplex profile}; do
     rows)    timeout 300 python3 tests/test_fused_rows.py ${ROWS_K:+-k $ROWS_K} ;;
     sweep)   for f in "--fused ${SWEEP_FUSED:-depformer}" "--fused off"; do timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes ${SWEEP_SIZES:-16} --steps 40 ${SWEEP_ARGS:-} $f; done ;;
     joins)   timeout 200 python3 bench/join_probe.py --device gpu --config personaplex --quantize 4 --capacity 16 ;;
+    soakbg)  rm -f /tmp/soakbg.log
+             setsid nohup bash -c "timeout 1500 python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes '' --soak-sessions ${SOAK_N:-64} --soak-seconds ${SOAK_S:-600} ${SOAK_ARGS:-} > /tmp/soakbg.log 2>&1; echo \"soak finished, exit \$?\" >> /tmp/soakbg.log" < /dev/null > /dev/null 2>&1 &
+             sleep 5; cat /tmp/soakbg.log ;;
+    soakwait) for _ in $(seq ${WAIT_S:-560}); do grep -q "^soak finished" /tmp/soakbg.log 2>/dev/null && break; sleep 1; done
+             cp /tmp/soakbg.log "$OUT/soakbg.log" 2>/dev/null; tail -5 /tmp/soakbg.log ;;
     soak)    timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes "" --soak-sessions ${SOAK_N:-16} --soak-seconds ${SOAK_S:-300} ${SOAK_ARGS:-} ;;
     serve)   timeout $T python3 bench/serve.py --device gpu --config personaplex --quantize 4 --compiled --sizes 1,8,16,32 --steps 40 --soak-sessions 16 --soak-seconds ${SOAK_S:-60} ;;
     servews) dpkg -x .whl/libopus0_*.deb /tmp/opus && export LD_LIBRARY_PATH=/tmp/opus/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
