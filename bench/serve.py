@@ -7,7 +7,9 @@
 Random weights at the config's shapes (LM.random + random Mimi codebooks), all in the server's
 code path: `engine.server.batch.BatchEngine` joined by prompted B=1 states.
 1. sweep: for each batch size B, the step time (Mimi encode + LM step + Mimi decode for B slots),
-   p50/p99 over --steps steps, and the stage split (encode / LM / decode) at p50.
+   p50/p99 over --steps steps, the stage split (encode / LM / decode) at p50, and the nodes and
+   kernels of one step's graph (`graph_nodes` / `graph_kernels`: the host's work per tick; on the
+   CPU MLX's fast ops count as the several primitives they expand to there).
    Rows are set to a full context first (positions past 3000, every KV slot attended): the
    steady-state worst case of long sessions (--fresh: just-joined sessions instead).
 2. soak (--soak-sessions N): the real `StepLoop` (80 ms pacing, deadlines, inboxes fed in real time
@@ -21,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import threading
 import time
 
@@ -29,6 +32,8 @@ import numpy as np
 import engine  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.gpu_probe import graph_nodes, summarize_nodes  # noqa: E402
 from engine.models.gen import LmGen, PromptCache, SamplingParams
 from engine.models.lm import LM, LmConfig
 from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
@@ -111,7 +116,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         # Host vs GPU: build the whole step's graph (no evaluation), then async_eval (the host
         # encodes and launches every kernel), then wait for the GPU. Host-bound: launch >> wait.
         split = {"build": [], "launch": [], "wait": [], "build_cpu": [], "launch_cpu": []}
-        state = None
+        state, graph = None, None
         for _ in range(min(steps, 20)):
             # No reference to the last step's state may survive into the next: the step writes
             # the KV rings in place only when nothing else holds them (otherwise every step would
@@ -123,6 +128,8 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
             cache = be.cache
             state = [pcm, text, be.state.tokens, be.state.key, cache.pos, cache.offset, *cache.keys, *cache.values]
             t1, c1 = time.perf_counter(), time.thread_time()
+            if graph is None:             # the step's graph (not timed): does the host's work grow with rows?
+                graph = summarize_nodes(graph_nodes(state))
             mx.async_eval(state)
             t2, c2 = time.perf_counter(), time.thread_time()
             mx.eval(state)
@@ -156,6 +163,7 @@ def sweep(model: BenchModel, sizes, steps: int, compiled: bool, full: bool = Tru
         row = {"batch": b, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
                "cpu_p50_ms": float(np.percentile(cpu, 50)),
                **{f"{k}_p50_ms": float(np.percentile(v, 50)) for k, v in stages.items()},
+               "graph_nodes": graph["nodes"], "graph_kernels": graph["kernels"],
                "state_gb": (mx.get_active_memory() - base) / 1e9,
                "peak_over_weights_gb": (mx.get_peak_memory() - base) / 1e9}
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
