@@ -515,3 +515,42 @@ def test_fused_step_off_the_gpu():
         LmGen(lm, fused=True).fused_engine()
     with _pytest.raises(Exception, match="fused="):
         LmGen(lm, fused="yes")
+
+
+@pytest.mark.parametrize("mode", ["exact", "live"])
+def test_golden_through_the_servers_rows(lm, fixture, mode):
+    """The golden fixtures through the server's batch (`BatchEngine`, whose LM part is this
+    generator's own frame, `LmGen.step_rows`): the reference's two prompted sessions (voice as
+    codes, voice as embeddings) as rows that join three frames apart, so they sit at different KV
+    positions, ring slots and token-ring phases in every step; each row's text and agent codes
+    equal the reference's, frame by frame (the Mimi codec is bypassed: the user codes go in as
+    they are)."""
+    from types import SimpleNamespace
+    from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
+    from engine.server.batch import BatchEngine, SlotParams
+    cfg, _, golden = fixture
+    gen = LmGen(lm, GREEDY, depformer_mode=mode)
+    mcfg = MimiConfig.tiny()
+    mimi = Mimi(mcfg, num_codebooks=8).load_reference_weights(tiny_state_dict(mcfg, seed=0))
+    be = BatchEngine(SimpleNamespace(mimi=mimi, lm=lm, gen=gen))
+    sessions = [(VoicePrompt.from_codes(golden["voice_codes"]), golden["out_audio"]),
+                (VoicePrompt(golden["voice_embeddings"], golden["voice_ring"]), golden["out_embed"])]
+    user = golden["user_prompt"][0]                                   # (T, 8)
+    T, late = user.shape[0], 3
+    done = [0, 0]
+    for t in range(T + late):
+        for r, (voice, _) in enumerate(sessions):
+            if t == r * late:
+                state = gen.new_state(1, seed=0)
+                gen.run_prompts(state, voice, cfg["text_prompt"], silence_frames=cfg["silence_frames"])
+                be.join(r, state, SlotParams(GREEDY))
+        for r in [r for r in be.slots if done[r] == T]:
+            be.leave(r)
+        codes = np.stack([user[done[r]] for r in be.slots]).astype(np.int32)
+        text, agent = be._lm_step(mx.array(codes))
+        for i, r in enumerate(be.slots):
+            expected = sessions[r][1][done[r], 0]
+            got = np.concatenate([[int(np.array(text)[i])], np.array(agent)[i]])
+            np.testing.assert_array_equal(got, expected[:9], err_msg=f"row {r} frame {done[r]}")
+            done[r] += 1
+    assert done == [T, T]
