@@ -554,3 +554,41 @@ def test_golden_through_the_servers_rows(lm, fixture, mode):
             np.testing.assert_array_equal(got, expected[:9], err_msg=f"row {r} frame {done[r]}")
             done[r] += 1
     assert done == [T, T]
+
+
+def test_golden_kv_window_through_the_servers_rows(fixture):
+    """The reference's 60 frames through an 11-slot KV ring (see test_golden_kv_window) in the
+    server's batch: the session steps alone for its first frames (a state must be past the first
+    calls to join), then joins as a row, beside a second copy of it that joins 7 frames later; both
+    rows wrap their rings at different frames and reproduce the reference."""
+    from types import SimpleNamespace
+    from engine.models.mimi import Mimi, MimiConfig, tiny_state_dict
+    from engine.server.batch import BatchEngine, SlotParams
+    cfg, _, golden = fixture
+    lm = make_lm(fixture, context=cfg["window_context"] - 1)
+    gen = LmGen(lm, GREEDY)
+    mcfg = MimiConfig.tiny()
+    mimi = Mimi(mcfg, num_codebooks=8).load_reference_weights(tiny_state_dict(mcfg, seed=0))
+    be = BatchEngine(SimpleNamespace(mimi=mimi, lm=lm, gen=gen))
+    user, expected = golden["user_window"][0], golden["out_window"]          # (T, 8), (T, 1, 17)
+    T, solo, late = user.shape[0], 3, 7
+    done = {}
+    for t in range(T + late):
+        for r in (0, 1):
+            if t == r * late:                                   # the first frames alone, then a row
+                state = gen.new_state(1, seed=0)
+                for i in range(solo):
+                    np.testing.assert_array_equal(frame(gen.step(state, user_codes=user[i:i + 1]), 1)[0],
+                                                  expected[i, 0])
+                be.join(r, state, SlotParams(GREEDY))
+                done[r] = solo
+        for r in [r for r in be.slots if done[r] == T]:
+            be.leave(r)
+        if not be.size:
+            break
+        text, agent = be._lm_step(mx.array(np.stack([user[done[r]] for r in be.slots]).astype(np.int32)))
+        for i, r in enumerate(be.slots):
+            got = np.concatenate([[int(np.array(text)[i])], np.array(agent)[i]])
+            np.testing.assert_array_equal(got, expected[done[r], 0, :9], err_msg=f"row {r} frame {done[r]}")
+            done[r] += 1
+    assert done == {0: T, 1: T} and T > 4 * lm.config.context
