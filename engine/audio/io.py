@@ -18,11 +18,15 @@ caller's 24 kHz rings.
 
 A stream can die under a running conversation: the host API's callback thread gives up on an error
 (seen with PortAudio's ALSA host API over PulseAudio: `PaAlsaStream_WaitForFrames` fails and the
-stream goes inactive; also a device unplugged). The service thread notices a started stream that
-is no longer active, closes it and opens it again on the same device and rings, and counts it
+stream goes inactive). The service thread notices a started stream that is no longer active,
+closes it and opens it again on the same device and rings, and counts it
 (`counters["stream_restarts"]`, failed attempts in `restart_failures`, the last reason in
-`last_error`); the audio of the gap is not captured (the mic) or played late (the playback ring
-keeps its samples).
+`last_error`). Tries back off (0.05 s doubling to 2 s) while the device refuses or a reopened
+stream dies again within a second. The audio of the gap is not captured (the mic) or is played
+late (the playback ring keeps its samples); while a reopen runs (~50 ms) the resampling pump
+waits, which the device-rate rings (16 blocks) absorb. A device that disappeared (unplugged) is
+retried but comes back only if PortAudio still lists it: its device list is read once, when the
+streams are made. `close()` (or leaving the context manager) ends the service thread.
 """
 from __future__ import annotations
 
@@ -217,6 +221,7 @@ class AudioStreams:
         self._pa = _new_pyaudio()
         self._streams = []           # [(want_in, want_out, stream)]
         self._service = None
+        self._stop_service = _threading.Event()
         self._control = _threading.Lock()   # start / stop / close against the service thread's reopen
         self._running = False
         self._closed = False
@@ -366,15 +371,16 @@ class AudioStreams:
                 raise
             self._streams.append((want_in, want_out, s))
 
-    def _open_one(self, want_in: bool, want_out: bool):
+    def _open_one(self, want_in: bool, want_out: bool, quiet: bool = True):
         """One PortAudio stream (not started) for these directions, on this object's devices, rate,
-        blocksize and rings."""
+        blocksize and rings. quiet: hide what PortAudio prints on fd 2 meanwhile (setup only: it
+        silences the whole process, so a reopen under a running conversation leaves it on)."""
         pa = self._pyaudio
         ind, outd = self.input_device, self.output_device
         # PyAudio keeps the callback alive; nothing else is called on it.
         cb = self._make_callback(want_in, want_out)
         try:
-            with _quiet_stderr():
+            with _quiet_stderr() if quiet else _contextlib.nullcontext():
                 return self._pa.open(format=pa.paFloat32, channels=1, rate=self.device_rate,
                                      input=want_in, output=want_out,
                                      input_device_index=ind.index if want_in else None,
@@ -392,23 +398,37 @@ class AudioStreams:
                 raise AudioDeviceError("the audio streams are closed")
             if self._running:
                 return
+            started = []
+            try:
+                for i, (want_in, want_out, s) in enumerate(self._streams):
+                    if isinstance(s, _DeadStream):   # its reopen failed while running: once more now
+                        s = self._open_one(want_in, want_out)
+                        self._streams[i] = (want_in, want_out, s)
+                    s.start_stream()
+                    started.append(s)
+            except BaseException:
+                for s in started:
+                    with _contextlib.suppress(OSError):
+                        s.stop_stream()
+                raise
             self._running = True
-            for *_, s in self._streams:
-                s.start_stream()
-        self._service = _threading.Thread(target=self._service_loop, name="audio-service", daemon=True)
-        self._service.start()
+            self._stop_service = _threading.Event()
+            self._service = _threading.Thread(target=self._service_loop, args=(self._stop_service,),
+                                              name="audio-service", daemon=True)
+            self._service.start()
 
     def stop(self) -> None:
         with self._control:
             if not self._running:
                 return
             self._running = False
+            self._stop_service.set()
+            service, self._service = self._service, None
             for *_, s in self._streams:
-                if s.is_active():
+                # A stream that died is stopped too (PortAudio would refuse to start it again).
+                with _contextlib.suppress(OSError):
                     s.stop_stream()
-        if self._service is not None:
-            self._service.join()
-            self._service = None
+        service.join()
 
     def close(self) -> None:
         if self._closed:
@@ -454,21 +474,23 @@ class AudioStreams:
                 with _contextlib.suppress(Exception):     # a stream the host API already tore down
                     s.close()
                 try:
-                    s = self._open_one(want_in, want_out)
+                    s = self._open_one(want_in, want_out, quiet=False)
                     try:
                         s.start_stream()
                     except OSError:
                         s.close()
                         raise
-                except (AudioDeviceError, OSError) as e:
+                except Exception as e:   # noqa: BLE001 - whatever it is, the pump must go on; count and retry
                     self._restart_failures += 1
-                    self.last_error = str(e)
+                    self.last_error = f"reopening a stream that stopped on its own failed: {e!r}"
                     # Keep a placeholder that reads as dead so the next pass retries.
                     self._streams[i] = (want_in, want_out, _DeadStream())
                     continue
                 self._streams[i] = (want_in, want_out, s)
                 self._restarts += 1
-                self.last_error = "a stream stopped on its own (host API error) and was reopened"
+                why = self.last_error if self.last_error and "failed" in self.last_error else None
+                self.last_error = ("a stream stopped on its own (host API error) and was reopened"
+                                   + (f" (before that: {why})" if why else ""))
                 done += 1
         return done
 
@@ -489,22 +511,26 @@ class AudioStreams:
                 if take:
                     self._dev_playback.write(self._rs_out.process(self.playback_ring.read(take)))
 
-    def _service_loop(self) -> None:
+    def _service_loop(self, stop: _threading.Event) -> None:
         period = max(0.002, self.device_blocksize / self.device_rate / 4) if self.resampling else 0.02
         check_every = max(1, round(0.02 / period))     # look for dead streams about every 20 ms
-        wait, n = 0.0, 0
-        while self._running:
+        wait, n, last = 0.0, 0, -1e9
+        while not stop.is_set():
             self.pump()
             n += 1
             if n % check_every == 0 and _time.monotonic() >= wait:
-                failures = self._restart_failures
+                before = (self._restarts, self._restart_failures)
                 self.reopen_dead_streams()
-                if self._restart_failures > failures:     # back off while the device is gone
-                    self.restart_backoff = min(2.0, self.restart_backoff * 2)
-                    wait = _time.monotonic() + self.restart_backoff
-                else:
-                    self.restart_backoff = 0.05
-            _time.sleep(period)
+                if (self._restarts, self._restart_failures) != before:
+                    now = _time.monotonic()
+                    if now - last > 10.0:                 # a new episode starts from the shortest pause
+                        self.restart_backoff = 0.05
+                    # Back off while the device refuses, or a reopened stream dies again at once.
+                    if self._restart_failures > before[1] or now - last < 1.0:
+                        self.restart_backoff = min(2.0, self.restart_backoff * 2)
+                        wait = now + self.restart_backoff
+                    last = now
+            stop.wait(period)
 
     # -- reporting -----------------------------------------------------------------------------
     @property
@@ -544,7 +570,8 @@ class AudioStreams:
 
 
 class _DeadStream:
-    """Stands in for a stream that could not be reopened: inactive, so the watchdog tries again."""
+    """Stands in for a stream that could not be reopened: inactive, so the watchdog tries again
+    (and `start()` after `stop()` opens it anew)."""
 
     def is_active(self) -> bool:
         return False

@@ -125,11 +125,11 @@ def test_stream_that_dies_is_reopened_and_counted(pulse_server, monkeypatch):
     real_open = io.AudioStreams._open_one
     tries = []
 
-    def flaky_open(self, want_in, want_out):        # the device refuses twice, then opens again
+    def flaky_open(self, want_in, want_out, **kw):  # the device refuses twice, then opens again
         tries.append(time.monotonic())
         if len(tries) <= 2:
             raise AudioDeviceError("could not open the audio stream", pa_error="Device unavailable")
-        return real_open(self, want_in, want_out)
+        return real_open(self, want_in, want_out, **kw)
 
     with io.open_duplex(cap, play, blocksize=480) as s:
         time.sleep(0.3)
@@ -145,11 +145,34 @@ def test_stream_that_dies_is_reopened_and_counted(pulse_server, monkeypatch):
         assert s.active
         time.sleep(1.5)
         s.stop()
-    assert s.counters["stream_restarts"] == 1 and s.counters["frames_in"] == 480 * s.counters["callbacks"]
-    rec = cap.read(cap.available_read)
-    loud = np.flatnonzero(np.abs(rec) > 0.1)
-    assert loud.size > SR            # the tone went on through the reopened stream and came back
-    assert abs(tone_freq(rec[loud[-1] - SR // 2: loud[-1] - 2400], SR) - 440) < 1
+        assert s.counters["stream_restarts"] == 1 and s.counters["frames_in"] == 480 * s.counters["callbacks"]
+        rec = cap.read(cap.available_read)
+        loud = np.flatnonzero(np.abs(rec) > 0.1)
+        assert loud.size > SR            # the tone went on through the reopened stream and came back
+        assert abs(tone_freq(rec[loud[-1] - SR // 2: loud[-1] - 2400], SR) - 440) < 1
+
+        # A device that stays away: the tries go on, further and further apart; once it is back,
+        # stop() then start() opens the stream anew.
+        refusals = []
+
+        def away(self, *a, **kw):
+            refusals.append(time.monotonic())
+            raise AudioDeviceError("could not open the audio stream", pa_error="Device unavailable")
+
+        s.start()
+        s.restart_backoff = 0.05
+        monkeypatch.setattr(io.AudioStreams, "_open_one", away)
+        s._streams[0][2].stop_stream()
+        wait_for(lambda: len(refusals) >= 5, "no retries while the device is away")
+        gaps = np.diff(refusals)
+        assert s.counters["stream_restarts"] == 1 and not s.active and "failed" in s.last_error
+        assert gaps[-1] > 3 * gaps[0], gaps
+        s.stop()
+        monkeypatch.setattr(io.AudioStreams, "_open_one", real_open)
+        s.start()
+        n = s.counters["callbacks"]
+        wait_for(lambda: s.counters["callbacks"] >= n + 10, "no callbacks after start() opened the stream anew")
+        s.stop()
 
 
 def test_input_only_and_output_only(pulse_server):
