@@ -478,7 +478,8 @@ class LmGen:
         """`step` for a slot manager's batch (engine/server/batch.py): the same frame (ring writes,
         text token, depformer walk, ring update, undelayed output) with the model parts its rows
         need (`RowStep`): rows at their own KV positions, per-row provided flags, keys and sampling
-        parameters. `state.offset` is the batch's ring phase (past the prompt phases)."""
+        parameters. `state.offset` is the batch's ring phase (past the prompt phases). Nothing is
+        evaluated: the caller evaluates the tick (the codec's steps with it) at once."""
         out = self._step(state, user_codes, None, None, None, None, rows)
         if out is None:
             raise ConfigError(f"step_rows needs a state past the prompt phases (offset {state.offset})")
@@ -495,8 +496,9 @@ class LmGen:
         in_col, tgt_col = (o - 1) % ct, o % ct
         prov = state.provided[..., tgt_col].copy()                         # (streams,) or (B, streams)
         self._check_known(state, in_col)
-        plain = (rows is None and embedding is None and probe is None and self.stats_hook is None
-                 and self.lm.stats_hook is None)
+        # The batch-1 fast forms (fused, compiled) know flags shared by the rows only.
+        plain = (rows is None and state.provided.ndim == 2 and embedding is None and probe is None
+                 and self.stats_hook is None and self.lm.stats_hook is None)
         if plain and state.batch_size == 1 and not prov[1:1 + self._live_steps(prov)].any():
             fused = self.fused_engine()
             if fused is not None:
@@ -559,7 +561,8 @@ class LmGen:
         out = self.delayed(state.tokens, o)                                 # (B, streams)
         state.offset += 1
         res = StepOutput(out[:, 0], out[:, 1:1 + self.n_cb], out[:, 1 + self.n_cb:1 + 2 * self.n_cb])
-        mx.async_eval(state.tokens, state.key, res.text, res.agent_codes, res.user_codes)
+        if rows is None:      # a slot manager evaluates its whole tick (codec included) at once
+            mx.async_eval(state.tokens, state.key, res.text, res.agent_codes, res.user_codes)
         return res
 
     def _live_steps(self, prov) -> int:

@@ -808,6 +808,8 @@ def to_cache(x: mx.array, dtype) -> mx.array:
     stored that way are returned as they are."""
     if x.dtype == dtype:
         return x
+    if x.dtype == mx.uint8:                       # fp8 bits into a wider ring: decode them
+        return mx.from_fp8(x, dtype=dtype)
     return mx.to_fp8(x) if dtype == mx.uint8 else x.astype(dtype)
 
 

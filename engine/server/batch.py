@@ -214,6 +214,9 @@ class BatchEngine:
                 from ..models.fused import FusedUnavailable
                 raise FusedUnavailable(why)
             self.ring_attn = why is None
+        if kv_dtype == "fp8" and not self.ring_attn:
+            log.warning("fp8 KV rings without the ring attention kernels (CUDA, fused part 'attention'): "
+                        "MLX's attention decodes every ring in every layer, slower than bf16 rings")
         # steps of more rows than this run MLX's depformer graphs even where the kernel is on
         self.dep_kernel_max_rows = AUTO_DEP_KERNEL_MAX_ROWS if fused == "auto" else None
         if fused is not False and "depformer" in fused_parts:
