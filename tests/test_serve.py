@@ -341,7 +341,7 @@ def _contract_run(tiny_model, parts, limit=None, leaves=(2,), ring=False, kv_dty
 
     be = BatchEngine(tiny_model, kv_dtype=kv_dtype)
     if parts:
-        be.fused, be.fused_parts = _RowsContract(tiny_model.lm), frozenset(parts)
+        be.fused = _RowsContract(tiny_model.lm)
         be.dep_kernel_max_rows = limit
     be.ring_attn = ring            # ring: the attention kernels' path (the caller stands in for them)
     rng, frng = np.random.default_rng(5), np.random.default_rng(7)

@@ -293,6 +293,7 @@ class AudioStreams:
     def _reset_counters(self) -> None:
         self._restarts = 0
         self._restart_failures = 0
+        self._failure = None       # why the last reopen failed, until one succeeds
         self.last_error = None
         self._callbacks = 0
         self._frames_in = 0
@@ -459,14 +460,13 @@ class AudioStreams:
         return self._running and any(s.is_active() for *_, s in self._streams)
 
     # -- the service thread: resampling pump, dead-stream watchdog ------------------------------
-    def reopen_dead_streams(self) -> int:
-        """Close and reopen (started) every stream that should run but is no longer active ->
-        how many were reopened. Called by the service thread; on failure the reason is kept in
-        `last_error`, counted in `restart_failures`, and the next call tries again."""
-        done = 0
+    def reopen_dead_streams(self) -> None:
+        """Close and reopen (started) every stream that should run but is no longer active.
+        Called by the service thread; on failure the reason is kept in `last_error`, counted in
+        `restart_failures`, and the next call tries again."""
         with self._control:
             if not self._running:
-                return 0
+                return
             for i, (want_in, want_out, s) in enumerate(self._streams):
                 with _contextlib.suppress(OSError):
                     if s.is_active():
@@ -482,17 +482,15 @@ class AudioStreams:
                         raise
                 except Exception as e:   # noqa: BLE001 - whatever it is, the pump must go on; count and retry
                     self._restart_failures += 1
-                    self.last_error = f"reopening a stream that stopped on its own failed: {e!r}"
+                    self._failure = self.last_error = f"reopening a stream that stopped on its own failed: {e!r}"
                     # Keep a placeholder that reads as dead so the next pass retries.
                     self._streams[i] = (want_in, want_out, _DeadStream())
                     continue
                 self._streams[i] = (want_in, want_out, s)
                 self._restarts += 1
-                why = self.last_error if self.last_error and "failed" in self.last_error else None
                 self.last_error = ("a stream stopped on its own (host API error) and was reopened"
-                                   + (f" (before that: {why})" if why else ""))
-                done += 1
-        return done
+                                   + (f" (before that: {self._failure})" if self._failure else ""))
+                self._failure = None
 
     def pump(self) -> None:
         """Move and resample whatever is pending between the device-rate and 24 kHz rings."""
@@ -581,12 +579,6 @@ class _DeadStream:
 
     def close(self) -> None:
         pass
-
-    def get_input_latency(self) -> float:
-        return 0.0
-
-    def get_output_latency(self) -> float:
-        return 0.0
 
 
 def open_duplex(capture_ring, playback_ring, input_device=None, output_device=None, blocksize: int = 480,

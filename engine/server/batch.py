@@ -149,7 +149,6 @@ class BatchEngine:
         c = self.lm.config
         # The rows' KV rings: the model's dtype, or fp8 e4m3 ("fp8": half the memory and the
         # attention's reads; a join converts the prompted state's keys, `lm.to_cache`).
-        self.kv_dtype = kv_dtype
         self._kv_storage = self.lm.kv_storage(kv_dtype)
         self.n_cb, self.ct, self.max_delay = self.gen.n_cb, self.gen.ct, self.gen.max_delay
         self.num_streams = self.gen.num_streams
@@ -200,8 +199,7 @@ class BatchEngine:
         bad = set(fused_parts) - set(FUSED_PARTS)
         if bad or not fused_parts:
             raise ConfigError(f"fused_parts={tuple(fused_parts)!r}: choose from {FUSED_PARTS}")
-        self.fused = None
-        self.fused_parts = frozenset()
+        self.fused = None          # the FusedLM whose depformer kernel runs (None: MLX's graphs)
         # The temporal step's attention as the ring kernels (engine/models/ring_attn.py: each row's
         # stored slots only, one graph for fresh and full rings) instead of MLX's masked attention.
         self.ring_attn = False
@@ -225,7 +223,7 @@ class BatchEngine:
                 from ..models.fused import FusedUnavailable
                 try:      # builds and launches them once now (NVRTC: seconds), not on a live step
                     fe.prepare_rows(self.n_cb if self.gen.depformer_mode == "live" else c.dep_q)
-                    self.fused, self.fused_parts = fe, frozenset({"depformer"})
+                    self.fused = fe
                 except FusedUnavailable as e:
                     if fused is True:
                         raise
@@ -242,7 +240,7 @@ class BatchEngine:
 
     @property
     def fused_dep(self) -> bool:
-        return self.fused is not None and "depformer" in self.fused_parts
+        return self.fused is not None
 
     def dep_kernel(self, b: int) -> bool:
         """Whether a step of b rows runs the depformer kernel (else MLX's depformer graphs)."""
